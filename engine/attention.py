@@ -1,0 +1,176 @@
+"""Paged attention behind one interface, with two backends.
+
+- `SdpaAttention`: torch scaled_dot_product_attention over K/V gathered from the pages
+  (CPU and any GPU). Decode sequences go in one padded call; prefill chunks one by one.
+- `FlashAttention`: flash-attn's varlen kernel reading K/V straight from the pages
+  through the block table (CUDA with flash_attn installed).
+
+Both read K/V from the page pool, which the model has already written for this step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from symphony.engine.batch import AttnMetadata
+
+log = logging.getLogger(__name__)
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def prepare(self, meta: AttnMetadata) -> Any:
+        """Work shared by every layer of one step (index tensors, masks)."""
+
+    def __call__(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: Any
+    ) -> torch.Tensor:
+        """Attention of q [num_tokens, num_heads, head_dim] over the cached K/V."""
+
+
+@dataclass
+class _PrefillPlan:
+    start: int
+    length: int
+    pages: torch.Tensor  # [num_pages] long
+    context_len: int
+    mask: torch.Tensor  # [group * length, context_len] bool, True = attend
+
+
+@dataclass
+class _SdpaPlan:
+    decode_rows: torch.Tensor | None  # [B] flat token rows of the decode sequences
+    decode_pages: torch.Tensor | None  # [B, max_pages] long
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_pages * page_size] bool
+    prefills: list[_PrefillPlan]
+
+
+class SdpaAttention:
+    """torch SDPA over gathered pages: the always-available backend."""
+
+    name = "sdpa"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int) -> None:
+        self.num_kv_heads = num_kv_heads
+        self.group = num_heads // num_kv_heads
+        self.head_dim = head_dim
+        self.page_size = page_size
+
+    def prepare(self, meta: AttnMetadata) -> _SdpaPlan:
+        device = meta.slot_mapping.device
+        plan = _SdpaPlan(None, None, None, [])
+        if meta.decode_seq_ids:
+            ids = meta.decode_seq_ids
+            max_pages = max(len(meta.block_tables[i]) for i in ids)
+            pages = [meta.block_tables[i] + [0] * (max_pages - len(meta.block_tables[i])) for i in ids]
+            span = torch.arange(max_pages * self.page_size, device=device)
+            lens = torch.tensor([meta.context_lens[i] for i in ids], device=device)
+            plan.decode_rows = torch.tensor([meta.query_starts[i] for i in ids], device=device)
+            plan.decode_pages = torch.tensor(pages, dtype=torch.long, device=device)
+            plan.decode_mask = (span[None, :] < lens[:, None])[:, None, None, :]
+        for i in meta.prefill_seq_ids:
+            n, ctx = meta.query_lens[i], meta.context_lens[i]
+            num_pages = -(-ctx // self.page_size)
+            # query j sits at position ctx - n + j and sees keys 0..ctx - n + j
+            q_pos = torch.arange(ctx - n, ctx, device=device)
+            causal = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]
+            plan.prefills.append(
+                _PrefillPlan(
+                    start=meta.query_starts[i],
+                    length=n,
+                    pages=torch.tensor(meta.block_tables[i][:num_pages], device=device),
+                    context_len=ctx,
+                    mask=causal.repeat(self.group, 1),
+                )
+            )
+        return plan
+
+    def __call__(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: _SdpaPlan
+    ) -> torch.Tensor:
+        out = torch.empty_like(q)
+        kvh, group, d = self.num_kv_heads, self.group, self.head_dim
+        if plan.decode_rows is not None:
+            assert plan.decode_pages is not None and plan.decode_mask is not None
+            b = plan.decode_rows.numel()
+            # [B, max_pages, page_size, kvh, d] -> [B, kvh, L, d]
+            k = k_cache[plan.decode_pages].flatten(1, 2).transpose(1, 2)
+            v = v_cache[plan.decode_pages].flatten(1, 2).transpose(1, 2)
+            # the group of query heads sharing a KV head acts as that head's query rows
+            qd = q[plan.decode_rows].view(b, kvh, group, d)
+            o = F.scaled_dot_product_attention(qd, k, v, attn_mask=plan.decode_mask)
+            out[plan.decode_rows] = o.reshape(b, kvh * group, d)
+        for p in plan.prefills:
+            k = k_cache[p.pages].flatten(0, 1)[: p.context_len].transpose(0, 1)  # [kvh, ctx, d]
+            v = v_cache[p.pages].flatten(0, 1)[: p.context_len].transpose(0, 1)
+            # [n, kvh*group, d] -> [kvh, group * n, d]
+            qp = q[p.start : p.start + p.length].view(p.length, kvh, group, d)
+            qp = qp.permute(1, 2, 0, 3).reshape(kvh, group * p.length, d)
+            o = F.scaled_dot_product_attention(qp, k, v, attn_mask=p.mask)
+            o = o.view(kvh, group, p.length, d).permute(2, 0, 1, 3).reshape(p.length, -1, d)
+            out[p.start : p.start + p.length] = o
+        return out
+
+
+def flash_attn_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class FlashAttention:
+    """flash-attn's varlen kernel over paged K/V (CUDA only).
+
+    flash-attn's paged KV wants pages of a multiple of 256 tokens; EngineConfig
+    refuses this backend for other page sizes.
+    """
+
+    name = "flash"
+
+    def __init__(self) -> None:
+        from flash_attn import flash_attn_varlen_func
+
+        self._varlen = flash_attn_varlen_func
+
+    def prepare(self, meta: AttnMetadata) -> dict[str, Any]:
+        cu_k = torch.zeros(len(meta.context_lens) + 1, dtype=torch.int32)
+        cu_k[1:] = torch.tensor(meta.context_lens).cumsum(0)
+        return {
+            "cu_seqlens_q": meta.cu_seqlens_q,
+            "cu_seqlens_k": cu_k.to(meta.cu_seqlens_q.device),
+            "max_seqlen_q": meta.max_query_len,
+            "max_seqlen_k": meta.max_context_len,
+            "block_table": meta.block_table,
+        }
+
+    def __call__(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: dict[str, Any]
+    ) -> torch.Tensor:
+        return self._varlen(q, k_cache, v_cache, causal=True, **plan)
+
+
+def make_attention(
+    choice: str, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, device: str
+) -> AttentionBackend:
+    """Pick the attention backend: "flash", "sdpa", or "auto" (flash where it can run)."""
+    flash_ok = device.startswith("cuda") and flash_attn_available() and page_size % 256 == 0
+    if choice == "flash":
+        if not flash_ok:
+            raise ValueError(
+                "the flash attention backend needs CUDA, the flash_attn package and a "
+                "page_size that is a multiple of 256"
+            )
+        return FlashAttention()
+    if choice == "auto" and flash_ok:
+        return FlashAttention()
+    return SdpaAttention(num_heads, num_kv_heads, head_dim, page_size)

@@ -1,0 +1,89 @@
+"""Settings of the model (its geometry) and of the engine (how it is run)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+QUANT_MODES = ("none", "int8", "int8wo")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Geometry of a Llama-family model, as read from GGUF metadata or config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position: int = 8192
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    name: str = "llama"
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (grouped-query attention)."""
+        return self.num_heads // self.num_kv_heads
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return cls(**data)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs a model: device, dtype, page pool and kernels."""
+
+    device: str = field(default_factory=default_device)
+    dtype: str = ""  # empty: float32 on CPU, bfloat16 on CUDA
+    page_size: int = 16
+    num_pages: int = 2048
+    quant: str = "none"  # "int8": fbgemm dynamic int8; "int8wo": weight-only int8
+    attention: str = "auto"  # "auto", "sdpa" or "flash"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.page_size <= 0 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if self.num_pages < 2:
+            raise ValueError(f"num_pages must be at least 2, got {self.num_pages}")
+        if self.quant not in QUANT_MODES:
+            raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)}, got {self.quant!r}")
+        if self.quant != "none" and not self.device.startswith("cpu"):
+            raise ValueError("quantized linear layers run on the CPU only; use --quant none")
+        if self.dtype and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.attention not in ("auto", "sdpa", "flash"):
+            raise ValueError(f"attention must be auto, sdpa or flash, got {self.attention!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype:
+            return DTYPES[self.dtype]
+        return torch.float32 if self.device.startswith("cpu") else torch.bfloat16

@@ -1,0 +1,103 @@
+"""The engine: a loaded model, its tokenizer, the page pool and the batched step."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from symphony.engine.attention import make_attention
+from symphony.engine.batch import SeqChunk, build_step_input
+from symphony.engine.config import EngineConfig
+from symphony.engine.default_model import default_model_path
+from symphony.engine.model import LlamaModel
+from symphony.engine.model_files import ModelFiles, load_model_files
+from symphony.engine.page_pool import PagePool
+from symphony.engine.sampling import SamplingParams, sample
+from symphony.engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """One model on one device. `step` computes chunks of many sequences at once.
+
+    Not thread-safe: one caller (the scheduler's engine thread) drives it.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | ModelFiles | None = None,
+        config: EngineConfig | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        if isinstance(model, ModelFiles):
+            files = model
+        else:
+            files = load_model_files(Path(model) if model is not None else default_model_path())
+        self.model_config = files.config
+        self.fingerprint = files.fingerprint
+        info = files.tokenizer
+        self.tokenizer = Tokenizer(
+            info.tokenizer_json, info.chat_template, info.bos_token_id, info.eos_token_id
+        )
+        mc, ec = self.model_config, self.config
+        self.model = LlamaModel(mc, files.weights, ec.torch_dtype, ec.device, ec.quant)
+        self.pool = PagePool(
+            mc.num_layers, ec.num_pages, ec.page_size, mc.num_kv_heads, mc.head_dim,
+            ec.torch_dtype, ec.device,
+        )  # fmt: skip
+        self.attention = make_attention(
+            ec.attention, mc.num_heads, mc.num_kv_heads, mc.head_dim, ec.page_size, ec.device
+        )
+        self.num_steps = 0
+        self.num_tokens_computed = 0
+        log.info(
+            "engine: %s on %s (%s, quant %s, attention %s), %d pages of %d tokens",
+            mc.name, ec.device, ec.torch_dtype, ec.quant, self.attention.name,
+            ec.num_pages, ec.page_size,
+        )  # fmt: skip
+
+    @property
+    def page_size(self) -> int:
+        return self.config.page_size
+
+    def pages_for(self, num_tokens: int) -> int:
+        """Pages needed to hold `num_tokens` tokens."""
+        return -(-num_tokens // self.config.page_size)
+
+    def step(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
+        """Compute every chunk's tokens, writing their K/V into the chunk's pages.
+
+        Returns:
+            logits [sum of num_logits, vocab] in fp32, chunk by chunk in order.
+
+        Raises:
+            ValueError: a chunk is malformed (see `build_step_input`) or runs past the
+                model's maximum context.
+        """
+        longest = max((c.context_len for c in chunks), default=0)
+        if longest > self.model_config.max_position:
+            raise ValueError(
+                f"context of {longest} tokens exceeds the model's {self.model_config.max_position}"
+            )
+        step = build_step_input(chunks, self.config.page_size, self.config.device)
+        plan = self.attention.prepare(step.attn)
+        logits = self.model(
+            step.token_ids, step.positions, step.attn.slot_mapping, step.logits_indices,
+            self.pool, self.attention, plan,
+        )  # fmt: skip
+        self.num_steps += 1
+        self.num_tokens_computed += step.token_ids.numel()
+        return logits
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> list[int]:
+        return sample(logits, params, generators)

@@ -1,0 +1,137 @@
+"""The Llama forward over a flat batch of tokens from many sequences, K/V in pages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from symphony.engine.attention import AttentionBackend
+from symphony.engine.config import ModelConfig
+from symphony.engine.errors import LoadError
+from symphony.engine.page_pool import PagePool
+from symphony.engine.quant import make_linear
+
+
+def rope_tables(config: ModelConfig, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position, [max_position, head_dim / 2], in fp32."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    angles = torch.outer(torch.arange(config.max_position, dtype=torch.float32), inv_freq)
+    return angles.cos().to(device), angles.sin().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rope. x [num_tokens, num_heads, head_dim]; cos/sin [num_tokens, 1, head_dim/2]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention then SwiGLU MLP, each with a residual."""
+
+    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], quant: str) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.eps = config.rms_norm_eps
+        self.attn_norm = nn.Parameter(w["attn_norm.weight"], requires_grad=False)
+        self.ffn_norm = nn.Parameter(w["ffn_norm.weight"], requires_grad=False)
+        # Q, K and V in one matmul; gate and up in another
+        qkv = torch.cat([w["q.weight"], w["k.weight"], w["v.weight"]])
+        qkv_bias = None
+        if config.qkv_bias:
+            qkv_bias = torch.cat([w["q.bias"], w["k.bias"], w["v.bias"]])
+        self.qkv = make_linear(qkv, qkv_bias, quant)
+        self.o = make_linear(w["o.weight"], None, quant)
+        self.gate_up = make_linear(torch.cat([w["gate.weight"], w["up.weight"]]), None, quant)
+        self.down = make_linear(w["down.weight"], None, quant)
+
+    def forward(
+        self,
+        h: torch.Tensor,  # [num_tokens, hidden]
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        attention: AttentionBackend,
+        plan: Any,
+    ) -> torch.Tensor:
+        t = h.shape[0]
+        nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        x = F.rms_norm(h, (h.shape[-1],), self.attn_norm, self.eps)
+        qkv = self.qkv(x)
+        q = apply_rope(qkv[:, : nh * d].view(t, nh, d), cos, sin)
+        k = apply_rope(qkv[:, nh * d : (nh + nkv) * d].view(t, nkv, d), cos, sin)
+        v = qkv[:, (nh + nkv) * d :].view(t, nkv, d)
+        # write this step's K/V into their pages, then attend over the pages
+        k_cache.view(-1, nkv, d).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, nkv, d).index_copy_(0, slot_mapping, v)
+        attn = attention(q, k_cache, v_cache, plan)  # [num_tokens, num_heads, head_dim]
+        h = h + self.o(attn.view(t, nh * d))
+        x = F.rms_norm(h, (h.shape[-1],), self.ffn_norm, self.eps)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return h + self.down(F.silu(gate) * up)
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm and LM head of a Llama-family model."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: str,
+        quant: str = "none",
+    ) -> None:
+        super().__init__()
+        self.config = config
+        w = {name: t.to(device=device, dtype=dtype) for name, t in weights.items()}
+        missing = [n for n in ("embed.weight", "norm.weight") if n not in w]
+        if missing:
+            raise LoadError(f"model weights lack {', '.join(missing)}")
+        self.embed = nn.Parameter(w["embed.weight"], requires_grad=False)
+        self.norm = nn.Parameter(w["norm.weight"], requires_grad=False)
+        layers = []
+        for i in range(config.num_layers):
+            prefix = f"layers.{i}."
+            lw = {n[len(prefix) :]: t for n, t in w.items() if n.startswith(prefix)}
+            try:
+                layers.append(DecoderLayer(config, lw, quant))
+            except KeyError as exc:
+                raise LoadError(f"model weights lack {prefix}{exc.args[0]}") from exc
+        self.layers = nn.ModuleList(layers)
+        head = w["embed.weight"] if config.tie_embeddings else w.get("lm_head.weight")
+        if head is None:
+            raise LoadError("model weights lack lm_head.weight")
+        self.lm_head = make_linear(head, None, quant)
+        cos, sin = rope_tables(config, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        token_ids: torch.Tensor,  # [num_tokens]
+        positions: torch.Tensor,  # [num_tokens]
+        slot_mapping: torch.Tensor,  # [num_tokens]
+        logits_indices: torch.Tensor,  # [num_logits]
+        pool: PagePool,
+        attention: AttentionBackend,
+        plan: Any,
+    ) -> torch.Tensor:
+        """Logits [num_logits, vocab] (fp32) of the rows in `logits_indices`."""
+        h = F.embedding(token_ids, self.embed)
+        cos = self.rope_cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim / 2]
+        sin = self.rope_sin[positions].unsqueeze(1)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, slot_mapping, pool.k_cache[i], pool.v_cache[i], attention, plan)
+        if logits_indices.numel() == 0:
+            return h.new_empty((0, self.config.vocab_size), dtype=torch.float32)
+        h = F.rms_norm(h[logits_indices], (h.shape[-1],), self.norm, self.config.rms_norm_eps)
+        return self.lm_head(h).float()

@@ -1,0 +1,122 @@
+"""Choosing the next token from logits: greedy, temperature, top-k/p, min-p, bias, masks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks tokens. temperature 0 means greedy."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    allowed_token_ids: frozenset[int] | None = None  # None: every token
+    blocked_token_ids: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids is empty: no token could be chosen")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError if a token id in the bias or masks is outside the vocabulary."""
+        ids = [*self.logit_bias, *(self.allowed_token_ids or ()), *self.blocked_token_ids]
+        bad = [i for i in ids if not 0 <= int(i) < vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} outside the vocabulary (0..{vocab_size - 1})")
+        if self.allowed_token_ids is not None and self.allowed_token_ids <= self.blocked_token_ids:
+            raise ValueError("every allowed token is also blocked: no token could be chosen")
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A random stream for one request: the same seed gives the same tokens."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def _constrain(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Apply logit bias and allowed/blocked masks to one row of logits."""
+    if not (params.logit_bias or params.allowed_token_ids is not None or params.blocked_token_ids):
+        return row
+    row = row.clone()
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=row.device)
+        row[ids] += torch.tensor(list(params.logit_bias.values()), device=row.device)
+    if params.allowed_token_ids is not None:
+        keep = torch.full_like(row, float("-inf"))
+        ids = torch.tensor(sorted(params.allowed_token_ids), device=row.device)
+        keep[ids] = 0.0
+        row += keep
+    if params.blocked_token_ids:
+        row[torch.tensor(sorted(params.blocked_token_ids), device=row.device)] = float("-inf")
+    return row
+
+
+def filtered_probs(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a non-greedy request samples from: [vocab] probabilities."""
+    logits = _constrain(row.float(), params) / params.temperature
+    if params.top_k and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above
+        drop = order[before >= params.top_p]
+        probs[drop] = 0.0
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    return probs / probs.sum()
+
+
+def sample(
+    logits: torch.Tensor,  # [num_rows, vocab]
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> list[int]:
+    """One token per row. Each row's result depends only on its own logits, params and
+    generator, never on the other rows of the batch."""
+    out = [0] * logits.shape[0]
+    greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+    plain = [i for i in greedy_rows if params[i] == GREEDY]
+    if plain:
+        ids = logits[plain].argmax(dim=-1).tolist()
+        for i, token in zip(plain, ids, strict=True):
+            out[i] = token
+    for i, p in enumerate(params):
+        if p.greedy and i not in plain:
+            out[i] = int(_constrain(logits[i].float(), p).argmax())
+        elif not p.greedy:
+            probs = filtered_probs(logits[i], p)
+            out[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
+    return out
+
+
+def top_logprobs(row: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    """The `k` most likely next tokens with their log-probabilities."""
+    logp = torch.log_softmax(row.float(), dim=-1)
+    values, ids = torch.topk(logp, min(k, logp.numel()))
+    return list(zip(ids.tolist(), values.tolist(), strict=True))

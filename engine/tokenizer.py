@@ -1,0 +1,172 @@
+"""The served model's tokenizer: byte-level BPE built from GGUF metadata, chat templates."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from symphony.engine.errors import LoadError
+
+# GGUF token types (llama.cpp's llama_token_type)
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = range(
+    1, 7
+)
+# Tokens that end an assistant turn in common chat templates, besides the declared eos.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
+
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _pre_tokenizer(pre: str) -> dict[str, Any]:
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True}
+    if pre in ("llama-bpe", "llama3", "qwen2", "smaug-bpe"):
+        split = {
+            "type": "Split",
+            "pattern": {"Regex": _LLAMA3_SPLIT},
+            "behavior": "Isolated",
+            "invert": False,
+        }
+        return {"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": False}]}
+    steps = [{**byte_level, "use_regex": True}]
+    if pre == "smollm":  # SmolLM splits every digit on its own, then GPT-2 byte-level
+        steps.insert(0, {"type": "Digits", "individual_digits": True})
+    return {"type": "Sequence", "pretokenizers": steps}
+
+
+def build_bpe_tokenizer_json(
+    tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int], pre: str
+) -> str:
+    """Build a `tokenizers` tokenizer.json for a GPT-2 style byte-level BPE vocabulary."""
+    if not tokens:
+        raise LoadError("model carries no tokenizer vocabulary")
+    added = []
+    for i, (token, kind) in enumerate(zip(tokens, token_types, strict=False)):
+        if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED):
+            added.append(
+                {
+                    "id": i,
+                    "content": token,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "special": kind == TOKEN_CONTROL,
+                }
+            )
+    spec = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": _pre_tokenizer(pre),
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": {token: i for i, token in enumerate(tokens)},
+            "merges": [m.split(" ", 1) for m in merges],
+        },
+    }
+    return json.dumps(spec, ensure_ascii=False)
+
+
+class Tokenizer:
+    """Encode, decode and render chat templates for the served model."""
+
+    def __init__(
+        self,
+        tokenizer_json: str,
+        chat_template: str | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+    ) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            self._tok = HFTokenizer.from_str(tokenizer_json)
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise LoadError(f"bad tokenizer.json: {exc}") from exc
+        self.chat_template = chat_template
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        stops = {self._tok.token_to_id(t) for t in END_OF_TURN_TOKENS}
+        if eos_token_id is not None:
+            stops.add(eos_token_id)
+        self.stop_token_ids = frozenset(i for i in stops if i is not None)
+        self._template: Any = None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; control tokens written in the text are recognised."""
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        return str(self._tok.decode(list(ids), skip_special_tokens=skip_special))
+
+    def token_text(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
+        """Render `messages` through the model's chat template (jinja2, sandboxed)."""
+        if self.chat_template is None:
+            raise ValueError("the served model has no chat template")
+        if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+            def raise_exception(message: str) -> None:
+                raise ValueError(message)
+
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        special = {
+            "bos_token": self._token_or_empty(self.bos_token_id),
+            "eos_token": self._token_or_empty(self.eos_token_id),
+        }
+        return str(
+            self._template.render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt, **special
+            )
+        )
+
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt))
+
+    def _token_or_empty(self, token_id: int | None) -> str:
+        if token_id is None:
+            return ""
+        return self._tok.id_to_token(token_id) or ""
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text pieces, never splitting a UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._emitted = 0
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes (may be empty)."""
+        self._ids.append(token_id)
+        text = self._tokenizer.decode(self._ids)
+        if text.endswith("\ufffd"):  # a multi-byte character still incomplete
+            return ""
+        piece = text[self._emitted :]
+        self._emitted = len(text)
+        return piece

@@ -1,0 +1,1 @@
+"""The KV store and the filesystem that shows it (next issues)."""

@@ -1,0 +1,1 @@
+"""The CLI and the client library that LIPs import."""

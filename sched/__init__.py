@@ -1,0 +1,1 @@
+"""The syscall server, process table and two-level scheduler (next issues)."""
