@@ -16,7 +16,6 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-
 from symphony.engine.batch import AttnMetadata
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,9 @@ class SdpaAttention:
         if meta.decode_seq_ids:
             ids = meta.decode_seq_ids
             max_pages = max(len(meta.block_tables[i]) for i in ids)
-            pages = [meta.block_tables[i] + [0] * (max_pages - len(meta.block_tables[i])) for i in ids]
+            pages = [
+                meta.block_tables[i] + [0] * (max_pages - len(meta.block_tables[i])) for i in ids
+            ]
             span = torch.arange(max_pages * self.page_size, device=device)
             lens = torch.tensor([meta.context_lens[i] for i in ids], device=device)
             plan.decode_rows = torch.tensor([meta.query_starts[i] for i in ids], device=device)

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-
 from symphony.engine.attention import make_attention
 from symphony.engine.batch import SeqChunk, build_step_input
 from symphony.engine.config import EngineConfig
@@ -16,10 +15,26 @@ from symphony.engine.default_model import default_model_path
 from symphony.engine.model import LlamaModel
 from symphony.engine.model_files import ModelFiles, load_model_files
 from symphony.engine.page_pool import PagePool
+from symphony.engine.quant import input_absmax, quantize_linears
 from symphony.engine.sampling import SamplingParams, sample
 from symphony.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# Text the int8 layers calibrate their input ranges on: prose, a chat turn, code, digits.
+CALIBRATION_TEXT = """<|im_start|>system
+You are a helpful AI assistant.<|im_end|>
+<|im_start|>user
+Summarise the history of Paris in three sentences, then write a Python function.<|im_end|>
+<|im_start|>assistant
+Paris began as a settlement of the Parisii, a Celtic people, around 250 BC. The Romans
+founded Lutetia there in 52 BC, and by the twelfth century it was one of Europe's largest
+cities, growing into the capital of France. In 1889 the Eiffel Tower, 330 metres tall, was
+built for the World's Fair.
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+<|im_end|>"""
 
 
 class Engine:
@@ -45,7 +60,7 @@ class Engine:
             info.tokenizer_json, info.chat_template, info.bos_token_id, info.eos_token_id
         )
         mc, ec = self.model_config, self.config
-        self.model = LlamaModel(mc, files.weights, ec.torch_dtype, ec.device, ec.quant)
+        self.model = LlamaModel(mc, files.weights, ec.torch_dtype, ec.device)
         self.pool = PagePool(
             mc.num_layers, ec.num_pages, ec.page_size, mc.num_kv_heads, mc.head_dim,
             ec.torch_dtype, ec.device,
@@ -55,11 +70,27 @@ class Engine:
         )
         self.num_steps = 0
         self.num_tokens_computed = 0
+        if ec.quant != "none":
+            self._quantize(ec.quant)
         log.info(
             "engine: %s on %s (%s, quant %s, attention %s), %d pages of %d tokens",
             mc.name, ec.device, ec.torch_dtype, ec.quant, self.attention.name,
             ec.num_pages, ec.page_size,
         )  # fmt: skip
+
+    def _quantize(self, mode: str) -> None:
+        """Swap the linear layers for int8 ones, calibrated on a short built-in text."""
+        ids = self.tokenizer.encode(CALIBRATION_TEXT)[: self.model_config.max_position]
+        pages = self.pool.allocate(self.pages_for(len(ids)))
+
+        def run() -> None:
+            self.step([SeqChunk(ids, 0, pages, num_logits=len(ids))])
+
+        try:
+            absmax = input_absmax(self.model, run)
+        finally:
+            self.pool.decref(pages)
+        quantize_linears(self.model, mode, absmax)
 
     @property
     def page_size(self) -> int:

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-
 from symphony.engine.batch import SeqChunk
 from symphony.engine.engine import Engine
 from symphony.engine.sampling import GREEDY, SamplingParams, make_generator
@@ -125,7 +124,9 @@ def generate(
 ) -> list[list[int]]:
     """Generate from each prompt together in one batch; returns new token ids per prompt."""
     gens = [
-        Generation(list(p), params, None if params.seed is None else make_generator(params.seed + i))
+        Generation(
+            list(p), params, None if params.seed is None else make_generator(params.seed + i)
+        )
         for i, p in enumerate(prompts)
     ]
     return BatchGenerator(engine).run(gens, max_tokens)

@@ -8,12 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from symphony.engine.config import ModelConfig
 from symphony.engine.errors import LoadError
 from symphony.engine.model_files import ModelFiles, TokenizerInfo
 from symphony.engine.tokenizer import build_bpe_tokenizer_json
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +146,8 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> ModelFiles:
 
     try:
         reader = GGUFReader(str(path))
-    except (ValueError, OSError) as exc:
-        raise LoadError(f"cannot read GGUF file {path}: {exc}") from exc
+    except Exception as exc:  # the parser fails in many ways on damaged files
+        raise LoadError(f"cannot read GGUF file {path}: {type(exc).__name__}: {exc}") from exc
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise LoadError(

@@ -6,13 +6,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from symphony.engine.attention import AttentionBackend
 from symphony.engine.config import ModelConfig
 from symphony.engine.errors import LoadError
 from symphony.engine.page_pool import PagePool
-from symphony.engine.quant import make_linear
+from symphony.engine.quant import Linear
+from torch import nn
 
 
 def rope_tables(config: ModelConfig, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,7 +23,7 @@ def rope_tables(config: ModelConfig, device: str) -> tuple[torch.Tensor, torch.T
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rope. x [num_tokens, num_heads, head_dim]; cos/sin [num_tokens, 1, head_dim/2]."""
+    """Rotate-half rope. x: [num_tokens, num_heads, head_dim]; cos, sin: [num_tokens, 1, d / 2]."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
@@ -32,7 +31,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class DecoderLayer(nn.Module):
     """Pre-norm attention then SwiGLU MLP, each with a residual."""
 
-    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], quant: str) -> None:
+    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -45,10 +44,10 @@ class DecoderLayer(nn.Module):
         qkv_bias = None
         if config.qkv_bias:
             qkv_bias = torch.cat([w["q.bias"], w["k.bias"], w["v.bias"]])
-        self.qkv = make_linear(qkv, qkv_bias, quant)
-        self.o = make_linear(w["o.weight"], None, quant)
-        self.gate_up = make_linear(torch.cat([w["gate.weight"], w["up.weight"]]), None, quant)
-        self.down = make_linear(w["down.weight"], None, quant)
+        self.qkv = Linear(qkv, qkv_bias)
+        self.o = Linear(w["o.weight"])
+        self.gate_up = Linear(torch.cat([w["gate.weight"], w["up.weight"]]))
+        self.down = Linear(w["down.weight"])
 
     def forward(
         self,
@@ -87,7 +86,6 @@ class LlamaModel(nn.Module):
         weights: dict[str, torch.Tensor],
         dtype: torch.dtype,
         device: str,
-        quant: str = "none",
     ) -> None:
         super().__init__()
         self.config = config
@@ -102,14 +100,14 @@ class LlamaModel(nn.Module):
             prefix = f"layers.{i}."
             lw = {n[len(prefix) :]: t for n, t in w.items() if n.startswith(prefix)}
             try:
-                layers.append(DecoderLayer(config, lw, quant))
+                layers.append(DecoderLayer(config, lw))
             except KeyError as exc:
                 raise LoadError(f"model weights lack {prefix}{exc.args[0]}") from exc
         self.layers = nn.ModuleList(layers)
         head = w["embed.weight"] if config.tie_embeddings else w.get("lm_head.weight")
         if head is None:
             raise LoadError("model weights lack lm_head.weight")
-        self.lm_head = make_linear(head, None, quant)
+        self.lm_head = Linear(head)
         cos, sin = rope_tables(config, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

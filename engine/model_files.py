@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import xxhash
-
 from symphony.engine.config import ModelConfig
 from symphony.engine.errors import LoadError
 

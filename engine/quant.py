@@ -1,21 +1,28 @@
 """Linear layers: plain, and int8 through torch's own CPU kernels.
 
 Decode on a CPU is memory-bound: every step reads every weight once, so smaller
-weights are faster. Two int8 modes, measured on the 2-core AVX2 machine (bench/):
-- "int8": fbgemm's dynamic int8 linear (weights int8 per output channel, activations
-  quantized per call). AVX2 kernels; the fast one here.
+weights are faster. Two int8 modes (figures in bench/README.md):
+- "int8": fbgemm's dynamic int8 linear: weights int8 per output channel, activations
+  quantized per call. AVX2 kernels, the fast mode here. Activations of a Llama have
+  outlier channels that one activation scale flattens, so each layer's input is
+  divided by a per-channel smoothing factor calibrated on a short text at load, and
+  its weight columns multiplied by it (SmoothQuant, Xiao et al. 2023); each token is
+  scaled to its own range before fbgemm's per-tensor activation quantization.
 - "int8wo": weight-only int8 via `torch._weight_int8pack_mm`, activations in fp32.
-  More accurate, but its CPU kernel is slower than fp32 on a machine without AVX-512.
+  The more accurate, but its CPU kernel is slower than fp32 without AVX-512.
 int4 (`_weight_int4pack_mm_for_cpu`) was measured slower than fp32 here and is left out.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+SMOOTHING_ALPHA = 0.5  # how much of the activation range moves into the weights
 
 
 class Linear(nn.Module):
@@ -38,21 +45,35 @@ def _per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class DynamicInt8Linear(nn.Module):
-    """fbgemm dynamic-quantized linear: int8 weights, activations quantized per call."""
+    """fbgemm dynamic-quantized linear over smoothed inputs: y = (x / s) (W s)^T + b."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, input_absmax: torch.Tensor | None
+    ) -> None:
         super().__init__()
-        q, scales = _per_channel_int8(weight)
+        w = weight.float()
+        smooth = torch.ones(w.shape[1])
+        if input_absmax is not None:
+            a = input_absmax.float().clamp(min=1e-5)
+            w_absmax = w.abs().amax(dim=0).clamp(min=1e-5)
+            smooth = (a**SMOOTHING_ALPHA / w_absmax ** (1 - SMOOTHING_ALPHA)).clamp(1e-2, 1e2)
+        self.register_buffer("inv_smooth", (1.0 / smooth).to(weight.dtype))
+        q, scales = _per_channel_int8(w * smooth[None, :])
         zero_points = torch.zeros(q.shape[0], dtype=torch.long)
         with warnings.catch_warnings():  # quantized tensor types are deprecated, fbgemm is not
             warnings.simplefilter("ignore", UserWarning)
             qweight = torch._make_per_channel_quantized_tensor(q, scales.double(), zero_points, 0)
-        b = None if bias is None else bias.float()
-        self._packed = torch.ops.quantized.linear_prepack(qweight, b)
+        self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fbgemm quantizes the whole input with one scale; dividing each token by its own
+        # range first makes that one scale fit every token (a per-token quantization).
+        xs = x * self.inv_smooth
+        rows = xs.abs().amax(dim=-1, keepdim=True).clamp(min=1e-6)
         # reduce_range: 7-bit activations, so AVX2's int16 pair sums cannot saturate
-        return torch.ops.quantized.linear_dynamic(x, self._packed, True)
+        y = torch.ops.quantized.linear_dynamic(xs / rows, self._packed, True) * rows
+        return y if self.bias is None else y + self.bias
 
 
 class WeightOnlyInt8Linear(nn.Module):
@@ -70,10 +91,43 @@ class WeightOnlyInt8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: str) -> nn.Module:
-    """A linear layer over `weight` [out, in] in the given quant mode."""
-    if quant == "int8":
-        return DynamicInt8Linear(weight, bias)
-    if quant == "int8wo":
-        return WeightOnlyInt8Linear(weight, bias)
-    return Linear(weight, bias)
+def input_absmax(model: nn.Module, run: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| seen by every `Linear` of `model` while `run()` runs."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+
+            def hook(_: nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
+                m = args[0].detach().abs().flatten(0, -2).amax(dim=0)
+                seen[name] = m if name not in seen else torch.maximum(seen[name], m)
+
+            hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def quantize_linears(
+    model: nn.Module, mode: str, absmax: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Replace every `Linear` of `model` in place by its `mode` ("int8" or "int8wo") form.
+
+    Args:
+        absmax: calibrated input ranges from `input_absmax`, for the smoothing of "int8".
+    """
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, Linear):
+            continue
+        weight, bias = module.weight.data, None if module.bias is None else module.bias.data
+        if mode == "int8":
+            new: nn.Module = DynamicInt8Linear(weight, bias, (absmax or {}).get(name))
+        elif mode == "int8wo":
+            new = WeightOnlyInt8Linear(weight, bias)
+        else:
+            raise ValueError(f"unknown quant mode {mode!r}")
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)

@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny random-weight engine, the real model loaded once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from symphony.engine.config import EngineConfig
+from symphony.engine.engine import Engine
+
+from tests.tiny import tiny_model_files
+
+
+def make_tiny_engine(num_pages: int = 64, page_size: int = 4, **config: object) -> Engine:
+    engine_config = EngineConfig(device="cpu", num_pages=num_pages, page_size=page_size, **config)  # type: ignore[arg-type]
+    return Engine(tiny_model_files(), engine_config)
+
+
+@pytest.fixture
+def tiny_engine() -> Engine:
+    return make_tiny_engine()
+
+
+@pytest.fixture(scope="session")
+def real_engine() -> Engine:
+    """The embedded SmolLM2-135M in fp32, loaded once per session (from the weight cache)."""
+    return Engine(None, EngineConfig(device="cpu", num_pages=1024))
+
+
+@pytest.fixture(scope="session")
+def hf_reference():
+    """transformers loading the same GGUF file offline: the independent reference."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import torch
+    from symphony.engine.default_model import default_model_path
+
+    path = default_model_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tokenizer

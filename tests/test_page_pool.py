@@ -1,0 +1,59 @@
+"""The page pool's refcounts and free list."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from symphony.engine.errors import OutOfPagesError
+from symphony.engine.page_pool import PagePool
+
+
+def make_pool(num_pages: int = 8) -> PagePool:
+    return PagePool(2, num_pages, 4, 2, 8, torch.float32, "cpu")
+
+
+def test_allocate_incref_decref_frees_at_zero():
+    pool = make_pool()
+    pages = pool.allocate(3)
+    assert pool.num_used == 3 and pool.num_free == 5
+    pool.incref(pages[:1])
+    assert pool.decref(pages) == pages[1:]
+    assert pool.decref(pages[:1]) == pages[:1]
+    assert pool.num_used == 0
+    pool.check_invariants()
+
+
+def test_out_of_pages_takes_nothing():
+    pool = make_pool(4)
+    pool.allocate(3)
+    with pytest.raises(OutOfPagesError):
+        pool.allocate(2)
+    assert pool.num_free == 1
+    pool.check_invariants()
+
+
+def test_double_free_is_refused():
+    pool = make_pool()
+    page = pool.allocate(1)
+    pool.decref(page)
+    with pytest.raises(ValueError):
+        pool.decref(page)
+    with pytest.raises(ValueError):
+        pool.incref(page)
+    pool.check_invariants()
+
+
+def test_copy_page_copies_the_leading_slots_of_every_layer():
+    pool = make_pool()
+    src, dst = pool.allocate(2)
+    for cache in (*pool.k_cache, *pool.v_cache):
+        cache[src] = torch.randn_like(cache[src])
+    pool.copy_page(src, dst, num_tokens=3)
+    for cache in (*pool.k_cache, *pool.v_cache):
+        assert torch.equal(cache[dst, :3], cache[src, :3])
+        assert not cache[dst, 3].any()
+
+
+def test_bytes_per_page():
+    # 2 layers x (K and V) x 4 slots x 2 heads x 8 dims x 4 bytes
+    assert make_pool().bytes_per_page == 2 * 2 * 4 * 2 * 8 * 4

@@ -1,0 +1,41 @@
+"""The byte-level tokenizer, chat templates and streaming decode."""
+
+from __future__ import annotations
+
+import pytest
+from symphony.engine.tokenizer import StreamDecoder, Tokenizer
+
+from tests.tiny import CHATML, tiny_tokenizer_json
+
+
+@pytest.fixture
+def tok() -> Tokenizer:
+    return Tokenizer(tiny_tokenizer_json(), CHATML, bos_token_id=257, eos_token_id=258)
+
+
+def test_round_trip_of_any_text(tok):
+    for text in ["plain", "naïve café 東京 🙂", " leading space", "a\n\tb"]:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_control_tokens_in_text_are_single_tokens(tok):
+    assert tok.encode("<|im_start|>user") == [257, *tok.encode("user")]
+    assert 258 in tok.stop_token_ids
+
+
+def test_chat_template_renders_and_tokenizes(tok):
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert tok.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_model_without_template_says_so():
+    bare = Tokenizer(tiny_tokenizer_json())
+    with pytest.raises(ValueError, match="no chat template"):
+        bare.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_stream_decoder_never_splits_a_character(tok):
+    stream = StreamDecoder(tok)
+    ids = tok.encode("é🙂!")  # 2 + 4 + 1 bytes, one token each
+    pieces = [stream.push(i) for i in ids]
+    assert pieces == ["", "é", "", "", "", "🙂", "!"]
