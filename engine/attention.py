@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+
 from symphony.engine.batch import AttnMetadata
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,10 @@ class _PrefillPlan:
 @dataclass
 class _SdpaPlan:
     decode_rows: torch.Tensor | None  # [B] flat token rows of the decode sequences
-    decode_pages: torch.Tensor | None  # [B, max_pages] long
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max_pages * page_size] bool
+    decode_pages: torch.Tensor | None  # [B * max_pages] long, padded with page 0
+    decode_mask: torch.Tensor | None  # [B, 1, 1, L] bool; None when B == 1 (no padding)
+    decode_len: int  # L: keys per decode sequence after the gather
+    all_decode: bool  # every token of the step is a decode token, in order
     prefills: list[_PrefillPlan]
 
 
@@ -63,18 +66,24 @@ class SdpaAttention:
 
     def prepare(self, meta: AttnMetadata) -> _SdpaPlan:
         device = meta.slot_mapping.device
-        plan = _SdpaPlan(None, None, None, [])
-        if meta.decode_seq_ids:
-            ids = meta.decode_seq_ids
-            max_pages = max(len(meta.block_tables[i]) for i in ids)
-            pages = [
-                meta.block_tables[i] + [0] * (max_pages - len(meta.block_tables[i])) for i in ids
-            ]
-            span = torch.arange(max_pages * self.page_size, device=device)
-            lens = torch.tensor([meta.context_lens[i] for i in ids], device=device)
+        ids = meta.decode_seq_ids
+        plan = _SdpaPlan(None, None, None, 0, len(ids) == len(meta.query_lens), [])
+        if ids:
+            lens = [meta.context_lens[i] for i in ids]
+            max_pages = -(-max(lens) // self.page_size)
+            pages = []
+            for i in ids:
+                table = meta.block_tables[i][:max_pages]
+                pages += table + [0] * (max_pages - len(table))
+            plan.decode_len = max_pages * self.page_size
             plan.decode_rows = torch.tensor([meta.query_starts[i] for i in ids], device=device)
             plan.decode_pages = torch.tensor(pages, dtype=torch.long, device=device)
-            plan.decode_mask = (span[None, :] < lens[:, None])[:, None, None, :]
+            if len(ids) == 1:
+                plan.decode_len = lens[0]  # one sequence: gather exactly its keys, no mask
+            else:
+                span = torch.arange(plan.decode_len, device=device)
+                lens_t = torch.tensor(lens, device=device)
+                plan.decode_mask = (span[None, :] < lens_t[:, None])[:, None, None, :]
         for i in meta.prefill_seq_ids:
             n, ctx = meta.query_lens[i], meta.context_lens[i]
             num_pages = -(-ctx // self.page_size)
@@ -95,21 +104,16 @@ class SdpaAttention:
     def __call__(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: _SdpaPlan
     ) -> torch.Tensor:
-        out = torch.empty_like(q)
         kvh, group, d = self.num_kv_heads, self.group, self.head_dim
+        if plan.all_decode:
+            assert plan.decode_pages is not None
+            return self._decode(q, k_cache, v_cache, plan)
+        out = torch.empty_like(q)
         if plan.decode_rows is not None:
-            assert plan.decode_pages is not None and plan.decode_mask is not None
-            b = plan.decode_rows.numel()
-            # [B, max_pages, page_size, kvh, d] -> [B, kvh, L, d]
-            k = k_cache[plan.decode_pages].flatten(1, 2).transpose(1, 2)
-            v = v_cache[plan.decode_pages].flatten(1, 2).transpose(1, 2)
-            # the group of query heads sharing a KV head acts as that head's query rows
-            qd = q[plan.decode_rows].view(b, kvh, group, d)
-            o = F.scaled_dot_product_attention(qd, k, v, attn_mask=plan.decode_mask)
-            out[plan.decode_rows] = o.reshape(b, kvh * group, d)
+            out[plan.decode_rows] = self._decode(q[plan.decode_rows], k_cache, v_cache, plan)
         for p in plan.prefills:
-            k = k_cache[p.pages].flatten(0, 1)[: p.context_len].transpose(0, 1)  # [kvh, ctx, d]
-            v = v_cache[p.pages].flatten(0, 1)[: p.context_len].transpose(0, 1)
+            k = k_cache.index_select(0, p.pages).flatten(0, 1)[: p.context_len].transpose(0, 1)
+            v = v_cache.index_select(0, p.pages).flatten(0, 1)[: p.context_len].transpose(0, 1)
             # [n, kvh*group, d] -> [kvh, group * n, d]
             qp = q[p.start : p.start + p.length].view(p.length, kvh, group, d)
             qp = qp.permute(1, 2, 0, 3).reshape(kvh, group * p.length, d)
@@ -117,6 +121,23 @@ class SdpaAttention:
             o = o.view(kvh, group, p.length, d).permute(2, 0, 1, 3).reshape(p.length, -1, d)
             out[p.start : p.start + p.length] = o
         return out
+
+    def _decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: _SdpaPlan
+    ) -> torch.Tensor:
+        """One query token per sequence. q [B, num_heads, head_dim] -> same shape."""
+        b, kvh, d = q.shape[0], self.num_kv_heads, self.head_dim
+        pages = plan.decode_pages
+        assert pages is not None
+        # [B * max_pages, page_size, kvh, d] -> [B, kvh, L, d]
+        k = k_cache.index_select(0, pages).view(b, -1, kvh, d)[:, : plan.decode_len]
+        v = v_cache.index_select(0, pages).view(b, -1, kvh, d)[:, : plan.decode_len]
+        # the group of query heads sharing a KV head acts as that head's query rows
+        qd = q.view(b, kvh, self.group, d)
+        o = F.scaled_dot_product_attention(
+            qd, k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.decode_mask
+        )
+        return o.reshape(b, kvh * self.group, d)
 
 
 def flash_attn_available() -> bool:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
 from symphony.engine.attention import make_attention
 from symphony.engine.batch import SeqChunk, build_step_input
 from symphony.engine.config import EngineConfig

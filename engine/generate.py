@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
 from symphony.engine.batch import SeqChunk
 from symphony.engine.engine import Engine
 from symphony.engine.sampling import GREEDY, SamplingParams, make_generator
@@ -125,7 +126,9 @@ def generate(
     """Generate from each prompt together in one batch; returns new token ids per prompt."""
     gens = [
         Generation(
-            list(p), params, None if params.seed is None else make_generator(params.seed + i)
+            list(p),
+            params,
+            None if params.seed is None else make_generator(params.seed + i, engine.config.device),
         )
         for i, p in enumerate(prompts)
     ]

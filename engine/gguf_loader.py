@@ -8,11 +8,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
 from symphony.engine.config import ModelConfig
 from symphony.engine.errors import LoadError
 from symphony.engine.model_files import ModelFiles, TokenizerInfo
 from symphony.engine.tokenizer import build_bpe_tokenizer_json
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -6,12 +6,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from symphony.engine.attention import AttentionBackend
 from symphony.engine.config import ModelConfig
 from symphony.engine.errors import LoadError
 from symphony.engine.page_pool import PagePool
 from symphony.engine.quant import Linear
-from torch import nn
 
 
 def rope_tables(config: ModelConfig, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,6 +21,11 @@ def rope_tables(config: ModelConfig, device: str) -> tuple[torch.Tensor, torch.T
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     angles = torch.outer(torch.arange(config.max_position, dtype=torch.float32), inv_freq)
     return angles.cos().to(device), angles.sin().to(device)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight over the last dimension (fewer kernels than F.rms_norm on CPU)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -62,17 +68,18 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         t = h.shape[0]
         nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        x = F.rms_norm(h, (h.shape[-1],), self.attn_norm, self.eps)
+        x = rms_norm(h, self.attn_norm, self.eps)
         qkv = self.qkv(x)
-        q = apply_rope(qkv[:, : nh * d].view(t, nh, d), cos, sin)
-        k = apply_rope(qkv[:, nh * d : (nh + nkv) * d].view(t, nkv, d), cos, sin)
+        # rope on Q and K together: [num_tokens, num_heads + num_kv_heads, head_dim]
+        qk = apply_rope(qkv[:, : (nh + nkv) * d].view(t, nh + nkv, d), cos, sin)
+        q, k = qk[:, :nh], qk[:, nh:]
         v = qkv[:, (nh + nkv) * d :].view(t, nkv, d)
         # write this step's K/V into their pages, then attend over the pages
         k_cache.view(-1, nkv, d).index_copy_(0, slot_mapping, k)
         v_cache.view(-1, nkv, d).index_copy_(0, slot_mapping, v)
         attn = attention(q, k_cache, v_cache, plan)  # [num_tokens, num_heads, head_dim]
         h = h + self.o(attn.view(t, nh * d))
-        x = F.rms_norm(h, (h.shape[-1],), self.ffn_norm, self.eps)
+        x = rms_norm(h, self.ffn_norm, self.eps)
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return h + self.down(F.silu(gate) * up)
 
@@ -131,5 +138,5 @@ class LlamaModel(nn.Module):
             h = layer(h, cos, sin, slot_mapping, pool.k_cache[i], pool.v_cache[i], attention, plan)
         if logits_indices.numel() == 0:
             return h.new_empty((0, self.config.vocab_size), dtype=torch.float32)
-        h = F.rms_norm(h[logits_indices], (h.shape[-1],), self.norm, self.config.rms_norm_eps)
+        h = rms_norm(h[logits_indices], self.norm, self.config.rms_norm_eps)
         return self.lm_head(h).float()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import xxhash
+
 from symphony.engine.config import ModelConfig
 from symphony.engine.errors import LoadError
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+
 from symphony.engine.errors import OutOfPagesError
 
 

@@ -69,10 +69,13 @@ class DynamicInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fbgemm quantizes the whole input with one scale; dividing each token by its own
         # range first makes that one scale fit every token (a per-token quantization).
-        xs = x * self.inv_smooth
-        rows = xs.abs().amax(dim=-1, keepdim=True).clamp(min=1e-6)
         # reduce_range: 7-bit activations, so AVX2's int16 pair sums cannot saturate
-        y = torch.ops.quantized.linear_dynamic(xs / rows, self._packed, True) * rows
+        xs = x * self.inv_smooth
+        if xs.shape[0] == 1:  # one token: its own range is the tensor's
+            y = torch.ops.quantized.linear_dynamic(xs, self._packed, True)
+        else:
+            rows = xs.abs().amax(dim=-1, keepdim=True).clamp(min=1e-6)
+            y = torch.ops.quantized.linear_dynamic(xs / rows, self._packed, True) * rows
         return y if self.bias is None else y + self.bias
 
 

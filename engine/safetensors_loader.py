@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from symphony.engine.config import ModelConfig
 from symphony.engine.errors import LoadError
 from symphony.engine.model_files import ModelFiles, TokenizerInfo

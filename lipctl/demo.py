@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         load_s = time.perf_counter() - t0
         params = SamplingParams(temperature=args.temperature, seed=0)
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-        gen = Generation(prompt, params, make_generator(0))
+        gen = Generation(prompt, params, make_generator(0, engine.config.device))
         runner = BatchGenerator(engine)
         runner.run([gen], args.max_tokens)
     except (EngineError, ValueError, OSError) as exc:

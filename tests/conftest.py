@@ -11,7 +11,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from symphony.engine.config import EngineConfig
 from symphony.engine.engine import Engine
-
 from tests.tiny import tiny_model_files
 
 
@@ -37,6 +36,7 @@ def hf_reference():
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     import torch
+
     from symphony.engine.default_model import default_model_path
 
     path = default_model_path()

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+
 from symphony.engine.batch import SeqChunk
 from symphony.engine.generate import generate
 

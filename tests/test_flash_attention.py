@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from symphony.engine.attention import flash_attn_available, make_attention
 from symphony.engine.batch import SeqChunk, build_step_input
 

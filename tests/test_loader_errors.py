@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from symphony.engine.errors import LoadError
 from symphony.engine.model_files import load_model_files
 

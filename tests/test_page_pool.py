@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from symphony.engine.errors import OutOfPagesError
 from symphony.engine.page_pool import PagePool
 

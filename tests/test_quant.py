@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from symphony.engine.batch import SeqChunk
 from symphony.engine.config import EngineConfig
 from symphony.engine.default_model import default_model_path
 from symphony.engine.engine import Engine
 from symphony.engine.model_files import load_model_files
-
 from tests.test_reference import PROMPT
 
 pytestmark = pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from symphony.engine.batch import SeqChunk
 from symphony.engine.generate import generate
 

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+
 from symphony.engine.batch import SeqChunk
 from symphony.engine.config import EngineConfig
 from symphony.engine.engine import Engine
 from symphony.engine.errors import LoadError
 from symphony.engine.model_files import load_model_files
-
 from tests.tiny import CHATML, tiny_tokenizer_json
 
 transformers = pytest.importorskip("transformers")

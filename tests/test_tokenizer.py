@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from symphony.engine.tokenizer import StreamDecoder, Tokenizer
 
+from symphony.engine.tokenizer import StreamDecoder, Tokenizer
 from tests.tiny import CHATML, tiny_tokenizer_json
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from symphony.engine.config import ModelConfig
 from symphony.engine.model_files import ModelFiles, TokenizerInfo
 from symphony.engine.tokenizer import TOKEN_CONTROL, TOKEN_NORMAL, build_bpe_tokenizer_json

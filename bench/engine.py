@@ -1,0 +1,206 @@
+"""Engine throughput: Symphony (fp32, int8) beside transformers and llama.cpp, one run.
+
+Prefill tokens/s on a 512-token prompt, and aggregate decode tokens/s at batch 1, 8 and
+32, on the embedded default model. Prints a table, writes bench/results/engine.json
+and engine.png. llama.cpp (llama-cpp-python, the `bench` extra) runs at batch 1 only,
+and only when installed.
+
+    python bench/engine.py [--quick] [--skip transformers,llamacpp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from symphony.engine.batch import SeqChunk
+from symphony.engine.config import EngineConfig
+from symphony.engine.default_model import default_model_path
+from symphony.engine.engine import Engine
+from symphony.engine.model_files import load_model_files
+
+RESULTS = Path(__file__).parent / "results"
+PROMPT_LEN = 512
+BATCHES = (1, 8, 32)
+SEED_TEXT = (
+    "In the quiet valley where the river bends, the old mill still turns each morning. "
+    "Farmers bring grain, children race along the banks, and the miller counts every sack. "
+)
+
+
+def prompt_ids(tokenize: Callable[[str], list[int]], n: int, offset: int = 0) -> list[int]:
+    ids: list[int] = []
+    while len(ids) < n + offset:
+        ids += tokenize(SEED_TEXT)
+    return ids[offset : offset + n]
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_symphony(engine: Engine, steps: int, repeats: int) -> dict[str, float]:
+    ids = prompt_ids(engine.tokenizer.encode, PROMPT_LEN)
+    pool = engine.pool
+
+    def prefill() -> None:
+        pages = pool.allocate(engine.pages_for(len(ids)))
+        engine.step([SeqChunk(ids, 0, pages)])
+        pool.decref(pages)
+
+    prefill()  # warm-up
+    out = {"prefill": PROMPT_LEN / median_time(prefill, repeats)}
+    for batch in BATCHES:
+        prompts = [prompt_ids(engine.tokenizer.encode, 32, offset=i) for i in range(batch)]
+        tables = [pool.allocate(engine.pages_for(32 + steps + 1)) for _ in prompts]
+        for p, t in zip(prompts, tables, strict=True):
+            engine.step([SeqChunk(p, 0, t)])
+        last = [p[-1] for p in prompts]
+        engine.step([SeqChunk([tok], 32, t) for tok, t in zip(last, tables, strict=True)])
+        t0 = time.perf_counter()
+        for i in range(steps):
+            chunks = [SeqChunk([tok], 33 + i, t) for tok, t in zip(last, tables, strict=True)]
+            logits = engine.step(chunks)
+            last = logits.argmax(-1).tolist()
+        out[f"decode_b{batch}"] = batch * steps / (time.perf_counter() - t0)
+        for t in tables:
+            pool.decref(t)
+    return out
+
+
+def bench_transformers(steps: int, repeats: int) -> dict[str, float]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = default_model_path()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    ids = torch.tensor([prompt_ids(lambda s: tok(s).input_ids, PROMPT_LEN)])
+    with torch.no_grad():
+        model(ids)
+        out = {"prefill": PROMPT_LEN / median_time(lambda: model(ids), repeats)}
+        for batch in BATCHES:
+            batch_ids = torch.tensor(
+                [prompt_ids(lambda s: tok(s).input_ids, 32, offset=i) for i in range(batch)]
+            )
+
+            def gen(n: int, batch_ids: torch.Tensor = batch_ids) -> None:
+                model.generate(batch_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               pad_token_id=tok.eos_token_id)  # fmt: skip
+
+            gen(2)
+            t_full = median_time(lambda: gen(steps + 1), 1)
+            t_first = median_time(lambda: gen(1), repeats)
+            out[f"decode_b{batch}"] = batch * steps / (t_full - t_first)
+    return out
+
+
+def bench_llamacpp(steps: int, repeats: int) -> dict[str, float] | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(default_model_path()), n_ctx=2048, n_batch=512,
+                n_threads=torch.get_num_threads(), verbose=False)  # fmt: skip
+    ids = prompt_ids(lambda s: llm.tokenize(s.encode(), add_bos=False), PROMPT_LEN)
+
+    def prefill() -> None:
+        llm.reset()
+        llm.eval(ids)
+
+    prefill()
+    out = {"prefill": PROMPT_LEN / median_time(prefill, repeats)}
+    short = ids[:32]
+    llm.reset()
+    llm.eval(short)
+    t0 = time.perf_counter()
+    token = short[-1]
+    for _ in range(steps):
+        llm.eval([token])
+        token = int(torch.tensor(llm.scores[llm.n_tokens - 1]).argmax())
+    out["decode_b1"] = steps / (time.perf_counter() - t0)
+    return out
+
+
+def plot(results: dict[str, dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(results)
+    ax1.bar(names, [results[n].get("prefill", 0) for n in names], color="tab:blue")
+    ax1.set_title(f"prefill, {PROMPT_LEN}-token prompt")
+    ax1.set_ylabel("tokens/s")
+    ax1.tick_params(axis="x", labelrotation=15)
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        xs = [j + i * width for j in range(len(BATCHES))]
+        ax2.bar(xs, [results[n].get(f"decode_b{b}", 0) for b in BATCHES], width, label=n)
+    centres = [j + 0.4 - width / 2 for j in range(len(BATCHES))]
+    ax2.set_xticks(centres, [f"batch {b}" for b in BATCHES])
+    ax2.set_title("aggregate decode")
+    ax2.set_ylabel("tokens/s")
+    ax2.legend()
+    fig.suptitle(f"SmolLM2-135M on {platform.processor() or platform.machine()}, "
+                 f"{torch.get_num_threads()} threads, {date.today()}")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
+    parser.add_argument("--skip", default="", help="comma list: transformers, llamacpp, int8")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    steps, repeats = (8, 1) if args.quick else (32, 3)
+    torch.manual_seed(0)
+    files = load_model_files(default_model_path())
+    results: dict[str, dict[str, float]] = {}
+    for quant in ("none", "int8"):
+        if quant in skip:
+            continue
+        engine = Engine(files, EngineConfig(device="cpu", num_pages=1024, quant=quant))
+        results[f"symphony {'fp32' if quant == 'none' else quant}"] = bench_symphony(
+            engine, steps, repeats
+        )
+        del engine
+    if "transformers" not in skip:
+        results["transformers fp32"] = bench_transformers(steps, repeats)
+    if "llamacpp" not in skip and (lcpp := bench_llamacpp(steps, repeats)) is not None:
+        results["llama.cpp Q4_1"] = lcpp
+
+    cols = ["prefill", *(f"decode_b{b}" for b in BATCHES)]
+    print(f"{'tokens/s':<20}" + "".join(f"{c:>12}" for c in cols))
+    for name, row in results.items():
+        cells = (f"{row[c]:>12.1f}" if c in row else f"{'-':>12}" for c in cols)
+        print(f"{name:<20}" + "".join(cells))
+    RESULTS.mkdir(exist_ok=True)
+    meta = {"date": str(date.today()), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "steps": steps, "prompt_len": PROMPT_LEN}  # fmt: skip
+    (RESULTS / "engine.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    plot(results, RESULTS / "engine.png")
+    print(f"wrote {RESULTS / 'engine.json'} and {RESULTS / 'engine.png'}")
+
+
+if __name__ == "__main__":
+    main()
