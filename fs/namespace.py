@@ -1,0 +1,232 @@
+"""The POSIX tree of the store: paths to nodes, permission checks, directory operations."""
+
+from __future__ import annotations
+
+import errno
+import stat
+from collections.abc import Callable
+
+from symphony.fs.errors import StoreError
+from symphony.fs.nodes import R_OK, W_OK, X_OK, Cred, Directory, KVFile, Node
+
+ROOT_INODE = 1
+NAME_MAX = 255
+
+
+def split_path(path: str) -> list[str]:
+    """Components of a path relative to the mount root ('' and '/' are the root).
+
+    Raises:
+        StoreError: EINVAL for '.', '..' or an over-long name.
+    """
+    parts = [p for p in path.strip("/").split("/") if p]
+    for part in parts:
+        if part in (".", ".."):
+            raise StoreError(errno.EINVAL, f"path {path!r} may not contain '.' or '..'")
+        if len(part.encode()) > NAME_MAX:
+            raise StoreError(errno.ENAMETOOLONG, f"name longer than {NAME_MAX} bytes in {path!r}")
+        if "\0" in part:
+            raise StoreError(errno.EINVAL, "path contains a NUL byte")
+    return parts
+
+
+class Namespace:
+    """Inode table and tree. `on_last_link` is called when a file loses its last name."""
+
+    def __init__(self, on_last_link: Callable[[KVFile], None], root_mode: int = 0o755) -> None:
+        self.nodes: dict[int, Node] = {
+            ROOT_INODE: Directory(ROOT_INODE, stat.S_IFDIR | root_mode, 0, 0, nlink=2)
+        }
+        self._next_inode = ROOT_INODE + 1
+        self._on_last_link = on_last_link
+
+    def _new_inode(self) -> int:
+        inode = self._next_inode
+        self._next_inode += 1
+        return inode
+
+    @property
+    def root(self) -> Directory:
+        root = self.nodes[ROOT_INODE]
+        assert isinstance(root, Directory)
+        return root
+
+    def check(self, node: Node, cred: Cred, want: int, path: str) -> None:
+        if not node.allows(cred, want):
+            raise StoreError(errno.EACCES, f"permission denied: {path or '/'}")
+
+    def lookup(self, path: str, cred: Cred) -> Node:
+        """The node at `path`, checking search (x) permission on every directory on the way."""
+        node: Node = self.root
+        for part in split_path(path):
+            if not isinstance(node, Directory):
+                raise StoreError(errno.ENOTDIR, f"not a directory on the way to {path}")
+            self.check(node, cred, X_OK, path)
+            child = node.children.get(part)
+            if child is None:
+                raise StoreError(errno.ENOENT, f"no such file or directory: {path}")
+            node = self.nodes[child]
+        return node
+
+    def parent_of(self, path: str, cred: Cred) -> tuple[Directory, str]:
+        """The directory that holds `path`'s last component, and that component."""
+        parts = split_path(path)
+        if not parts:
+            raise StoreError(errno.EINVAL, "the root has no parent")
+        parent = self.lookup("/".join(parts[:-1]), cred)
+        if not isinstance(parent, Directory):
+            raise StoreError(errno.ENOTDIR, f"not a directory: {'/'.join(parts[:-1])}")
+        return parent, parts[-1]
+
+    def lookup_file(self, path: str, cred: Cred, want: int = 0) -> KVFile:
+        node = self.lookup(path, cred)
+        if not isinstance(node, KVFile):
+            raise StoreError(errno.EISDIR, f"is a directory: {path}")
+        if want:
+            self.check(node, cred, want, path)
+        return node
+
+    def _insert(self, parent: Directory, name: str, node: Node, cred: Cred, path: str) -> None:
+        self.check(parent, cred, W_OK | X_OK, path)
+        if name in parent.children:
+            raise StoreError(errno.EEXIST, f"file exists: {path}")
+        parent.children[name] = node.inode
+        self.nodes[node.inode] = node
+        parent.touch()
+
+    def create_file(self, path: str, cred: Cred, mode: int, domain: str) -> KVFile:
+        parent, name = self.parent_of(path, cred)
+        gid = parent.gid if parent.mode & stat.S_ISGID else cred.gid
+        node = KVFile(self._new_inode(), stat.S_IFREG | (mode & 0o7777), cred.uid, gid,
+                      domain=domain)  # fmt: skip
+        self._insert(parent, name, node, cred, path)
+        return node
+
+    def mkdir(self, path: str, cred: Cred, mode: int = 0o755) -> Directory:
+        parent, name = self.parent_of(path, cred)
+        gid = parent.gid if parent.mode & stat.S_ISGID else cred.gid
+        node = Directory(self._new_inode(), stat.S_IFDIR | (mode & 0o7777), cred.uid, gid, nlink=2)
+        self._insert(parent, name, node, cred, path)
+        parent.nlink += 1
+        return node
+
+    def _check_sticky(self, parent: Directory, node: Node, cred: Cred, path: str) -> None:
+        if (
+            parent.mode & stat.S_ISVTX
+            and not cred.is_root
+            and cred.uid
+            not in (
+                parent.uid,
+                node.uid,
+            )
+        ):
+            raise StoreError(errno.EPERM, f"sticky directory: {path}")
+
+    def unlink(self, path: str, cred: Cred) -> KVFile:
+        parent, name = self.parent_of(path, cred)
+        self.check(parent, cred, W_OK | X_OK, path)
+        node = self.lookup(path, cred)
+        if not isinstance(node, KVFile):
+            raise StoreError(errno.EISDIR, f"is a directory: {path}")
+        self._check_sticky(parent, node, cred, path)
+        del parent.children[name]
+        parent.touch()
+        node.nlink -= 1
+        node.touch(modified=False)
+        if node.nlink == 0:
+            del self.nodes[node.inode]
+            self._on_last_link(node)
+        return node
+
+    def rmdir(self, path: str, cred: Cred) -> None:
+        parent, name = self.parent_of(path, cred)
+        self.check(parent, cred, W_OK | X_OK, path)
+        node = self.lookup(path, cred)
+        if not isinstance(node, Directory):
+            raise StoreError(errno.ENOTDIR, f"not a directory: {path}")
+        if node.children:
+            raise StoreError(errno.ENOTEMPTY, f"directory not empty: {path}")
+        self._check_sticky(parent, node, cred, path)
+        del parent.children[name]
+        del self.nodes[node.inode]
+        parent.nlink -= 1
+        parent.touch()
+
+    def link(self, src: str, dst: str, cred: Cred) -> KVFile:
+        node = self.lookup_file(src, cred)
+        parent, name = self.parent_of(dst, cred)
+        self._insert(parent, name, node, cred, dst)
+        node.nlink += 1
+        node.touch(modified=False)
+        return node
+
+    def rename(self, src: str, dst: str, cred: Cred) -> None:
+        """Move `src` to `dst`, replacing a file there (never a non-empty directory)."""
+        src_parent, src_name = self.parent_of(src, cred)
+        dst_parent, dst_name = self.parent_of(dst, cred)
+        self.check(src_parent, cred, W_OK | X_OK, src)
+        self.check(dst_parent, cred, W_OK | X_OK, dst)
+        node = self.lookup(src, cred)
+        self._check_sticky(src_parent, node, cred, src)
+        if isinstance(node, Directory) and self._is_within(dst_parent, node):
+            raise StoreError(errno.EINVAL, f"cannot move {src} into itself")
+        existing = dst_parent.children.get(dst_name)
+        if existing == node.inode:
+            return
+        if existing is not None:
+            target = self.nodes[existing]
+            if isinstance(target, Directory):
+                if not isinstance(node, Directory):
+                    raise StoreError(errno.EISDIR, f"is a directory: {dst}")
+                self.rmdir(dst, cred)
+            else:
+                if isinstance(node, Directory):
+                    raise StoreError(errno.ENOTDIR, f"not a directory: {dst}")
+                self.unlink(dst, cred)
+        del src_parent.children[src_name]
+        dst_parent.children[dst_name] = node.inode
+        if isinstance(node, Directory) and src_parent is not dst_parent:
+            src_parent.nlink -= 1
+            dst_parent.nlink += 1
+        src_parent.touch()
+        dst_parent.touch()
+        node.touch(modified=False)
+
+    def _is_within(self, node: Directory, ancestor: Directory) -> bool:
+        """Whether `node` is `ancestor` or lies below it."""
+        if node is ancestor:
+            return True
+        return any(
+            isinstance(child := self.nodes[i], Directory) and self._is_within(node, child)
+            for i in ancestor.children.values()
+        )
+
+    def chmod(self, path: str, cred: Cred, mode: int) -> None:
+        node = self.lookup(path, cred)
+        if not cred.is_root and cred.uid != node.uid:
+            raise StoreError(errno.EPERM, f"only the owner may chmod {path}")
+        node.mode = (node.mode & ~0o7777) | (mode & 0o7777)
+        node.touch(modified=False)
+
+    def chown(self, path: str, cred: Cred, uid: int | None, gid: int | None) -> None:
+        node = self.lookup(path, cred)
+        if not cred.is_root:
+            if uid is not None and uid != node.uid:
+                raise StoreError(errno.EPERM, f"only root may change the owner of {path}")
+            if gid is not None and (cred.uid != node.uid or not cred.in_group(gid)):
+                raise StoreError(errno.EPERM, f"cannot give {path} to group {gid}")
+        if uid is not None:
+            node.uid = uid
+        if gid is not None:
+            node.gid = gid
+        node.touch(modified=False)
+
+    def listdir(self, path: str, cred: Cred) -> list[str]:
+        node = self.lookup(path, cred)
+        if not isinstance(node, Directory):
+            raise StoreError(errno.ENOTDIR, f"not a directory: {path}")
+        self.check(node, cred, R_OK, path)
+        return sorted(node.children)
+
+    def files(self) -> list[KVFile]:
+        return [n for n in self.nodes.values() if isinstance(n, KVFile)]

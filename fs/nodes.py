@@ -1,0 +1,91 @@
+"""The namespace's nodes: directories and KV files, with POSIX owner, group and mode."""
+
+from __future__ import annotations
+
+import stat
+import time
+from dataclasses import dataclass, field
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+@dataclass(frozen=True)
+class Cred:
+    """Who asks: the peer's uid and groups (SO_PEERCRED, or the FUSE request context)."""
+
+    uid: int
+    gid: int
+    groups: frozenset[int] = frozenset()
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+    def in_group(self, gid: int) -> bool:
+        return gid == self.gid or gid in self.groups
+
+
+ROOT = Cred(0, 0)
+R_OK, W_OK, X_OK = 4, 2, 1
+
+
+@dataclass
+class Node:
+    """What every inode has."""
+
+    inode: int
+    mode: int  # type bits and permission bits, as st_mode
+    uid: int
+    gid: int
+    nlink: int = 1
+    atime_ns: int = field(default_factory=now_ns)
+    mtime_ns: int = field(default_factory=now_ns)
+    ctime_ns: int = field(default_factory=now_ns)
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    def allows(self, cred: Cred, want: int) -> bool:
+        """POSIX permission check of `want` (R_OK | W_OK | X_OK bits) for `cred`."""
+        if cred.is_root:
+            # root passes r/w always, x when anyone has x or it is a directory
+            return not (want & X_OK) or self.is_dir or bool(self.mode & 0o111)
+        if cred.uid == self.uid:
+            bits = (self.mode >> 6) & 7
+        elif cred.in_group(self.gid):
+            bits = (self.mode >> 3) & 7
+        else:
+            bits = self.mode & 7
+        return bits & want == want
+
+    def touch(self, modified: bool = True) -> None:
+        t = now_ns()
+        self.ctime_ns = t
+        if modified:
+            self.mtime_ns = t
+
+
+@dataclass
+class Directory(Node):
+    """A directory: names to inode numbers."""
+
+    children: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class KVFile(Node):
+    """A KV context: token ids, the pages holding their K/V, the hash of each full page."""
+
+    domain: str = ""  # prefix-cache domain its pages are indexed under
+    token_ids: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    page_hashes: list[int] = field(default_factory=list)  # one per full page, chained
+    open_count: int = 0
+    busy: bool = False  # an append is in flight
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)

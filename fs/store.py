@@ -1,0 +1,333 @@
+"""The KV store: a namespace of KV files over refcounted pages of the engine's pool.
+
+A file is token ids plus the pages holding their K/V. Fork shares every page
+(copy-on-write: a shared page is copied only when one side writes into it, which
+can only be its partial last page). Appends go in two halves: `begin_append` finds
+pages in the prefix index, copies a shared partial page and allocates the rest, and
+returns the chunk the engine must compute; `finish_append` commits it, `abort_append`
+gives everything back. The FUSE filesystem and the syscalls are two views of this.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from symphony.engine.batch import SeqChunk
+from symphony.engine.errors import OutOfPagesError
+from symphony.engine.page_pool import PagePool
+from symphony.fs.errors import StoreError
+from symphony.fs.namespace import Namespace
+from symphony.fs.nodes import R_OK, W_OK, Cred, KVFile
+from symphony.fs.prefix_index import ROOT_HASH, PrefixIndex, page_hash
+
+
+def uid_domain(cred: Cred) -> str:
+    """Default cache domain: one per uid, so tenants never hit each other's prefixes."""
+    return f"uid:{cred.uid}"
+
+
+@dataclass
+class AppendPlan:
+    """An append in flight: what to compute, and the page references it holds."""
+
+    file: KVFile
+    token_ids: list[int]  # every new token
+    start_pos: int  # the file's length when the plan was made
+    num_reused: int  # leading new tokens whose pages came from the prefix index
+    block_table: list[int]  # pages of the whole context after the append
+    owned: list[int] = field(default_factory=list)  # references to drop on abort
+    replaced: int | None = None  # the shared partial page that was copied
+
+    @property
+    def compute_ids(self) -> list[int]:
+        return self.token_ids[self.num_reused :]
+
+    @property
+    def compute_start(self) -> int:
+        return self.start_pos + self.num_reused
+
+    def chunk(self, num_logits: int = 1) -> SeqChunk:
+        """The whole computation as one engine chunk."""
+        return SeqChunk(self.compute_ids, self.compute_start, self.block_table, num_logits)
+
+
+class KVStore:
+    """KV files in a POSIX namespace, their pages, the prefix index."""
+
+    def __init__(
+        self,
+        pool: PagePool,
+        fingerprint: str,
+        vocab_size: int,
+        max_tokens: int,
+        prefix_cache: bool = True,
+        domain_of: Callable[[Cred], str] = uid_domain,
+    ) -> None:
+        self.pool = pool
+        self.page_size = pool.page_size
+        self.fingerprint = fingerprint
+        self.vocab_size = vocab_size
+        self.max_tokens = max_tokens
+        self.domain_of = domain_of
+        self.index = PrefixIndex(pool) if prefix_cache else None
+        self.ns = Namespace(self._on_last_link)
+        self._orphans: dict[int, KVFile] = {}  # unlinked but still open or busy
+        self._plans: list[AppendPlan] = []
+
+    # pages --------------------------------------------------------------------------
+
+    def _allocate(self, n: int) -> list[int]:
+        short = n - self.pool.num_free
+        if short > 0 and self.index is not None:
+            self.index.evict(short)
+        try:
+            return self.pool.allocate(n)
+        except OutOfPagesError as exc:
+            raise StoreError(errno.ENOSPC, f"out of KV pages: {exc}") from None
+
+    def _release(self, file: KVFile) -> None:
+        self.pool.decref(file.pages)
+        file.pages, file.page_hashes, file.token_ids = [], [], []
+
+    def _on_last_link(self, file: KVFile) -> None:
+        if file.open_count or file.busy:
+            self._orphans[file.inode] = file
+        else:
+            self._release(file)
+
+    def close(self, file: KVFile) -> None:
+        """Drop one open reference; an unlinked file's pages go with its last one."""
+        file.open_count -= 1
+        self._maybe_reap(file)
+
+    def _maybe_reap(self, file: KVFile) -> None:
+        if file.nlink == 0 and not file.open_count and not file.busy:
+            self._orphans.pop(file.inode, None)
+            self._release(file)
+
+    # files --------------------------------------------------------------------------
+
+    def open(
+        self, path: str, cred: Cred, create: bool = False, exclusive: bool = False,
+        mode: int = 0o600,
+    ) -> KVFile:  # fmt: skip
+        """Open (or with `create`, make) the KV file at `path`; needs read permission."""
+        try:
+            file = self.ns.lookup_file(path, cred)
+        except StoreError as exc:
+            if exc.errno != errno.ENOENT or not create:
+                raise
+            return self.ns.create_file(path, cred, mode, self.domain_of(cred))
+        if create and exclusive:
+            raise StoreError(errno.EEXIST, f"file exists: {path}")
+        self.ns.check(file, cred, R_OK, path)
+        return file
+
+    def stat(self, path: str, cred: Cred) -> dict[str, Any]:
+        return self.file_stat(self.ns.lookup_file(path, cred))
+
+    def file_stat(self, file: KVFile) -> dict[str, Any]:
+        return {
+            "tokens": file.num_tokens,
+            "pages": len(file.pages),
+            "shared_pages": self.num_shared(file),
+            "mode": file.mode,
+            "uid": file.uid,
+            "gid": file.gid,
+            "nlink": file.nlink,
+            "mtime_ns": file.mtime_ns,
+        }
+
+    def num_shared(self, file: KVFile) -> int:
+        """Pages of `file` that another file (or work in flight) also references."""
+        return sum(1 for p in file.pages if self._other_refs(p) > 1)
+
+    def _other_refs(self, page: int) -> int:
+        indexed = self.index is not None and self.index.is_indexed(page)
+        return self.pool.refcounts[page] - int(indexed)
+
+    def fork(self, src: str, dst: str, cred: Cred, mode: int | None = None) -> KVFile:
+        """Make `dst` a copy-on-write copy of `src`: same tokens, every page shared."""
+        source = self.ns.lookup_file(src, cred, R_OK)
+        copy = self.ns.create_file(dst, cred, source.mode if mode is None else mode,
+                                   source.domain)  # fmt: skip
+        self.pool.incref(source.pages)
+        copy.pages = list(source.pages)
+        copy.page_hashes = list(source.page_hashes)
+        copy.token_ids = list(source.token_ids)
+        return copy
+
+    def truncate(self, path: str, num_tokens: int, cred: Cred) -> None:
+        """Roll `path` back to its first `num_tokens` tokens."""
+        self.truncate_file(self.ns.lookup_file(path, cred, W_OK), num_tokens)
+
+    def truncate_file(self, file: KVFile, num_tokens: int) -> None:
+        if not 0 <= num_tokens <= file.num_tokens:
+            raise StoreError(
+                errno.EINVAL,
+                f"cannot truncate a {file.num_tokens}-token file to {num_tokens} tokens",
+            )
+        if file.busy:
+            raise StoreError(errno.EBUSY, "an append to this file is in flight")
+        keep = -(-num_tokens // self.page_size)
+        self.pool.decref(file.pages[keep:])
+        del file.pages[keep:]
+        del file.page_hashes[num_tokens // self.page_size :]
+        del file.token_ids[num_tokens:]
+        file.touch()
+
+    def unlink(self, path: str, cred: Cred) -> None:
+        self.ns.unlink(path, cred)
+
+    # appends ------------------------------------------------------------------------
+
+    def _check_tokens(self, file: KVFile, token_ids: Sequence[int]) -> list[int]:
+        ids = list(token_ids)
+        if not ids:
+            raise StoreError(errno.EINVAL, "no tokens to append")
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise StoreError(errno.EINVAL, f"token id {bad!r} outside 0..{self.vocab_size - 1}")
+        if file.num_tokens + len(ids) > self.max_tokens:
+            raise StoreError(
+                errno.EINVAL,
+                f"{file.num_tokens} + {len(ids)} tokens exceed the context of {self.max_tokens}",
+            )
+        return ids
+
+    def begin_append(
+        self, file: KVFile, token_ids: Sequence[int], need_logits: bool = True
+    ) -> AppendPlan:
+        """Prepare appending `token_ids` to `file`; the caller computes `plan.chunk()`.
+
+        With `need_logits`, the last token is always computed (its logits are wanted),
+        so the prefix index never supplies the page holding it.
+
+        Raises:
+            StoreError: EINVAL for bad tokens, EBUSY if an append is in flight, ENOSPC.
+        """
+        ids = self._check_tokens(file, token_ids)
+        if file.busy:
+            raise StoreError(errno.EBUSY, "an append to this file is in flight")
+        ps, start = self.page_size, file.num_tokens
+        plan = AppendPlan(file, ids, start, 0, list(file.pages))
+        try:
+            self._reuse_indexed_pages(plan, need_logits)
+            self._copy_shared_partial_page(plan)
+            end = start + len(ids)
+            missing = -(-end // ps) - len(plan.block_table)
+            if missing > 0:
+                new = self._allocate(missing)
+                plan.owned += new
+                plan.block_table += new
+        except BaseException:
+            self.pool.decref(plan.owned)
+            raise
+        file.busy = True
+        self._plans.append(plan)
+        return plan
+
+    def _reuse_indexed_pages(self, plan: AppendPlan, need_logits: bool) -> None:
+        file, ps = plan.file, self.page_size
+        if self.index is None or plan.start_pos % ps:
+            return
+        parent = file.page_hashes[-1] if file.page_hashes else ROOT_HASH
+        limit = len(plan.token_ids) - (1 if need_logits else 0)  # tokens that may be reused
+        while plan.num_reused + ps <= limit:
+            page_ids = plan.token_ids[plan.num_reused : plan.num_reused + ps]
+            key = page_hash(parent, page_ids, self.fingerprint, file.domain)
+            page = self.index.lookup(key, parent, page_ids)
+            if page is None:
+                break
+            self.pool.incref([page])
+            plan.owned.append(page)
+            plan.block_table.append(page)
+            plan.num_reused += ps
+            parent = key
+
+    def _copy_shared_partial_page(self, plan: AppendPlan) -> None:
+        filled = plan.start_pos % self.page_size
+        if not filled or plan.num_reused:
+            return
+        last = plan.block_table[-1]
+        if self.pool.refcounts[last] == 1:
+            return  # this file's alone: write in place
+        (copy,) = self._allocate(1)
+        plan.owned.append(copy)
+        self.pool.copy_page(last, copy, filled)
+        plan.block_table[-1] = copy
+        plan.replaced = last
+
+    def finish_append(self, plan: AppendPlan) -> None:
+        """Commit a computed append: the file now holds the new tokens and pages."""
+        file = plan.file
+        self._plans.remove(plan)
+        file.busy = False
+        # the file keeps its references to its old pages and takes over the plan's;
+        # the one to a partial page it copied goes
+        file.pages = plan.block_table
+        if plan.replaced is not None:
+            self.pool.decref([plan.replaced])
+        file.token_ids.extend(plan.token_ids)
+        self._index_full_pages(file)
+        file.touch()
+        self._maybe_reap(file)
+
+    def abort_append(self, plan: AppendPlan) -> None:
+        """Give back every page reference the plan took; the file is as before."""
+        self._plans.remove(plan)
+        plan.file.busy = False
+        self.pool.decref(plan.owned)
+        self._maybe_reap(plan.file)
+
+    def _index_full_pages(self, file: KVFile) -> None:
+        ps = self.page_size
+        for i in range(len(file.page_hashes), file.num_tokens // ps):
+            parent = file.page_hashes[-1] if file.page_hashes else ROOT_HASH
+            page_ids = file.token_ids[i * ps : (i + 1) * ps]
+            key = page_hash(parent, page_ids, self.fingerprint, file.domain)
+            file.page_hashes.append(key)
+            if self.index is not None:
+                self.index.insert(key, parent, page_ids, file.pages[i])
+
+    # the whole store ----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        cached = self.index.num_cached() if self.index is not None else 0
+        free = self.pool.num_free
+        return {
+            "pages": {
+                "total": self.pool.num_pages,
+                "used": self.pool.num_pages - free - cached,
+                "cached": cached,
+                "free": free,
+            },
+            "files": len(self.ns.files()),
+        }
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError unless refcounts, files, index and pool all agree."""
+        self.pool.check_invariants()
+        expected = [0] * self.pool.num_pages
+        files = {f.inode: f for f in self.ns.files()} | self._orphans
+        for file in files.values():
+            n = file.num_tokens
+            if len(file.pages) != -(-n // self.page_size):
+                raise AssertionError(f"file {file.inode}: {len(file.pages)} pages for {n} tokens")
+            if len(file.page_hashes) != n // self.page_size:
+                raise AssertionError(f"file {file.inode}: wrong number of page hashes")
+            for page in file.pages:
+                expected[page] += 1
+        for plan in self._plans:
+            for page in plan.owned:
+                expected[page] += 1
+        if self.index is not None:
+            self.index.check_invariants()
+            for page in range(self.pool.num_pages):
+                expected[page] += int(self.index.is_indexed(page))
+        for page, (want, got) in enumerate(zip(expected, self.pool.refcounts, strict=True)):
+            if want != got:
+                raise AssertionError(f"page {page}: refcount {got}, references {want}")
