@@ -33,6 +33,7 @@ test: install
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy engine fs sched lipctl
 
 bench: install
 	$(PY) bench/engine.py

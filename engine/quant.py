@@ -47,6 +47,8 @@ def _per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 class DynamicInt8Linear(nn.Module):
     """fbgemm dynamic-quantized linear over smoothed inputs: y = (x / s) (W s)^T + b."""
 
+    inv_smooth: torch.Tensor
+
     def __init__(
         self, weight: torch.Tensor, bias: torch.Tensor | None, input_absmax: torch.Tensor | None
     ) -> None:
@@ -81,6 +83,9 @@ class DynamicInt8Linear(nn.Module):
 
 class WeightOnlyInt8Linear(nn.Module):
     """int8 weights with per-channel scales, fp32 activations."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()

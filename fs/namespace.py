@@ -110,25 +110,21 @@ class Namespace:
         parent.nlink += 1
         return node
 
-    def _check_sticky(self, parent: Directory, node: Node, cred: Cred, path: str) -> None:
-        if (
-            parent.mode & stat.S_ISVTX
-            and not cred.is_root
-            and cred.uid
-            not in (
-                parent.uid,
-                node.uid,
-            )
-        ):
-            raise StoreError(errno.EPERM, f"sticky directory: {path}")
-
-    def unlink(self, path: str, cred: Cred) -> KVFile:
+    def _removable(self, path: str, cred: Cred) -> tuple[Directory, str, Node]:
+        """Parent, name and node of an entry `cred` may remove (write + search on the
+        parent; in a sticky directory, only the owner of the entry or of the directory)."""
         parent, name = self.parent_of(path, cred)
         self.check(parent, cred, W_OK | X_OK, path)
         node = self.lookup(path, cred)
+        sticky = parent.mode & stat.S_ISVTX
+        if sticky and not cred.is_root and cred.uid not in (parent.uid, node.uid):
+            raise StoreError(errno.EPERM, f"sticky directory: {path}")
+        return parent, name, node
+
+    def unlink(self, path: str, cred: Cred) -> KVFile:
+        parent, name, node = self._removable(path, cred)
         if not isinstance(node, KVFile):
             raise StoreError(errno.EISDIR, f"is a directory: {path}")
-        self._check_sticky(parent, node, cred, path)
         del parent.children[name]
         parent.touch()
         node.nlink -= 1
@@ -139,14 +135,11 @@ class Namespace:
         return node
 
     def rmdir(self, path: str, cred: Cred) -> None:
-        parent, name = self.parent_of(path, cred)
-        self.check(parent, cred, W_OK | X_OK, path)
-        node = self.lookup(path, cred)
+        parent, name, node = self._removable(path, cred)
         if not isinstance(node, Directory):
             raise StoreError(errno.ENOTDIR, f"not a directory: {path}")
         if node.children:
             raise StoreError(errno.ENOTEMPTY, f"directory not empty: {path}")
-        self._check_sticky(parent, node, cred, path)
         del parent.children[name]
         del self.nodes[node.inode]
         parent.nlink -= 1
@@ -162,12 +155,9 @@ class Namespace:
 
     def rename(self, src: str, dst: str, cred: Cred) -> None:
         """Move `src` to `dst`, replacing a file there (never a non-empty directory)."""
-        src_parent, src_name = self.parent_of(src, cred)
+        src_parent, src_name, node = self._removable(src, cred)
         dst_parent, dst_name = self.parent_of(dst, cred)
-        self.check(src_parent, cred, W_OK | X_OK, src)
         self.check(dst_parent, cred, W_OK | X_OK, dst)
-        node = self.lookup(src, cred)
-        self._check_sticky(src_parent, node, cred, src)
         if isinstance(node, Directory) and self._is_within(dst_parent, node):
             raise StoreError(errno.EINVAL, f"cannot move {src} into itself")
         existing = dst_parent.children.get(dst_name)

@@ -15,8 +15,11 @@ ENGINE = make_tiny_engine(num_pages=24, page_size=4)
 NAMES = ["a", "b", "c"]
 
 operation = st.one_of(
-    st.tuples(st.just("append"), st.sampled_from(NAMES),
-              st.lists(st.integers(1, 8), min_size=1, max_size=11)),  # fmt: skip
+    st.tuples(
+        st.just("append"),
+        st.sampled_from(NAMES),
+        st.lists(st.integers(1, 8), min_size=1, max_size=11),
+    ),
     st.tuples(st.just("fork"), st.sampled_from(NAMES), st.sampled_from(NAMES)),
     st.tuples(st.just("truncate"), st.sampled_from(NAMES), st.integers(0, 30)),
     st.tuples(st.just("unlink"), st.sampled_from(NAMES), st.none()),
