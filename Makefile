@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml Makefile
 		echo "apt-get install $$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
-	@[ -x $(PY) ] || python3 -m venv .venv
+	@# The system interpreter when there is one: LIPs run under their user's uid and must be
+	@# able to read it (an interpreter under a 0700 home, like pyenv's, is root's alone).
+	@[ -x $(PY) ] || { if [ -x /usr/bin/python3 ]; then /usr/bin/python3 -m venv .venv; \
+		else python3 -m venv .venv; fi; }
 	@# torch first and on its own: the CPU build where there is no CUDA, never the CUDA wheels.
 	@$(PY) -c "import torch" 2>/dev/null || { \
 		if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; \

@@ -101,8 +101,13 @@ def bench_transformers(steps: int, repeats: int) -> dict[str, float]:
             )
 
             def gen(n: int, batch_ids: torch.Tensor = batch_ids) -> None:
-                model.generate(batch_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               pad_token_id=tok.eos_token_id)  # fmt: skip
+                model.generate(
+                    batch_ids,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=tok.eos_token_id,
+                )
 
             gen(2)
             t_full = median_time(lambda: gen(steps + 1), 1)
@@ -116,8 +121,13 @@ def bench_llamacpp(steps: int, repeats: int) -> dict[str, float] | None:
         from llama_cpp import Llama
     except ImportError:
         return None
-    llm = Llama(model_path=str(default_model_path()), n_ctx=2048, n_batch=512,
-                n_threads=torch.get_num_threads(), verbose=False)  # fmt: skip
+    llm = Llama(
+        model_path=str(default_model_path()),
+        n_ctx=2048,
+        n_batch=512,
+        n_threads=torch.get_num_threads(),
+        verbose=False,
+    )
     ids = prompt_ids(lambda s: llm.tokenize(s.encode(), add_bos=False), PROMPT_LEN)
 
     def prefill() -> None:
@@ -159,8 +169,10 @@ def plot(results: dict[str, dict[str, float]], path: Path) -> None:
     ax2.set_title("aggregate decode")
     ax2.set_ylabel("tokens/s")
     ax2.legend()
-    fig.suptitle(f"SmolLM2-135M on {platform.processor() or platform.machine()}, "
-                 f"{torch.get_num_threads()} threads, {date.today()}")  # fmt: skip
+    fig.suptitle(
+        f"SmolLM2-135M on {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, {date.today()}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -194,9 +206,15 @@ def main() -> None:
         cells = (f"{row[c]:>12.1f}" if c in row else f"{'-':>12}" for c in cols)
         print(f"{name:<20}" + "".join(cells))
     RESULTS.mkdir(exist_ok=True)
-    meta = {"date": str(date.today()), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "steps": steps, "prompt_len": PROMPT_LEN}  # fmt: skip
+    meta = {
+        "date": str(date.today()),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "steps": steps,
+        "prompt_len": PROMPT_LEN,
+    }
     (RESULTS / "engine.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     plot(results, RESULTS / "engine.png")
     print(f"wrote {RESULTS / 'engine.json'} and {RESULTS / 'engine.png'}")

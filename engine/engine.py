@@ -63,9 +63,14 @@ class Engine:
         mc, ec = self.model_config, self.config
         self.model = LlamaModel(mc, files.weights, ec.torch_dtype, ec.device)
         self.pool = PagePool(
-            mc.num_layers, ec.num_pages, ec.page_size, mc.num_kv_heads, mc.head_dim,
-            ec.torch_dtype, ec.device,
-        )  # fmt: skip
+            mc.num_layers,
+            ec.num_pages,
+            ec.page_size,
+            mc.num_kv_heads,
+            mc.head_dim,
+            ec.torch_dtype,
+            ec.device,
+        )
         self.attention = make_attention(
             ec.attention, mc.num_heads, mc.num_kv_heads, mc.head_dim, ec.page_size, ec.device
         )
@@ -75,9 +80,14 @@ class Engine:
             self._quantize(ec.quant)
         log.info(
             "engine: %s on %s (%s, quant %s, attention %s), %d pages of %d tokens",
-            mc.name, ec.device, ec.torch_dtype, ec.quant, self.attention.name,
-            ec.num_pages, ec.page_size,
-        )  # fmt: skip
+            mc.name,
+            ec.device,
+            ec.torch_dtype,
+            ec.quant,
+            self.attention.name,
+            ec.num_pages,
+            ec.page_size,
+        )
 
     def _quantize(self, mode: str) -> None:
         """Swap the linear layers for int8 ones, calibrated on a short built-in text."""
@@ -119,9 +129,14 @@ class Engine:
         step = build_step_input(chunks, self.config.page_size, self.config.device)
         plan = self.attention.prepare(step.attn)
         logits = self.model(
-            step.token_ids, step.positions, step.attn.slot_mapping, step.logits_indices,
-            self.pool, self.attention, plan,
-        )  # fmt: skip
+            step.token_ids,
+            step.positions,
+            step.attn.slot_mapping,
+            step.logits_indices,
+            self.pool,
+            self.attention,
+            plan,
+        )
         self.num_steps += 1
         self.num_tokens_computed += step.token_ids.numel()
         return logits

@@ -78,8 +78,12 @@ class BatchGenerator:
             while gen.num_computed < len(prompt):
                 end = min(len(prompt), gen.num_computed + self.prefill_chunk)
                 last = end == len(prompt)
-                chunk = SeqChunk(prompt[gen.num_computed : end], gen.num_computed, gen.pages,
-                                 num_logits=1 if last else 0)  # fmt: skip
+                chunk = SeqChunk(
+                    prompt[gen.num_computed : end],
+                    gen.num_computed,
+                    gen.pages,
+                    num_logits=1 if last else 0,
+                )
                 logits = self.engine.step([chunk])
                 self.stats.prefill_tokens += end - gen.num_computed
                 gen.num_computed = end

@@ -97,8 +97,9 @@ class Namespace:
     def create_file(self, path: str, cred: Cred, mode: int, domain: str) -> KVFile:
         parent, name = self.parent_of(path, cred)
         gid = parent.gid if parent.mode & stat.S_ISGID else cred.gid
-        node = KVFile(self._new_inode(), stat.S_IFREG | (mode & 0o7777), cred.uid, gid,
-                      domain=domain)  # fmt: skip
+        node = KVFile(
+            self._new_inode(), stat.S_IFREG | (mode & 0o7777), cred.uid, gid, domain=domain
+        )
         self._insert(parent, name, node, cred, path)
         return node
 

@@ -111,9 +111,13 @@ class KVStore:
     # files --------------------------------------------------------------------------
 
     def open(
-        self, path: str, cred: Cred, create: bool = False, exclusive: bool = False,
+        self,
+        path: str,
+        cred: Cred,
+        create: bool = False,
+        exclusive: bool = False,
         mode: int = 0o600,
-    ) -> KVFile:  # fmt: skip
+    ) -> KVFile:
         """Open (or with `create`, make) the KV file at `path`; needs read permission."""
         try:
             file = self.ns.lookup_file(path, cred)
@@ -152,8 +156,7 @@ class KVStore:
     def fork(self, src: str, dst: str, cred: Cred, mode: int | None = None) -> KVFile:
         """Make `dst` a copy-on-write copy of `src`: same tokens, every page shared."""
         source = self.ns.lookup_file(src, cred, R_OK)
-        copy = self.ns.create_file(dst, cred, source.mode if mode is None else mode,
-                                   source.domain)  # fmt: skip
+        copy = self.ns.create_file(dst, cred, source.mode if mode is None else mode, source.domain)
         self.pool.incref(source.pages)
         copy.pages = list(source.pages)
         copy.page_hashes = list(source.page_hashes)

@@ -46,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     s = runner.stats
     reply = engine.tokenizer.decode(gen.output_ids, skip_special=True).strip()
     mc = engine.model_config
-    print(f"model   {mc.name}: {mc.num_layers} layers, hidden {mc.hidden_size}, "
-          f"{engine.config.device} {engine.config.torch_dtype}, quant {engine.config.quant}, "
-          f"loaded in {load_s:.1f} s")  # fmt: skip
+    print(
+        f"model   {mc.name}: {mc.num_layers} layers, hidden {mc.hidden_size}, "
+        f"{engine.config.device} {engine.config.torch_dtype}, quant {engine.config.quant}, "
+        f"loaded in {load_s:.1f} s"
+    )
     print(f"user    {args.prompt}")
     print(f"reply   {reply}")
     print(f"prefill {s.prefill_tokens} tokens at {s.prefill_tps:.0f} tok/s")

@@ -1,0 +1,185 @@
+"""lipctl: serve, run, ps, kill, status. `main()` returns the exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from symphony.lipctl.client import SymphonyError, connect, socket_path
+
+log = logging.getLogger("symphony.lipctl")
+
+
+def _add_socket(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--socket", help="server socket (default: $SYMPHONY_SOCKET or /tmp/symphony.sock)"
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="lipctl", description="Symphony: serve and run LIPs.")
+    sub = top.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server in the foreground")
+    _add_socket(serve)
+    serve.add_argument("--model", help="GGUF file or Hugging Face directory (default: embedded)")
+    serve.add_argument("--socket-mode", default="0666", help="octal mode of the socket")
+    serve.add_argument("--quant", choices=("none", "int8", "int8wo"), default="none")
+    serve.add_argument("--pages", type=int, default=4096, help="KV pages in the pool")
+    serve.add_argument("--page-size", type=int, default=16)
+    serve.add_argument("--max-step-tokens", type=int, default=512)
+    serve.add_argument("--no-prefix-cache", action="store_true")
+    serve.add_argument("--log-level", default="WARNING")
+    run = sub.add_parser("run", help="run a LIP on the server, streaming its output")
+    _add_socket(run)
+    run.add_argument("--priority", type=int, default=0)
+    run.add_argument("--pages", type=int, help="page quota")
+    run.add_argument("program")
+    run.add_argument("args", nargs=argparse.REMAINDER)
+    for name, text in (("ps", "list processes"), ("status", "pool, files, steps")):
+        p = sub.add_parser(name, help=text)
+        _add_socket(p)
+        p.add_argument("--json", action="store_true")
+    kill = sub.add_parser("kill", help="kill a LIP")
+    _add_socket(kill)
+    kill.add_argument("pid", type=int)
+    kill.add_argument("--json", action="store_true")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        if args.command == "run":
+            return run(args)
+        with connect(args.socket) as lip:
+            if args.command == "ps":
+                rows = lip.ps()
+                print(json.dumps(rows) if args.json else format_ps(rows))
+            elif args.command == "status":
+                st = lip.status()
+                print(json.dumps(st) if args.json else format_status(st))
+            elif args.command == "kill":
+                row = lip.kill(args.pid)
+                print(json.dumps(row) if args.json else f"killed {row['pid']} ({row['name']})")
+        return 0
+    except SymphonyError as exc:
+        print(f"lipctl: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"lipctl: {exc}", file=sys.stderr)
+        return 1
+
+
+def format_ps(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'PID':>7} {'UID':>6} {'STATE':<8} {'PRI':>3} {'TOKENS':>8} {'CALLS':>6}  NAME"]
+    for r in rows:
+        lines.append(
+            f"{r['pid']:>7} {r['uid']:>6} {r['state']:<8} {r['priority']:>3} "
+            f"{r['tokens']:>8} {r['syscalls']:>6}  {r['name']}"
+        )
+    return "\n".join(lines)
+
+
+def format_status(st: dict[str, Any]) -> str:
+    p = st["pages"]
+    return "\n".join(
+        [
+            f"model      {st['model']} on {st['device']} ({st['dtype']})",
+            f"pages      {p['total']} total, {p['used']} used, {p['cached']} cached, "
+            f"{p['free']} free",
+            f"files      {st['files']}",
+            f"processes  {st['processes']}",
+            f"steps      {st['steps']}, {st['tokens_computed']} tokens, "
+            f"{st['tokens_per_second']} tokens/s while busy",
+        ]
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        with open(args.program) as f:
+            program = f.read()
+    except OSError as exc:
+        print(f"lipctl: cannot read {args.program}: {exc.strerror}", file=sys.stderr)
+        return 1
+    limits: dict[str, int] = {"priority": args.priority}
+    if args.pages is not None:
+        limits["pages"] = args.pages
+    with connect(args.socket) as lip:
+        pid = lip.spawn(program, args.args, name=os.path.basename(args.program), limits=limits)
+        out = {1: sys.stdout.buffer, 2: sys.stderr.buffer}
+        waiter = lip.wait(pid)
+        try:
+            while True:
+                try:
+                    item = next(waiter)
+                except StopIteration as stop:
+                    row = stop.value
+                    break
+                out[item["fd"]].write(item["data"])
+                out[item["fd"]].flush()
+        except KeyboardInterrupt:
+            with connect(args.socket) as other:
+                other.kill(pid)
+            return 130
+    status = row["exit_status"]
+    return status if status >= 0 else 128 - status
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    import trio
+
+    from symphony.engine.config import EngineConfig
+    from symphony.engine.engine import Engine
+    from symphony.engine.errors import EngineError
+    from symphony.sched.server import Server, ServerConfig
+
+    try:
+        config = ServerConfig(
+            socket_path=socket_path(args.socket),
+            socket_mode=int(args.socket_mode, 8),
+            max_step_tokens=args.max_step_tokens,
+            prefix_cache=not args.no_prefix_cache,
+        )
+        engine_config = EngineConfig(
+            num_pages=args.pages, page_size=args.page_size, quant=args.quant
+        )
+        engine = Engine(args.model, engine_config)
+    except (EngineError, ValueError) as exc:
+        print(f"lipctl serve: {exc}", file=sys.stderr)
+        return 1
+    server = Server(engine, config)
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve)
+                print(
+                    f"symphony: serving {engine.model_config.name} on {config.socket_path}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                async for signum in signals:
+                    log.warning("signal %d: stopping", signum)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    except OSError as exc:
+        print(f"lipctl serve: {exc}", file=sys.stderr)
+        return 1
+    print("symphony: stopped", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

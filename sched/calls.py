@@ -1,0 +1,343 @@
+"""The syscalls: what each call of DESIGN.md's table does, over the store and scheduler."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from symphony.engine.engine import Engine
+from symphony.engine.sampling import make_generator
+from symphony.engine.tokenizer import StreamDecoder
+from symphony.fs.errors import StoreError
+from symphony.fs.nodes import R_OK, W_OK, Cred
+from symphony.fs.store import KVStore
+from symphony.sched import args as A
+from symphony.sched.processes import Limits, Proc, ProcessTable
+from symphony.sched.protocol import MAX_FRAME, PROTOCOL_VERSION
+from symphony.sched.scheduler import Scheduler
+from symphony.sched.tasks import GenerateState, Task
+
+MAX_GENERATE = 8192
+
+
+@dataclass
+class Call:
+    """One request in progress: who asks, and how to stream to them."""
+
+    cred: Cred
+    proc: Proc
+    stream: Callable[[Any], Awaitable[None]]
+
+
+Handler = Callable[["Syscalls", Call, dict[str, Any]], Awaitable[Any]]
+HANDLERS: dict[str, Handler] = {}
+
+
+def syscall(name: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        HANDLERS[name] = fn
+        return fn
+
+    return register
+
+
+class Syscalls:
+    """The server's state as the syscalls see it."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        store: KVStore,
+        scheduler: Scheduler,
+        procs: ProcessTable,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.scheduler = scheduler
+        self.procs = procs
+        self.nursery = nursery
+
+    async def dispatch(self, call: Call, name: Any, args: Any) -> Any:
+        handler = HANDLERS.get(name) if isinstance(name, str) else None
+        if handler is None:
+            raise StoreError(errno.ENOSYS, f"no such call: {name!r}")
+        if not isinstance(args, dict):
+            raise A.einval("args must be a map")
+        call.proc.syscalls += 1
+        return await handler(self, call, args)
+
+    def status(self) -> dict[str, Any]:
+        s = self.scheduler
+        running = [p for p in self.procs.procs.values() if p.state == "running"]
+        return {
+            **self.store.status(),
+            "processes": len(running),
+            "model": self.engine.model_config.name,
+            "device": self.engine.config.device,
+            "dtype": str(self.engine.config.torch_dtype).removeprefix("torch."),
+            "steps": s.num_steps,
+            "tokens_computed": s.num_tokens,
+            "tokens_per_second": round(s.num_tokens / s.busy_seconds, 1) if s.busy_seconds else 0.0,
+            "waiting": s.num_waiting,
+        }
+
+    async def run_task(self, task: Task) -> dict[str, Any]:
+        """Submit `task` and wait; cancelled (the caller went away) means cancel it."""
+        self.scheduler.submit(task)
+        try:
+            await task.done.wait()
+        finally:
+            self.scheduler.cancel(task)
+        if task.error is not None:
+            raise task.error
+        assert task.result is not None
+        return task.result
+
+
+def _path(args: dict[str, Any], name: str = "path") -> str:
+    return A.get(args, name, str)
+
+
+@syscall("hello")
+async def _hello(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    mc, ec = sys.engine.model_config, sys.engine.config
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "model": {
+            "name": mc.name,
+            "vocab_size": mc.vocab_size,
+            "page_size": ec.page_size,
+            "max_context": mc.max_position,
+            "fingerprint": sys.engine.fingerprint,
+        },
+        "limits": {"max_frame": MAX_FRAME, "max_step_tokens": sys.scheduler.max_step_tokens},
+        "pid": call.proc.pid,
+        "uid": call.cred.uid,
+    }
+
+
+@syscall("tokenize")
+async def _tokenize(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    return sys.engine.tokenizer.encode(A.get(args, "text", str))
+
+
+@syscall("detokenize")
+async def _detokenize(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    ids = A.int_list(args, "ids")
+    vocab = sys.engine.tokenizer.vocab_size
+    if any(not 0 <= i < vocab for i in ids):
+        raise A.einval(f"token ids must be in 0..{vocab - 1}")
+    return sys.engine.tokenizer.decode(ids, skip_special=A.get(args, "skip_special", bool, False))
+
+
+@syscall("apply_chat_template")
+async def _chat(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    messages = A.get(args, "messages", list)
+    for m in messages:
+        if not (
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+        ):
+            raise A.einval("messages must be maps with string 'role' and 'content'")
+    try:
+        return sys.engine.tokenizer.apply_chat_template(
+            messages, A.get(args, "add_generation_prompt", bool, True)
+        )
+    except Exception as exc:  # a template can fail in any way on odd input
+        raise A.einval(f"chat template failed: {exc}") from None
+
+
+@syscall("kv_open")
+async def _kv_open(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    mode = A.get(args, "mode", int, 0o600)
+    file = sys.store.open(
+        _path(args),
+        call.cred,
+        A.get(args, "create", bool, False),
+        A.get(args, "exclusive", bool, False),
+        mode,
+    )
+    return sys.store.file_stat(file)
+
+
+@syscall("kv_stat")
+async def _kv_stat(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    return sys.store.stat(_path(args), call.cred)
+
+
+@syscall("kv_fork")
+async def _kv_fork(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    file = sys.store.fork(
+        _path(args, "src"), _path(args, "dst"), call.cred, A.get(args, "mode", int, None)
+    )
+    return sys.store.file_stat(file)
+
+
+@syscall("kv_truncate")
+async def _kv_truncate(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    sys.store.truncate(_path(args), A.get(args, "n", int), call.cred)
+    return sys.store.stat(_path(args), call.cred)
+
+
+@syscall("kv_unlink")
+async def _kv_unlink(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    sys.store.unlink(_path(args), call.cred)
+    return None
+
+
+@syscall("mkdir")
+async def _mkdir(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    path, mode = _path(args), A.get(args, "mode", int, 0o755)
+    if A.get(args, "parents", bool, False):
+        parts = [p for p in path.split("/") if p]
+        for i in range(1, len(parts) + 1):
+            try:
+                sys.store.ns.mkdir("/".join(parts[:i]), call.cred, mode)
+            except StoreError as exc:
+                if exc.errno != errno.EEXIST:
+                    raise
+        return None
+    sys.store.ns.mkdir(path, call.cred, mode)
+    return None
+
+
+@syscall("listdir")
+async def _listdir(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    return sys.store.ns.listdir(A.get(args, "path", str, ""), call.cred)
+
+
+@syscall("forward")
+async def _forward(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    file = sys.store.ns.lookup_file(_path(args), call.cred, W_OK)
+    tokens = A.int_list(args, "tokens")
+    vocab = sys.engine.model_config.vocab_size
+    sampler = args.get("sampler")
+    num_logprobs = A.get(args, "logprobs", int, 0)
+    if not 0 <= num_logprobs <= 100:
+        raise A.einval("logprobs must be in 0..100")
+    mask = args.get("mask")
+    if mask is not None:  # a token mask narrows the sampler: allowed ids
+        sampler = {**(sampler or {"temperature": 0.0}), "allowed": mask}
+    params = A.sampling_params(sampler, vocab) if sampler is not None else None
+    want = "sample" if params is not None else ("logits" if num_logprobs else "none")
+    generator = None
+    if params is not None and params.seed is not None:
+        generator = make_generator(params.seed, sys.engine.config.device)
+    task = Task(call.proc.account, file, tokens, want, params, generator, num_logprobs)
+    return await sys.run_task(task)
+
+
+@syscall("generate")
+async def _generate(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    file = sys.store.ns.lookup_file(_path(args), call.cred, W_OK | R_OK)
+    max_tokens = A.get(args, "max_tokens", int, 256)
+    if not 1 <= max_tokens <= MAX_GENERATE:
+        raise A.einval(f"max_tokens must be in 1..{MAX_GENERATE}")
+    params = A.sampling_params(args.get("sampler"), sys.engine.model_config.vocab_size)
+    stop = args.get("stop", [])
+    stop_strings = [s for s in stop if isinstance(s, str)] if isinstance(stop, list) else None
+    stop_ids = (
+        [s for s in stop if isinstance(s, int) and not isinstance(s, bool)]
+        if isinstance(stop, list)
+        else None
+    )
+    if stop_strings is None or stop_ids is None or len(stop_strings) + len(stop_ids) != len(stop):
+        raise A.einval("stop must be a list of strings and token ids")
+    if "" in stop_strings:
+        raise A.einval("a stop string may not be empty")
+    if file.num_tokens == 0:
+        raise A.einval("generate needs at least one token in the file")
+    if file.busy:
+        raise StoreError(errno.EBUSY, "an append to this file is in flight")
+    tokenizer = sys.engine.tokenizer
+    send, receive = trio.open_memory_channel[str](max_tokens + 1)
+    state = GenerateState(
+        max_tokens=max_tokens,
+        stop_token_ids=tokenizer.stop_token_ids | frozenset(stop_ids),
+        stop_strings=tuple(stop_strings),
+        decoder=StreamDecoder(tokenizer),
+        stream=send,
+    )
+    streaming = A.get(args, "stream", bool, False)
+    generator = None
+    if params.seed is not None:
+        generator = make_generator(params.seed, sys.engine.config.device)
+    # the next token needs the logits of the file's last token: compute it again
+    last = file.token_ids[-1]
+    sys.store.truncate_file(file, file.num_tokens - 1)
+    task = Task(call.proc.account, file, [last], "sample", params, generator, generate=state)
+    try:
+        sys.scheduler.submit(task)
+    except StoreError:
+        restore = Task(call.proc.account, file, [last])  # put the last token back
+        await sys.run_task(restore)
+        raise
+    try:
+        async with receive:
+            async for piece in receive:  # ends when the scheduler closes the channel
+                if streaming:
+                    await call.stream(piece)
+        await task.done.wait()
+    finally:
+        sys.scheduler.cancel(task)
+    if task.error is not None:
+        raise task.error
+    return task.result
+
+
+@syscall("status")
+async def _status(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    return sys.status()
+
+
+@syscall("ps")
+async def _ps(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    return [p.row() for p in sorted(sys.procs.procs.values(), key=lambda p: p.pid)]
+
+
+@syscall("spawn")
+async def _spawn(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    program = A.get(args, "program", str)
+    argv = A.str_list(args, "args")
+    env = A.get(args, "env", dict, {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise A.einval("env must map strings to strings")
+    limits = Limits.from_args(A.get(args, "limits", dict, {}))
+    if limits.priority > 0 and not call.cred.is_root:
+        raise StoreError(errno.EPERM, "only root may raise a program's priority")
+    name = A.get(args, "name", str, "program.py")
+    sys.procs.reap_finished()
+    proc = await sys.procs.spawn(sys.nursery, call.cred, program, argv, name, env, limits)
+    return {"pid": proc.pid}
+
+
+@syscall("kill")
+async def _kill(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    return sys.procs.kill(A.get(args, "pid", int), call.cred).row()
+
+
+@syscall("wait")
+async def _wait(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    """Stream a spawned program's output from the start, then return its exit status."""
+    pid = A.get(args, "pid", int)
+    proc = sys.procs.procs.get(pid)
+    if proc is None or not proc.spawned:
+        raise StoreError(errno.ESRCH, f"no program {pid} run by this server")
+    if not call.cred.is_root and call.cred.uid != proc.uid:
+        raise StoreError(errno.EPERM, f"program {pid} belongs to uid {proc.uid}")
+    sent = 0
+    while True:
+        changed = proc.changed
+        while sent < len(proc.output):
+            fd, data = proc.output[sent]
+            sent += 1
+            await call.stream({"fd": fd, "data": data})
+        if proc.exit_status is not None:
+            return proc.row()
+        await changed.wait()

@@ -1,0 +1,78 @@
+"""The wire format of the syscall socket: length-prefixed msgpack frames.
+
+Every frame is a 4-byte big-endian length, then a msgpack map. A client sends
+`{"id": int, "call": str, "args": map}`; many requests may be in flight on one
+connection. The server answers each with exactly one final frame,
+`{"id", "ok": true, "result"}` or `{"id", "ok": false, "errno": "ENOENT", "message"}`,
+possibly preceded by stream frames `{"id", "stream": value}` (generated text,
+a program's output).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 16 * 1024 * 1024
+HEADER = struct.Struct(">I")
+
+
+class FrameError(Exception):
+    """The peer sent something that is not a frame of this protocol."""
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    body = msgpack.packb(message, use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise FrameError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
+    return HEADER.pack(len(body)) + body
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    try:
+        message = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise FrameError(f"undecodable frame: {exc}") from None
+    if not isinstance(message, dict):
+        raise FrameError("a frame must hold a map")
+    return message
+
+
+class FrameBuffer:
+    """Splits a byte stream into frames; `feed` bytes, then take `frames()`."""
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def frames(self) -> list[dict[str, Any]]:
+        """Every whole frame received so far.
+
+        Raises:
+            FrameError: a frame is oversized or undecodable; the stream is unusable.
+        """
+        out = []
+        while len(self._buf) >= HEADER.size:
+            (size,) = HEADER.unpack_from(self._buf)
+            if size > self._max:
+                raise FrameError(f"frame of {size} bytes exceeds {self._max}")
+            if len(self._buf) < HEADER.size + size:
+                break
+            body = bytes(self._buf[HEADER.size : HEADER.size + size])
+            del self._buf[: HEADER.size + size]
+            out.append(decode_body(body))
+        return out
+
+
+def error_reply(request_id: Any, errno_name: str, message: str) -> dict[str, Any]:
+    return {"id": request_id, "ok": False, "errno": errno_name, "message": message}
+
+
+def ok_reply(request_id: Any, result: Any) -> dict[str, Any]:
+    return {"id": request_id, "ok": True, "result": result}

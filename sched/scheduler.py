@@ -1,0 +1,253 @@
+"""The batch loop: appends and generations of many programs, packed into engine steps.
+
+Each step takes decode tokens and prefill chunks up to a token budget, programs with
+the least attained service first within priority classes (program-level fairness, as
+in Autellix's PLAS). The engine runs in one worker thread behind a CapacityLimiter(1);
+the next step starts as soon as the last one returns and work waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from symphony.engine.batch import SeqChunk
+from symphony.engine.engine import Engine
+from symphony.engine.sampling import GREEDY, sample, top_logprobs
+from symphony.fs.errors import StoreError
+from symphony.fs.store import KVStore
+from symphony.sched.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Owns the engine thread; tasks go in with `submit` and come out through `task.done`."""
+
+    def __init__(
+        self, engine: Engine, store: KVStore, max_step_tokens: int = 512, max_step_seqs: int = 256
+    ) -> None:
+        if max_step_tokens < 1 or max_step_seqs < 1:
+            raise ValueError("a step must take at least one token of one sequence")
+        self.engine = engine
+        self.store = store
+        self.max_step_tokens = max_step_tokens
+        self.max_step_seqs = max_step_seqs
+        self._limiter = trio.CapacityLimiter(1)
+        self._waiting: list[Task] = []
+        self._wake = trio.Event()
+        self.num_steps = 0
+        self.num_tokens = 0
+        self.busy_seconds = 0.0
+
+    # the outside --------------------------------------------------------------------
+
+    def submit(self, task: Task) -> None:
+        """Queue `task`, beginning its append now so a refusal comes back at once.
+
+        Raises:
+            StoreError: EINVAL, EBUSY or ENOSPC from the store, or the page quota.
+        """
+        self._begin(task)
+        if task.plan is None:  # nothing to compute: everything came from the index
+            task.result = {"tokens": task.file.num_tokens}
+            task.done.set()
+            return
+        self._waiting.append(task)
+        self._wake.set()
+
+    def cancel(self, task: Task) -> None:
+        """Stop `task`; its pages go back once no step is using them."""
+        if not task.done.is_set():
+            task.cancelled = True
+            self._wake.set()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            self._reap_cancelled()
+            batch = self._pick()
+            if not batch:
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue
+            chunks = [chunk for _, chunk in batch]
+            tasks = [task for task, _ in batch]
+            for task in tasks:
+                task.in_flight = True
+            t0 = time.perf_counter()
+            try:
+                outputs = await trio.to_thread.run_sync(
+                    self._compute, tasks, chunks, limiter=self._limiter
+                )
+            except Exception:  # a failed step fails its tasks, never the server
+                log.exception("engine step failed")
+                for task in tasks:
+                    task.in_flight = False
+                    self._fail(task, StoreError(errno.EIO, "the engine step failed"))
+                continue
+            self.busy_seconds += time.perf_counter() - t0
+            self.num_steps += 1
+            for task, chunk, output in zip(tasks, chunks, outputs, strict=True):
+                task.in_flight = False
+                self._advance(task, chunk, output)
+            # let woken callers queue their next calls before the next step is packed
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
+
+    # packing ------------------------------------------------------------------------
+
+    def _pick(self) -> list[tuple[Task, SeqChunk]]:
+        budget = self.max_step_tokens
+        batch: list[tuple[Task, SeqChunk]] = []
+        for task in sorted(self._waiting, key=Task.sort_key):
+            if budget == 0 or len(batch) == self.max_step_seqs:
+                break
+            plan = task.plan
+            assert plan is not None
+            n = min(task.remaining, budget)
+            ids = plan.compute_ids[task.computed : task.computed + n]
+            last = task.computed + n == len(plan.compute_ids)
+            num_logits = 1 if last and task.want != "none" else 0
+            start = plan.compute_start + task.computed
+            batch.append((task, SeqChunk(ids, start, plan.block_table, num_logits)))
+            budget -= n
+        return batch
+
+    def _compute(self, tasks: Sequence[Task], chunks: Sequence[SeqChunk]) -> list[Any]:
+        """In the engine thread: one step, then sampling for the rows that want it."""
+        logits = self.engine.step(chunks)
+        outputs: list[Any] = [None] * len(tasks)
+        rows = [i for i, c in enumerate(chunks) if c.num_logits]
+        sampled = [i for i in rows if tasks[i].want == "sample"]
+        if sampled:
+            picks = [rows.index(i) for i in sampled]
+            tokens = sample(
+                logits[picks],
+                [tasks[i].params or GREEDY for i in sampled],
+                [tasks[i].generator for i in sampled],
+            )
+            for i, token in zip(sampled, tokens, strict=True):
+                outputs[i] = {"token": token}
+        for row, i in enumerate(rows):
+            if tasks[i].num_logprobs:
+                out = outputs[i] or {}
+                out["logprobs"] = top_logprobs(logits[row], tasks[i].num_logprobs)
+                outputs[i] = out
+        return outputs
+
+    # bookkeeping --------------------------------------------------------------------
+
+    def _begin(self, task: Task) -> None:
+        plan = self.store.begin_append(task.file, task.tokens, need_logits=task.want != "none")
+        account = task.account
+        fresh = len(plan.owned)
+        if account.page_quota is not None and account.pages_allocated + fresh > account.page_quota:
+            self.store.abort_append(plan)
+            raise StoreError(errno.ENOSPC, f"page quota of {account.page_quota} pages exceeded")
+        account.pages_allocated += fresh
+        task.computed = 0
+        if not plan.compute_ids:
+            self.store.finish_append(plan)
+            task.plan = None
+            return
+        task.plan = plan
+
+    def _advance(self, task: Task, chunk: SeqChunk, output: Any) -> None:
+        task.computed += chunk.num_tokens
+        task.account.tokens_computed += chunk.num_tokens
+        self.num_tokens += chunk.num_tokens
+        if task.cancelled or task.remaining:
+            return  # more chunks to go, or the reaper's
+        assert task.plan is not None
+        self.store.finish_append(task.plan)
+        task.plan = None
+        gen = task.generate
+        if gen is None:
+            self._finish(task, {"tokens": task.file.num_tokens, **(output or {})})
+        elif gen.finish_reason is not None:  # the last generated token is now appended
+            self._finish(task, self._generate_result(task))
+        else:
+            self._next_token(task, output["token"])
+
+    def _next_token(self, task: Task, token: int) -> None:
+        gen = task.generate
+        assert gen is not None
+        gen.token_ids.append(token)
+        gen.text += gen.decoder.push(token)
+        if token in gen.stop_token_ids:
+            gen.finish_reason = "stop"
+        else:
+            cut = min((i for s in gen.stop_strings if (i := gen.text.find(s)) >= 0), default=-1)
+            if cut >= 0:
+                gen.text, gen.finish_reason = gen.text[:cut], "stop"
+            elif len(gen.token_ids) >= gen.max_tokens:
+                gen.finish_reason = "length"
+        self._stream_text(task)
+        task.tokens = [token]
+        if gen.finish_reason is not None:
+            task.want = "none"  # one more step appends the last token, no logits
+        try:
+            self._begin(task)
+        except StoreError as exc:
+            self._fail(task, exc)
+            return
+        if task.plan is None:
+            self._finish(task, self._generate_result(task))
+
+    def _stream_text(self, task: Task) -> None:
+        gen = task.generate
+        assert gen is not None
+        # hold back what could still become a stop string
+        hold = 0 if gen.finish_reason else max((len(s) - 1 for s in gen.stop_strings), default=0)
+        end = max(gen.emitted, len(gen.text) - hold)
+        if end > gen.emitted and gen.stream is not None:
+            # a reader that stopped listening still gets the final result
+            with contextlib.suppress(
+                trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
+            ):
+                gen.stream.send_nowait(gen.text[gen.emitted : end])
+            gen.emitted = end
+
+    def _generate_result(self, task: Task) -> dict[str, Any]:
+        gen = task.generate
+        assert gen is not None
+        return {
+            "text": gen.text,
+            "token_ids": gen.token_ids,
+            "finish_reason": gen.finish_reason,
+            "tokens": task.file.num_tokens,
+        }
+
+    def _finish(self, task: Task, result: dict[str, Any]) -> None:
+        self._discard(task)
+        task.result = result
+        task.done.set()
+
+    def _fail(self, task: Task, error: StoreError) -> None:
+        if task.plan is not None:
+            self.store.abort_append(task.plan)
+            task.plan = None
+        self._discard(task)
+        task.error = error
+        task.done.set()
+
+    def _discard(self, task: Task) -> None:
+        if task in self._waiting:
+            self._waiting.remove(task)
+        if task.generate is not None and task.generate.stream is not None:
+            task.generate.stream.close()
+
+    def _reap_cancelled(self) -> None:
+        for task in [t for t in self._waiting if t.cancelled and not t.in_flight]:
+            self._fail(task, StoreError(errno.ECANCELED, "the call was cancelled"))

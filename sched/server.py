@@ -1,0 +1,200 @@
+"""The syscall server: a unix socket, one task per connection, one per request in flight."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from symphony.engine.engine import Engine
+from symphony.fs.errors import StoreError
+from symphony.fs.nodes import ROOT, Cred
+from symphony.fs.store import KVStore
+from symphony.sched.calls import Call, Syscalls
+from symphony.sched.processes import ProcessTable
+from symphony.sched.protocol import FrameBuffer, FrameError, encode, error_reply, ok_reply
+from symphony.sched.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOCKET = "/tmp/symphony.sock"
+_PEERCRED = struct.Struct("3i")
+
+
+def default_socket() -> str:
+    return os.environ.get("SYMPHONY_SOCKET") or DEFAULT_SOCKET
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where and how the syscall server listens, and how big its steps are."""
+
+    socket_path: str = DEFAULT_SOCKET
+    socket_mode: int = 0o666
+    max_step_tokens: int = 512
+    prefix_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.socket_path:
+            raise ValueError("the socket path is empty")
+        if len(self.socket_path.encode()) > 107:
+            raise ValueError(f"socket path too long for a unix socket: {self.socket_path}")
+        if self.max_step_tokens < 1:
+            raise ValueError("max_step_tokens must be at least 1")
+
+
+def peer_cred(sock: trio.socket.SocketType) -> tuple[int, Cred]:
+    """The peer's pid and credentials, from the kernel (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    groups: frozenset[int] = frozenset()
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    groups = frozenset(int(g) for g in line.split()[1:])
+    except OSError:
+        pass
+    return pid, Cred(uid, gid, groups)
+
+
+class Server:
+    """Engine, store, scheduler, process table and the socket, in one trio run."""
+
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+        mc = engine.model_config
+        self.store = KVStore(
+            engine.pool,
+            engine.fingerprint,
+            mc.vocab_size,
+            mc.max_position,
+            prefix_cache=config.prefix_cache,
+        )
+        # like /tmp: everyone may make files, nobody may remove another's
+        self.store.ns.chmod("", ROOT, 0o1777)
+        self.scheduler = Scheduler(engine, self.store, config.max_step_tokens)
+        self.procs = ProcessTable(os.path.abspath(config.socket_path))
+        self.syscalls: Syscalls | None = None
+        self._connections: dict[int, int] = {}  # pid -> open connections
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen until cancelled; spawned programs are killed and the socket removed after."""
+        listener = await self._listen()
+        try:
+            async with trio.open_nursery() as nursery:
+                self.syscalls = Syscalls(
+                    self.engine, self.store, self.scheduler, self.procs, nursery
+                )
+                await nursery.start(self.scheduler.run)
+                await nursery.start(trio.serve_listeners, self._handle, [listener])
+                log.info("serving on %s", self.config.socket_path)
+                task_status.started()
+        finally:
+            self.procs.kill_all()
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+            _remove_socket(self.config.socket_path)
+
+    async def _listen(self) -> trio.SocketListener:
+        path = self.config.socket_path
+        _remove_socket(path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(path)
+            os.chmod(path, self.config.socket_mode)
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        return trio.SocketListener(sock)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        assert self.syscalls is not None
+        pid, cred = peer_cred(stream.socket)
+        proc = self.procs.attach(pid, cred)
+        self._connections[pid] = self._connections.get(pid, 0) + 1
+        lock = trio.Lock()
+
+        async def send(message: dict[str, Any]) -> None:
+            async with lock:
+                await stream.send_all(encode(message))
+
+        frames = FrameBuffer()
+        try:
+            async with trio.open_nursery() as nursery:
+                while data := await stream.receive_some(65536):
+                    frames.feed(data)
+                    try:
+                        requests = frames.frames()
+                    except FrameError as exc:
+                        await send(error_reply(None, "EPROTO", str(exc)))
+                        break  # the stream is unusable: close the connection
+                    for request in requests:
+                        nursery.start_soon(self._serve_call, request, cred, proc, send)
+                # the peer is gone (or spoke nonsense): cancel its calls
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._connections[pid] -= 1
+            if not self._connections[pid]:
+                del self._connections[pid]
+                self.procs.detach(proc)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _serve_call(self, request: dict[str, Any], cred: Cred, proc: Any, send: Any) -> None:
+        assert self.syscalls is not None
+        rid = request.get("id")
+        if not isinstance(rid, int) or isinstance(rid, bool):
+            await _send_quietly(send, error_reply(None, "EINVAL", "a request needs an integer id"))
+            return
+
+        async def stream(value: Any) -> None:
+            await send({"id": rid, "stream": value})
+
+        call = Call(cred, proc, stream)
+        try:
+            result = await self.syscalls.dispatch(
+                call, request.get("call"), request.get("args", {})
+            )
+            reply = ok_reply(rid, result)
+        except StoreError as exc:
+            reply = error_reply(rid, exc.errno_name, exc.args[0])
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        except Exception:  # a bug must not take the server down: log it, answer EIO
+            log.exception("call %r failed", request.get("call"))
+            reply = error_reply(rid, "EIO", "internal error; the server logged it")
+        try:
+            await send(reply)
+        except FrameError as exc:
+            await _send_quietly(send, error_reply(rid, "E2BIG", str(exc)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def _send_quietly(send: Any, message: dict[str, Any]) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await send(message)
+
+
+def _remove_socket(path: str) -> None:
+    """Remove a socket left by an earlier server; refuse to remove anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StoreError(errno.EEXIST, f"{path} exists and is not a socket")
+    os.unlink(path)

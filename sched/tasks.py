@@ -1,0 +1,80 @@
+"""Work the batch loop runs: appends to KV files, with a sampled token or a whole generation."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trio
+
+from symphony.engine.sampling import SamplingParams
+from symphony.engine.tokenizer import StreamDecoder
+from symphony.fs.errors import StoreError
+from symphony.fs.nodes import KVFile
+from symphony.fs.store import AppendPlan
+
+_arrivals = itertools.count()
+
+
+@dataclass
+class Account:
+    """What the scheduler knows of a program: priority class and attained service."""
+
+    pid: int
+    priority: int = 0  # higher runs first
+    tokens_computed: int = 0  # attained service, for least-attained-service order
+    page_quota: int | None = None
+    pages_allocated: int = 0
+
+
+@dataclass
+class GenerateState:
+    """The server-side decode loop of one `generate` call."""
+
+    max_tokens: int
+    stop_token_ids: frozenset[int]
+    stop_strings: tuple[str, ...]
+    decoder: StreamDecoder
+    stream: trio.MemorySendChannel[str] | None
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of `text` already streamed
+    finish_reason: str | None = None
+
+
+@dataclass
+class Task:
+    """Append `tokens` to `file`; optionally sample the next token (and keep generating).
+
+    The batch loop owns everything here once submitted; others only read `done`.
+    """
+
+    account: Account
+    file: KVFile
+    tokens: list[int]  # to append (begun or not)
+    want: str = "none"  # "none", "logits" (top logprobs) or "sample"
+    params: SamplingParams | None = None
+    generator: torch.Generator | None = None
+    num_logprobs: int = 0
+    generate: GenerateState | None = None
+    plan: AppendPlan | None = None
+    computed: int = 0  # of plan.compute_ids
+    in_flight: bool = False
+    cancelled: bool = False
+    arrival: int = field(default_factory=lambda: next(_arrivals))
+    done: trio.Event = field(default_factory=trio.Event)
+    result: dict[str, Any] | None = None
+    error: StoreError | None = None
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to compute for the current append."""
+        if self.plan is None:
+            return 0
+        return len(self.plan.compute_ids) - self.computed
+
+    def sort_key(self) -> tuple[int, int, int]:
+        # priority classes first, then least attained service, then arrival
+        return (-self.account.priority, self.account.tokens_computed, self.arrival)
