@@ -1,0 +1,96 @@
+"""Running a Symphony server for tests: in a thread (tiny engine) or a subprocess (real model)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import trio
+
+from symphony.engine.engine import Engine
+from symphony.sched.server import Server, ServerConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServerThread:
+    """A server on its own trio run in a thread; `stop()` cancels it and joins."""
+
+    def __init__(self, engine: Engine, socket_path: str, **config: object) -> None:
+        self.server = Server(engine, ServerConfig(socket_path=socket_path, **config))  # type: ignore[arg-type]
+        self._ready = threading.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._scope: trio.CancelScope | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.server.serve)
+                    self._ready.set()
+
+        try:
+            trio.run(main)
+        except BaseException as exc:  # surfaced by the test through .error
+            self.error = exc
+            self._ready.set()
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(30) or self.error:
+            raise RuntimeError(f"server did not start: {self.error!r}")
+        return self
+
+    def stop(self) -> None:
+        if self._token is not None and self._scope is not None:
+            trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
+        self._thread.join(30)
+
+    def run_sync(self, fn, *args):  # type: ignore[no-untyped-def]
+        """Call `fn` inside the server's trio thread (to read its state safely)."""
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+
+def start_server_process(socket_path: str, *extra: str, timeout: float = 120) -> subprocess.Popen:
+    """`lipctl serve` in a subprocess, returned once its socket accepts connections."""
+    env = {**os.environ, "SYMPHONY_SOCKET": socket_path}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "symphony.lipctl.cli", "serve", *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
+        if os.path.exists(socket_path):
+            try:
+                from symphony.lipctl import connect
+
+                connect(socket_path).close()
+                return proc
+            except Exception:
+                pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not start in time")
+
+
+def stop_server_process(proc: subprocess.Popen) -> str:
+    proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return err or ""
