@@ -184,12 +184,13 @@ class Scheduler:
         gen = task.generate
         assert gen is not None
         gen.token_ids.append(token)
-        gen.text += gen.decoder.push(token)
-        if token in gen.stop_token_ids:
+        if token in gen.stop_token_ids:  # appended to the file, but not part of the text
             gen.finish_reason = "stop"
         else:
-            cut = min((i for s in gen.stop_strings if (i := gen.text.find(s)) >= 0), default=-1)
-            if cut >= 0:
+            gen.text += gen.decoder.push(token)
+            found = [i for s in gen.stop_strings if (i := gen.text.find(s)) >= 0]
+            if found:
+                cut = min(found)
                 gen.text, gen.finish_reason = gen.text[:cut], "stop"
             elif len(gen.token_ids) >= gen.max_tokens:
                 gen.finish_reason = "length"
