@@ -168,7 +168,7 @@ def serve(args: argparse.Namespace) -> int:
                     flush=True,
                 )
                 async for signum in signals:
-                    log.warning("signal %d: stopping", signum)
+                    log.info("signal %d: stopping", signum)
                     nursery.cancel_scope.cancel()
                     break
 

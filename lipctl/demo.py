@@ -1,61 +1,157 @@
-"""`make demo`: load the embedded default model and answer a chat prompt, with timings."""
+"""`make demo`: start a server on the embedded model, run LIPs on it, show what they share.
+
+1. `lipctl serve` starts (a progress bar the first time, while the GGUF weights are
+   dequantized and cached).
+2. A chat question is answered through the syscalls, with prefill and decode speed.
+3. The Figure-2 LIP (examples/fork_parallel.py) forks one prefix into branches that
+   generate together; it prints their text, the pages they share and timings.
+4. `lipctl status` shows the pool; the server stops.
+
+`--engine-only` skips the server and runs the engine in this process.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import os
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-from symphony.engine.config import QUANT_MODES, EngineConfig
-from symphony.engine.errors import EngineError
-from symphony.engine.sampling import SamplingParams
+from symphony.lipctl.client import SymphonyError, connect
 
-DEFAULT_PROMPT = "What is the capital of France?"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+QUESTION = "What is the capital of France?"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="symphony-demo", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="symphony-demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", help="GGUF file or Hugging Face directory (default: embedded)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--quant", choices=QUANT_MODES, default="none")
+    parser.add_argument("--prompt", default=QUESTION)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--branches", type=int, default=4)
+    parser.add_argument("--quant", choices=("none", "int8", "int8wo"), default="none")
+    parser.add_argument("--engine-only", action="store_true", help="no server: the engine alone")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def wait_for_server(socket: str, server: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SymphonyError("ECHILD", f"the server exited with status {server.returncode}")
+        try:
+            connect(socket).close()
+            return
+        except SymphonyError:
+            time.sleep(0.2)
+    raise SymphonyError("ETIMEDOUT", "the server did not start in time")
+
+
+def chat(socket: str, prompt: str, max_tokens: int) -> None:
+    with connect(socket) as lip:
+        lip.mkdir("demo", parents=True)
+        kv = lip.kv(f"demo/chat-{time.time_ns()}.kv", create=True)
+        ids = lip.apply_chat_template([{"role": "user", "content": prompt}])
+        t0 = time.perf_counter()
+        kv.append(ids)
+        t1 = time.perf_counter()
+        result = lip.call(
+            "generate", path=kv.path, max_tokens=max_tokens, sampler={"temperature": 0.0}
+        )
+        t2 = time.perf_counter()
+        n = len(result["token_ids"])
+        print(f"user    {prompt}")
+        print(f"reply   {result['text'].strip()}")
+        print(
+            f"prefill {len(ids)} tokens at {len(ids) / (t1 - t0):.0f} tok/s, "
+            f"decode {n} tokens at {n / (t2 - t1):.1f} tok/s (through the socket)"
+        )
+        kv.unlink()
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    workdir = tempfile.mkdtemp(prefix="symphony-demo-")
+    socket = os.path.join(workdir, "symphony.sock")
+    serve = [
+        sys.executable,
+        "-m",
+        "symphony.lipctl.cli",
+        "serve",
+        "--socket",
+        socket,
+        "--quant",
+        args.quant,
+    ]
+    if args.model:
+        serve += ["--model", args.model]
+    print(f"$ lipctl serve --socket {socket}", flush=True)
+    server = subprocess.Popen(serve)
+    try:
+        wait_for_server(socket, server)
+        print("\n== a chat turn through the syscalls")
+        chat(socket, args.prompt, args.max_tokens)
+        print(f"\n== $ lipctl run examples/fork_parallel.py {args.branches}")
+        env = {**os.environ, "SYMPHONY_SOCKET": socket}
+        lipctl = [sys.executable, "-m", "symphony.lipctl.cli"]
+        program = EXAMPLES / "fork_parallel.py"
+        if not program.exists():
+            raise SymphonyError("ENOENT", f"{program} is missing (run the demo from a checkout)")
+        code = subprocess.call([*lipctl, "run", str(program), str(args.branches)], env=env)
+        if code:
+            raise SymphonyError("EIO", f"the LIP exited with status {code}")
+        print("\n== $ lipctl status")
+        subprocess.call([*lipctl, "status"], env=env)
+    except SymphonyError as exc:
+        print(f"symphony-demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        os.rmdir(workdir) if not os.listdir(workdir) else None
+    return 0
+
+
+def run_engine_only(args: argparse.Namespace) -> int:
+    from symphony.engine.config import EngineConfig
     from symphony.engine.engine import Engine
+    from symphony.engine.errors import EngineError
     from symphony.engine.generate import BatchGenerator, Generation
-    from symphony.engine.sampling import make_generator
 
     try:
-        t0 = time.perf_counter()
         engine = Engine(args.model, EngineConfig(quant=args.quant))
-        load_s = time.perf_counter() - t0
-        params = SamplingParams(temperature=args.temperature, seed=0)
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-        gen = Generation(prompt, params, make_generator(0, engine.config.device))
+        gen = Generation(prompt)
         runner = BatchGenerator(engine)
         runner.run([gen], args.max_tokens)
     except (EngineError, ValueError, OSError) as exc:
         print(f"symphony-demo: {exc}", file=sys.stderr)
         return 1
     s = runner.stats
-    reply = engine.tokenizer.decode(gen.output_ids, skip_special=True).strip()
-    mc = engine.model_config
-    print(
-        f"model   {mc.name}: {mc.num_layers} layers, hidden {mc.hidden_size}, "
-        f"{engine.config.device} {engine.config.torch_dtype}, quant {engine.config.quant}, "
-        f"loaded in {load_s:.1f} s"
-    )
     print(f"user    {args.prompt}")
-    print(f"reply   {reply}")
+    print(f"reply   {engine.tokenizer.decode(gen.output_ids, skip_special=True).strip()}")
     print(f"prefill {s.prefill_tokens} tokens at {s.prefill_tps:.0f} tok/s")
     print(f"decode  {s.decode_tokens} tokens at {s.decode_tps:.1f} tok/s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.engine_only:
+        return run_engine_only(args)
+    if args.model and not Path(args.model).exists():
+        print(f"symphony-demo: model not found: {args.model}", file=sys.stderr)
+        return 1
+    return run_demo(args)
 
 
 if __name__ == "__main__":
