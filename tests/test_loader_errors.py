@@ -68,17 +68,20 @@ def test_directory_without_config(tmp_path):
     assert "config.json" in one_line(info.value)
 
 
-def test_demo_reports_a_bad_model_in_one_line(tmp_path):
+def test_a_bad_model_is_one_line_from_the_demo_and_lipctl_serve(tmp_path):
     bogus = tmp_path / "x.gguf"
     bogus.write_text("hello")
-    proc = subprocess.run(
-        [sys.executable, "-m", "symphony.lipctl.demo", "--model", str(bogus)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 1
-    assert proc.stdout == ""
-    assert proc.stderr.strip().splitlines() == [
-        f"symphony-demo: not a GGUF file (bad magic b'hell'): {bogus}"
-    ]
+    line = f"not a GGUF file (bad magic b'hell'): {bogus}"
+    for argv, prefix in [
+        (["symphony.lipctl.demo", "--engine-only", "--model"], "symphony-demo"),
+        (
+            ["symphony.lipctl.cli", "serve", "--socket", str(tmp_path / "s"), "--model"],
+            "lipctl serve",
+        ),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", *argv, str(bogus)], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 1
+        assert proc.stdout == ""
+        assert proc.stderr.strip().splitlines() == [f"{prefix}: {line}"]
