@@ -68,36 +68,65 @@ def round_trips(socket: str, n: int) -> dict[str, float]:
     return {"median_us": statistics.median(times) * 1e6, "p99_us": times[int(0.99 * n)] * 1e6}
 
 
+async def timed_programs(programs: int, setup, body) -> float:  # type: ignore[no-untyped-def]
+    """Run `programs` concurrent programs; time only their bodies, started together."""
+    ready, go = trio.Semaphore(0), trio.Event()
+    ends: list[float] = []
+
+    async def one(i: int) -> None:
+        state = await setup(i)
+        ready.release()
+        await go.wait()
+        await body(i, state)
+        ends.append(time.perf_counter())
+
+    async with trio.open_nursery() as nursery:
+        for i in range(programs):
+            nursery.start_soon(one, i)
+        for _ in range(programs):
+            await ready.acquire()
+        t0 = time.perf_counter()
+        go.set()
+    return max(ends) - t0
+
+
 async def per_token_vs_generate(socket: str, programs: int, tokens: int) -> dict[str, float]:
     prompt = text_tokens(socket, 32)
-
-    async def program(i: int, mode: str) -> None:
-        async with connect(socket) as lip:
-            kv = await lip.kv(f"pt-{mode}-{i}.kv", create=True)
-            await kv.append(prompt[:-1])
-            if mode == "generate":
-                await lip.call(
-                    "generate",
-                    path=kv.path,
-                    max_tokens=tokens,
-                    sampler={"temperature": 0.0},
-                    stop=[],
-                )
-            else:  # the LIP drives each token: forward it, get the next one back
-                token = prompt[-1]
-                for _ in range(tokens):
-                    token = (await kv.forward([token], temperature=0.0))["token"]
-            await kv.unlink()
-
     out = {}
-    for mode in ("generate", "lip"):
-        t0 = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for i in range(programs):
-                nursery.start_soon(program, i, mode)
-        out[mode] = programs * tokens / (time.perf_counter() - t0)
+    async with trio.open_nursery() as nursery:
+        lips = [await nursery.start(_hold_connection, socket) for _ in range(programs)]
+        for mode in ("generate", "lip"):
+
+            async def setup(i: int, mode: str = mode):  # type: ignore[no-untyped-def]
+                kv = await lips[i].kv(f"pt-{mode}-{i}.kv", create=True)
+                await kv.append(prompt[:-1])
+                return kv
+
+            async def body(i: int, kv, mode: str = mode) -> None:  # type: ignore[no-untyped-def]
+                if mode == "generate":
+                    await lips[i].call(
+                        "generate",
+                        path=kv.path,
+                        max_tokens=tokens,
+                        sampler={"temperature": 0.0},
+                        stop=[],
+                    )
+                else:  # the LIP drives each token: forward it, get the next one back
+                    token = prompt[-1]
+                    for _ in range(tokens):
+                        token = (await kv.forward([token], temperature=0.0))["token"]
+                await kv.unlink()
+
+            out[mode] = programs * tokens / await timed_programs(programs, setup, body)
+        nursery.cancel_scope.cancel()
     out["overhead"] = out["generate"] / out["lip"] - 1
     return out
+
+
+async def _hold_connection(socket: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+    async with connect(socket) as lip:
+        task_status.started(lip)
+        await trio.sleep_forever()
 
 
 async def figure2(socket: str, prefix_len: int, branches: int, tokens: int) -> dict[str, float]:
@@ -154,21 +183,23 @@ async def prompt_cache(socket: str, system_len: int, requests: int, tokens: int)
 
 async def aggregate_decode(socket: str, programs: int, tokens: int) -> float:
     prompt = text_tokens(socket, 32, "agg ")
+    async with trio.open_nursery() as nursery:
+        lips = [await nursery.start(_hold_connection, socket) for _ in range(programs)]
 
-    async def program(i: int) -> None:
-        async with connect(socket) as lip:
-            kv = await lip.kv(f"agg-{i}.kv", create=True)
+        async def setup(i: int):  # type: ignore[no-untyped-def]
+            kv = await lips[i].kv(f"agg-{i}.kv", create=True)
             await kv.append(prompt)
-            await lip.call(
+            return kv
+
+        async def body(i: int, kv) -> None:  # type: ignore[no-untyped-def]
+            await lips[i].call(
                 "generate", path=kv.path, max_tokens=tokens, sampler={"temperature": 0.0}, stop=[]
             )
             await kv.unlink()
 
-    t0 = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for i in range(programs):
-            nursery.start_soon(program, i)
-    return programs * tokens / (time.perf_counter() - t0)
+        seconds = await timed_programs(programs, setup, body)
+        nursery.cancel_scope.cancel()
+    return programs * tokens / seconds
 
 
 def plot(results: dict, path: Path) -> None:
@@ -218,6 +249,7 @@ def main() -> None:
     results: dict = {}
     server = start_server(socket, "--pages", "8192")
     try:
+        trio.run(aggregate_decode, socket, 1, 8)  # warm-up
         results["round_trip"] = round_trips(socket, 500 if quick else 3000)
         results["per_token"] = {
             n: trio.run(per_token_vs_generate, socket, n, 8 if quick else 32) for n in (1, 32)

@@ -26,6 +26,8 @@ from symphony.sched.tasks import Task
 
 log = logging.getLogger(__name__)
 
+MAX_GATHER = 0.02  # seconds the loop may wait for returning per-token programs
+
 
 class Scheduler:
     """Owns the engine thread; tasks go in with `submit` and come out through `task.done`."""
@@ -96,14 +98,32 @@ class Scheduler:
                     task.in_flight = False
                     self._fail(task, StoreError(errno.EIO, "the engine step failed"))
                 continue
-            self.busy_seconds += time.perf_counter() - t0
+            step_seconds = time.perf_counter() - t0
+            self.busy_seconds += step_seconds
             self.num_steps += 1
             for task, chunk, output in zip(tasks, chunks, outputs, strict=True):
                 task.in_flight = False
                 self._advance(task, chunk, output)
-            # let woken callers queue their next calls before the next step is packed
-            await trio.lowlevel.checkpoint()
-            await trio.lowlevel.checkpoint()
+            returned = sum(1 for t in tasks if t.done.is_set() and t.want == "sample")
+            await self._gather_returning(returned, step_seconds)
+
+    async def _gather_returning(self, returned: int, step_seconds: float) -> None:
+        """Give programs that just got a token back a moment to send their next call.
+
+        A LIP driving each token itself (forward, sample, forward...) answers within
+        a socket round trip; packing the next step before those calls arrive would
+        split one batch into many. The wait ends as soon as they are all in, and lasts
+        at most a tenth of the last step (and MAX_GATHER), so the engine idles little.
+        """
+        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
+        if not returned:
+            return
+        target = len(self._waiting) + returned
+        with trio.move_on_after(min(MAX_GATHER, 0.1 * step_seconds)):
+            while len(self._waiting) < target:
+                self._wake = trio.Event()
+                await self._wake.wait()
 
     # packing ------------------------------------------------------------------------
 
