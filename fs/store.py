@@ -301,12 +301,14 @@ class KVStore:
     def status(self) -> dict[str, Any]:
         cached = self.index.num_cached() if self.index is not None else 0
         free = self.pool.num_free
+        shared = sum(1 for p in range(self.pool.num_pages) if self._other_refs(p) > 1)
         return {
             "pages": {
                 "total": self.pool.num_pages,
                 "used": self.pool.num_pages - free - cached,
                 "cached": cached,
                 "free": free,
+                "shared": shared,  # used pages that several files (or calls) reference
             },
             "files": len(self.ns.files()),
         }

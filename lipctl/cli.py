@@ -92,8 +92,8 @@ def format_status(st: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"model      {st['model']} on {st['device']} ({st['dtype']})",
-            f"pages      {p['total']} total, {p['used']} used, {p['cached']} cached, "
-            f"{p['free']} free",
+            f"pages      {p['total']} total, {p['used']} used ({p['shared']} shared), "
+            f"{p['cached']} cached, {p['free']} free",
             f"files      {st['files']}",
             f"processes  {st['processes']}",
             f"steps      {st['steps']}, {st['tokens_computed']} tokens, "

@@ -231,3 +231,71 @@ def test_example_lips_run(server, example, args, expect):
         assert set(expression) <= set("0123456789+-*/(). ")  # what the token mask allows
         expected = eval(expression)  # safe: digits and operators only, checked above
         assert float(value) == pytest.approx(expected)
+
+
+SPAWNING_CLIENT = textwrap.dedent(
+    """
+    import sys
+    from symphony.lipctl import connect
+    program = "import os; print(os.getuid(), os.getgid())"
+    with connect(sys.argv[1]) as lip:
+        pid = lip.spawn(program, name="whoami.py")
+        out, it = b"", lip.wait(pid)
+        while True:
+            try:
+                out += next(it)["data"]
+            except StopIteration as stop:
+                print(out.decode().strip(), stop.value["exit_status"])
+                break
+    """
+)
+
+
+def test_a_lip_runs_as_the_uid_that_asked(server):
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a client as another uid")
+    out = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            SPAWNING_CLIENT,
+            server,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(NOBODY), str(NOBODY), "0"]
+
+
+def test_page_quota_and_rlimits_bind_a_lip(server):
+    program = textwrap.dedent(
+        """
+        from symphony.lipctl import SymphonyError, connect
+        with connect() as lip:
+            kv = lip.kv("quota.kv", create=True)
+            try:
+                kv.append(list(range(100, 200)))
+            except SymphonyError as exc:
+                print(exc.errno, exc.message)
+            kv.unlink()
+        import resource
+        print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        """
+    )
+    with connect(server) as lip:
+        pid = lip.spawn(program, name="quota.py", limits={"pages": 2, "open_files": 64})
+        out, status = wait_program(lip, pid)
+        assert status == 0
+        lines = out.decode().splitlines()
+        assert lines[0] == "ENOSPC page quota of 2 pages exceeded"
+        assert lines[1] == "64"
+        with pytest.raises(SymphonyError) as info:
+            lip.spawn("print(1)", limits={"priority": 0, "bogus": 1})
+        assert info.value.errno == "EINVAL"

@@ -61,6 +61,7 @@ def test_fork_shares_every_page_and_copies_on_write(engine, store):
     b = store.fork("a.kv", "b.kv", ROOT)
     assert engine.pool.num_used == used  # no page copied
     assert store.stat("b.kv", ROOT)["shared_pages"] == 3
+    assert store.status()["pages"]["shared"] == 3
     store.check_invariants()
     # appending to b writes into the shared partial page: b gets its own copy of it
     got = append(engine, store, b, [30, 31])
