@@ -51,6 +51,10 @@ class _SdpaPlan:
     decode_len: int  # L: keys per decode sequence after the gather
     all_decode: bool  # every token of the step is a decode token, in order
     prefills: list[_PrefillPlan]
+    # when decode sequences share most pages (forks of one prefix): each distinct page
+    # once, and a mask [B * group, U * page_size] of which keys each query row sees
+    shared_pages: torch.Tensor | None = None  # [U]
+    shared_mask: torch.Tensor | None = None
 
 
 class SdpaAttention:
@@ -67,7 +71,7 @@ class SdpaAttention:
     def prepare(self, meta: AttnMetadata) -> _SdpaPlan:
         device = meta.slot_mapping.device
         ids = meta.decode_seq_ids
-        plan = _SdpaPlan(None, None, None, 0, len(ids) == len(meta.query_lens), [])
+        plan = _SdpaPlan(None, None, None, 0, len(ids) == len(meta.query_lens), [], None, None)
         if ids:
             lens = [meta.context_lens[i] for i in ids]
             max_pages = -(-max(lens) // self.page_size)
@@ -78,6 +82,8 @@ class SdpaAttention:
             plan.decode_len = max_pages * self.page_size
             plan.decode_rows = torch.tensor([meta.query_starts[i] for i in ids], device=device)
             plan.decode_pages = torch.tensor(pages, dtype=torch.long, device=device)
+            if len(ids) > 1:
+                self._plan_shared(plan, [meta.block_tables[i] for i in ids], lens, max_pages)
             if len(ids) == 1:
                 plan.decode_len = lens[0]  # one sequence: gather exactly its keys, no mask
             else:
@@ -122,10 +128,47 @@ class SdpaAttention:
             out[p.start : p.start + p.length] = o
         return out
 
+    def _plan_shared(
+        self, plan: _SdpaPlan, tables: list[list[int]], lens: list[int], max_pages: int
+    ) -> None:
+        """Use the shared-pages path when the union of pages is at most half the gather."""
+        ps = self.page_size
+        position: dict[int, int] = {}
+        for table, n in zip(tables, lens, strict=True):
+            for page in table[: -(-n // ps)]:
+                position.setdefault(page, len(position))
+        if 2 * len(position) > len(tables) * max_pages:
+            return
+        # valid[b, u]: how many slots of distinct page u sequence b sees
+        valid = torch.zeros(len(tables), len(position), dtype=torch.long)
+        for b, (table, n) in enumerate(zip(tables, lens, strict=True)):
+            for j, page in enumerate(table[: -(-n // ps)]):
+                valid[b, position[page]] = min(ps, n - j * ps)
+        seen = torch.arange(ps)[None, None, :] < valid[:, :, None]  # [B, U, page_size]
+        rows = seen.view(len(tables), 1, -1).expand(-1, self.group, -1)
+        device = plan.decode_rows.device if plan.decode_rows is not None else "cpu"
+        plan.shared_mask = rows.reshape(len(tables) * self.group, -1).to(device)
+        plan.shared_pages = torch.tensor(list(position), dtype=torch.long, device=device)
+
+    def _decode_shared(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: _SdpaPlan
+    ) -> torch.Tensor:
+        """Every decode query against each distinct page once: [B, heads, d] -> same."""
+        assert plan.shared_pages is not None
+        b, kvh, d = q.shape[0], self.num_kv_heads, self.head_dim
+        k = k_cache.index_select(0, plan.shared_pages).view(-1, kvh, d).transpose(0, 1)
+        v = v_cache.index_select(0, plan.shared_pages).view(-1, kvh, d).transpose(0, 1)
+        # [B, kvh, group, d] -> [kvh, B * group, d]: one query matrix per KV head
+        qs = q.view(b, kvh, self.group, d).transpose(0, 1).reshape(kvh, b * self.group, d)
+        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=plan.shared_mask)
+        return o.view(kvh, b, self.group, d).transpose(0, 1).reshape(b, kvh * self.group, d)
+
     def _decode(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: _SdpaPlan
     ) -> torch.Tensor:
         """One query token per sequence. q [B, num_heads, head_dim] -> same shape."""
+        if plan.shared_pages is not None:
+            return self._decode_shared(q, k_cache, v_cache, plan)
         b, kvh, d = q.shape[0], self.num_kv_heads, self.head_dim
         pages = plan.decode_pages
         assert pages is not None

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from symphony.engine.batch import SeqChunk
+from symphony.engine.batch import SeqChunk, build_step_input
 from symphony.engine.generate import generate
 
 TOPICS = [
@@ -85,3 +85,21 @@ def test_step_refuses_a_block_table_too_short(tiny_engine):
     with pytest.raises(ValueError, match="cannot hold"):
         tiny_engine.step([SeqChunk(list(range(9)), 0, pages)])
     tiny_engine.pool.decref(pages)
+
+
+def test_decoding_forks_of_one_prefix_together_matches_each_alone(tiny_engine):
+    """Forks share their prefix pages; their joint decode step reads each page once."""
+    pool = tiny_engine.pool
+    prefix = list(range(3, 31))  # 7 full pages of 4
+    shared = pool.allocate(7)
+    tiny_engine.step([SeqChunk(prefix, 0, shared, 0)])
+    tables = [[*shared, *pool.allocate(1)] for _ in range(5)]
+    chunks = [SeqChunk([40 + i], len(prefix), t) for i, t in enumerate(tables)]
+    plan = tiny_engine.attention.prepare(build_step_input(chunks, 4, "cpu").attn)
+    assert plan.shared_pages is not None  # the shared-pages path is the one under test
+    together = tiny_engine.step(chunks)
+    alone = torch.cat([tiny_engine.step([c]) for c in chunks])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
+    pool.decref(shared)
+    pool.decref([t[-1] for t in tables])
+    assert pool.num_used == 0
