@@ -22,7 +22,13 @@ from typing import Any
 
 import trio
 
-from symphony.lipctl.client import SymphonyError, sampler_args, socket_path
+from symphony.lipctl.client import (
+    SymphonyError,
+    forward_args,
+    generate_args,
+    socket_path,
+    with_mode,
+)
 from symphony.sched.protocol import FrameBuffer, encode
 
 
@@ -94,10 +100,7 @@ class AsyncLip:
         )
 
     async def kv(self, path: str, create: bool = False, mode: int | None = None) -> AsyncKV:
-        args: dict[str, Any] = {"path": path, "create": create}
-        if mode is not None:
-            args["mode"] = mode
-        await self.call("kv_open", **args)
+        await self.call("kv_open", **with_mode({"path": path, "create": create}, mode))
         return AsyncKV(self, path)
 
     async def mkdir(self, path: str, mode: int = 0o755, parents: bool = False) -> None:
@@ -128,30 +131,17 @@ class AsyncKV:
         mask: Sequence[int] | None = None,
         **sampler: Any,
     ) -> dict[str, Any]:
-        args: dict[str, Any] = {"path": self.path, "tokens": list(token_ids), "logprobs": logprobs}
-        if sampler:
-            args["sampler"] = sampler_args(**sampler)
-        if mask is not None:
-            args["mask"] = list(mask)
+        args = forward_args(self.path, token_ids, logprobs, mask, sampler)
         return dict(await self.lip.call("forward", **args))
 
     async def generate(
         self, max_tokens: int = 256, stop: Sequence[str | int] = (), **sampler: Any
     ) -> str:
-        result = await self.lip.call(
-            "generate",
-            path=self.path,
-            max_tokens=max_tokens,
-            sampler=sampler_args(**sampler),
-            stop=list(stop),
-        )
-        return str(result["text"])
+        args = generate_args(self.path, max_tokens, stop, sampler)
+        return str((await self.lip.call("generate", **args))["text"])
 
     async def fork(self, dst: str, mode: int | None = None) -> AsyncKV:
-        args: dict[str, Any] = {"src": self.path, "dst": dst}
-        if mode is not None:
-            args["mode"] = mode
-        await self.lip.call("kv_fork", **args)
+        await self.lip.call("kv_fork", **with_mode({"src": self.path, "dst": dst}, mode))
         return AsyncKV(self.lip, dst)
 
     async def truncate(self, num_tokens: int) -> None:

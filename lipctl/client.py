@@ -61,6 +61,43 @@ def sampler_args(
     return {k: v for k, v in spec.items() if v is not None}
 
 
+def forward_args(
+    path: str,
+    token_ids: Sequence[int],
+    logprobs: int,
+    mask: Sequence[int] | None,
+    sampler: dict[str, Any],
+) -> dict[str, Any]:
+    """Arguments of `forward`: sampler fields ask for a sampled next token."""
+    args: dict[str, Any] = {"path": path, "tokens": list(token_ids), "logprobs": logprobs}
+    if sampler:
+        args["sampler"] = sampler_args(**sampler)
+    if mask is not None:
+        args["mask"] = list(mask)
+    return args
+
+
+def generate_args(
+    path: str,
+    max_tokens: int,
+    stop: Sequence[str | int],
+    sampler: dict[str, Any],
+    stream: bool = False,
+) -> dict[str, Any]:
+    """Arguments of `generate`."""
+    return {
+        "path": path,
+        "max_tokens": max_tokens,
+        "sampler": sampler_args(**sampler),
+        "stop": list(stop),
+        "stream": stream,
+    }
+
+
+def with_mode(args: dict[str, Any], mode: int | None) -> dict[str, Any]:
+    return args if mode is None else {**args, "mode": mode}
+
+
 class Lip:
     """A connection to the server: one call at a time (see `aio` for many at once)."""
 
@@ -147,10 +184,8 @@ class Lip:
         self, path: str, create: bool = False, exclusive: bool = False, mode: int | None = None
     ) -> KV:
         """Open the KV file at `path` (made empty first with `create` if missing)."""
-        args: dict[str, Any] = {"path": path, "create": create, "exclusive": exclusive}
-        if mode is not None:
-            args["mode"] = mode
-        self.call("kv_open", **args)
+        args = {"path": path, "create": create, "exclusive": exclusive}
+        self.call("kv_open", **with_mode(args, mode))
         return KV(self, path)
 
     def mkdir(self, path: str, mode: int = 0o755, parents: bool = False) -> None:
@@ -213,45 +248,27 @@ class KV:
     ) -> dict[str, Any]:
         """Append `token_ids`; with sampler fields (temperature=...) also return a sampled
         next `token` (not appended); with `logprobs=k` the k likeliest next tokens."""
-        args: dict[str, Any] = {"path": self.path, "tokens": list(token_ids), "logprobs": logprobs}
-        if sampler:
-            args["sampler"] = sampler_args(**sampler)
-        if mask is not None:
-            args["mask"] = list(mask)
-        return dict(self.lip.call("forward", **args))
+        return dict(
+            self.lip.call("forward", **forward_args(self.path, token_ids, logprobs, mask, sampler))
+        )
 
     def generate_stream(
         self, max_tokens: int = 256, stop: Sequence[str | int] = (), **sampler: Any
     ) -> Generator[str, None, Any]:
         """Yield the generated text piece by piece; returns the full result at the end."""
-        return self.lip.stream_call(
-            "generate",
-            path=self.path,
-            max_tokens=max_tokens,
-            sampler=sampler_args(**sampler),
-            stop=list(stop),
-            stream=True,
-        )
+        args = generate_args(self.path, max_tokens, stop, sampler, stream=True)
+        return self.lip.stream_call("generate", **args)
 
     def generate(
         self, max_tokens: int = 256, stop: Sequence[str | int] = (), **sampler: Any
     ) -> str:
         """Generate (and append) up to `max_tokens`; returns the text."""
-        result = self.lip.call(
-            "generate",
-            path=self.path,
-            max_tokens=max_tokens,
-            sampler=sampler_args(**sampler),
-            stop=list(stop),
-        )
+        result = self.lip.call("generate", **generate_args(self.path, max_tokens, stop, sampler))
         return str(result["text"])
 
     def fork(self, dst: str, mode: int | None = None) -> KV:
         """A copy-on-write copy at `dst`, sharing every page."""
-        args: dict[str, Any] = {"src": self.path, "dst": dst}
-        if mode is not None:
-            args["mode"] = mode
-        self.lip.call("kv_fork", **args)
+        self.lip.call("kv_fork", **with_mode({"src": self.path, "dst": dst}, mode))
         return KV(self.lip, dst)
 
     def truncate(self, num_tokens: int) -> None:

@@ -33,6 +33,26 @@ def server():
     assert "Traceback" not in err, err
 
 
+def run_as_nobody(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run Python `code` as uid and gid 65534, with no supplementary groups."""
+    return subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            code,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+
+
 def wait_program(lip, pid: int) -> tuple[bytes, int]:
     out = b""
     it = lip.wait(pid)
@@ -172,23 +192,7 @@ def test_another_uid_cannot_touch_roots_file_nor_hit_its_prefix(server):
         assert len(prompt) > 2 * page
         assert lip.status()["tokens_computed"] - before == len(prompt) % page
         again.unlink()
-        out = subprocess.run(
-            [
-                "setpriv",
-                f"--reuid={NOBODY}",
-                f"--regid={NOBODY}",
-                "--clear-groups",
-                sys.executable,
-                "-c",
-                OTHER_UID_CLIENT,
-                server,
-                json.dumps(prompt),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=ROOT,
-        )
+        out = run_as_nobody(OTHER_UID_CLIENT, server, json.dumps(prompt))
         assert out.returncode == 0, out.stderr
         result = json.loads(out.stdout)
         assert result["uid"] == NOBODY
@@ -254,22 +258,7 @@ SPAWNING_CLIENT = textwrap.dedent(
 def test_a_lip_runs_as_the_uid_that_asked(server):
     if os.getuid() != 0:
         pytest.skip("needs root to run a client as another uid")
-    out = subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={NOBODY}",
-            f"--regid={NOBODY}",
-            "--clear-groups",
-            sys.executable,
-            "-c",
-            SPAWNING_CLIENT,
-            server,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
+    out = run_as_nobody(SPAWNING_CLIENT, server)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(NOBODY), str(NOBODY), "0"]
 
