@@ -40,6 +40,8 @@ class AppendPlan:
     block_table: list[int]  # pages of the whole context after the append
     owned: list[int] = field(default_factory=list)  # references to drop on abort
     replaced: int | None = None  # the shared partial page that was copied
+    num_allocated: int = 0  # pages newly taken from the pool (not index hits)
+    recompute: bool = False  # computes the file's last token again; appends nothing
 
     @property
     def compute_ids(self) -> list[int]:
@@ -156,11 +158,15 @@ class KVStore:
     def fork(self, src: str, dst: str, cred: Cred, mode: int | None = None) -> KVFile:
         """Make `dst` a copy-on-write copy of `src`: same tokens, every page shared."""
         source = self.ns.lookup_file(src, cred, R_OK)
-        copy = self.ns.create_file(dst, cred, source.mode if mode is None else mode, source.domain)
+        mode = source.mode if mode is None else mode
+        copy = self.ns.create_file(dst, cred, mode, self.domain_of(cred))
         self.pool.incref(source.pages)
         copy.pages = list(source.pages)
-        copy.page_hashes = list(source.page_hashes)
         copy.token_ids = list(source.token_ids)
+        if copy.domain == source.domain:
+            copy.page_hashes = list(source.page_hashes)
+        else:  # the copy's prefixes are looked up in its owner's domain, not the source's
+            self._hash_full_pages(copy, index=False)
         return copy
 
     def truncate(self, path: str, num_tokens: int, cred: Cred) -> None:
@@ -226,9 +232,38 @@ class KVStore:
                 new = self._allocate(missing)
                 plan.owned += new
                 plan.block_table += new
+                plan.num_allocated += missing
         except BaseException:
             self.pool.decref(plan.owned)
             raise
+        file.busy = True
+        self._plans.append(plan)
+        return plan
+
+    def begin_recompute(self, file: KVFile) -> AppendPlan:
+        """Prepare computing the file's last token again, for the logits that follow it.
+
+        The store keeps no logits; `generate` needs those of the last token. The token
+        is recomputed in place (in a copy of its page if that page is shared or
+        indexed); the file's tokens do not change, and an abort leaves it as it was.
+
+        Raises:
+            StoreError: EINVAL for an empty file, EBUSY if an append is in flight, ENOSPC.
+        """
+        if not file.num_tokens:
+            raise StoreError(errno.EINVAL, "the file has no token to continue from")
+        if file.busy:
+            raise StoreError(errno.EBUSY, "an append to this file is in flight")
+        n = file.num_tokens
+        plan = AppendPlan(file, [file.token_ids[-1]], n - 1, 0, list(file.pages), recompute=True)
+        last = plan.block_table[-1]
+        if self.pool.refcounts[last] > 1:
+            (copy,) = self._allocate(1)
+            self.pool.copy_page(last, copy, (n - 1) % self.page_size)
+            plan.owned.append(copy)
+            plan.num_allocated = 1
+            plan.block_table[-1] = copy
+            plan.replaced = last
         file.busy = True
         self._plans.append(plan)
         return plan
@@ -260,6 +295,7 @@ class KVStore:
             return  # this file's alone: write in place
         (copy,) = self._allocate(1)
         plan.owned.append(copy)
+        plan.num_allocated += 1
         self.pool.copy_page(last, copy, filled)
         plan.block_table[-1] = copy
         plan.replaced = last
@@ -274,8 +310,9 @@ class KVStore:
         file.pages = plan.block_table
         if plan.replaced is not None:
             self.pool.decref([plan.replaced])
-        file.token_ids.extend(plan.token_ids)
-        self._index_full_pages(file)
+        if not plan.recompute:
+            file.token_ids.extend(plan.token_ids)
+        self._hash_full_pages(file)
         file.touch()
         self._maybe_reap(file)
 
@@ -286,14 +323,15 @@ class KVStore:
         self.pool.decref(plan.owned)
         self._maybe_reap(plan.file)
 
-    def _index_full_pages(self, file: KVFile) -> None:
+    def _hash_full_pages(self, file: KVFile, index: bool = True) -> None:
+        """Extend the file's hash chain over its full pages, listing them in the index."""
         ps = self.page_size
         for i in range(len(file.page_hashes), file.num_tokens // ps):
             parent = file.page_hashes[-1] if file.page_hashes else ROOT_HASH
             page_ids = file.token_ids[i * ps : (i + 1) * ps]
             key = page_hash(parent, page_ids, self.fingerprint, file.domain)
             file.page_hashes.append(key)
-            if self.index is not None:
+            if index and self.index is not None:
                 self.index.insert(key, parent, page_ids, file.pages[i])
 
     # the whole store ----------------------------------------------------------------

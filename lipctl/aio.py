@@ -29,7 +29,7 @@ from symphony.lipctl.client import (
     socket_path,
     with_mode,
 )
-from symphony.sched.protocol import FrameBuffer, encode
+from symphony.sched.protocol import FrameBuffer, FrameError, encode
 
 
 class AsyncLip:
@@ -51,8 +51,8 @@ class AsyncLip:
                     channel = self._waiters.get(frame.get("id", -1))
                     if channel is not None:
                         await channel.send(frame)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError):
+            pass  # the connection is over: every waiting call gets ECONNRESET
         for channel in self._waiters.values():
             channel.close()
 
@@ -62,8 +62,11 @@ class AsyncLip:
         send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
         self._waiters[rid] = send
         try:
-            async with self._lock:
-                await self._stream.send_all(encode({"id": rid, "call": call_name, "args": args}))
+            frame = encode({"id": rid, "call": call_name, "args": args})
+            # a frame half sent would garble every later call: once begun, it is finished
+            with trio.CancelScope(shield=True):
+                async with self._lock:
+                    await self._stream.send_all(frame)
             async for frame in receive:
                 if "stream" in frame:
                     yield frame["stream"]

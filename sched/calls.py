@@ -214,7 +214,9 @@ async def _listdir(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
 
 @syscall("forward")
 async def _forward(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
-    file = sys.store.ns.lookup_file(_path(args), call.cred, W_OK)
+    # appending needs w; anything returned about what follows reveals the file: r too
+    reveals = any(args.get(k) for k in ("sampler", "logprobs", "mask"))
+    file = sys.store.ns.lookup_file(_path(args), call.cred, W_OK | (R_OK if reveals else 0))
     tokens = A.int_list(args, "tokens")
     vocab = sys.engine.model_config.vocab_size
     sampler = args.get("sampler")
@@ -251,10 +253,6 @@ async def _generate(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
         raise A.einval("stop must be a list of strings and token ids")
     if "" in stop_strings:
         raise A.einval("a stop string may not be empty")
-    if file.num_tokens == 0:
-        raise A.einval("generate needs at least one token in the file")
-    if file.busy:
-        raise StoreError(errno.EBUSY, "an append to this file is in flight")
     tokenizer = sys.engine.tokenizer
     send, receive = trio.open_memory_channel[str](max_tokens + 1)
     state = GenerateState(
@@ -268,16 +266,11 @@ async def _generate(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
     generator = None
     if params.seed is not None:
         generator = make_generator(params.seed, sys.engine.config.device)
-    # the next token needs the logits of the file's last token: compute it again
-    last = file.token_ids[-1]
-    sys.store.truncate_file(file, file.num_tokens - 1)
-    task = Task(call.proc.account, file, [last], "sample", params, generator, generate=state)
-    try:
-        sys.scheduler.submit(task)
-    except StoreError:
-        restore = Task(call.proc.account, file, [last])  # put the last token back
-        await sys.run_task(restore)
-        raise
+    # the next token needs the logits after the file's last token: computed again
+    task = Task(
+        call.proc.account, file, [], "sample", params, generator, generate=state, recompute=True
+    )
+    sys.scheduler.submit(task)
     try:
         async with receive:
             async for piece in receive:  # ends when the scheduler closes the channel

@@ -139,7 +139,17 @@ class ProcessTable:
         env: dict[str, str],
         limits: Limits,
     ) -> Proc:
-        """Start `program` (Python source) as `cred`'s uid and gid, output captured."""
+        """Start `program` (Python source) as `cred`'s uid and gid, output captured.
+
+        Raises:
+            StoreError: EPERM when the server cannot take on that uid (it is not root
+                and the caller is another user); EAGAIN when the program cannot start.
+        """
+        if os.getuid() != 0 and cred.uid != os.getuid():
+            raise StoreError(
+                errno.EPERM,
+                "this server does not run as root: it runs programs of its own user only",
+            )
         workdir = tempfile.mkdtemp(prefix="symphony-lip-")
         path = os.path.join(workdir, "program.py")
         with open(path, "w") as f:

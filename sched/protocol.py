@@ -34,8 +34,8 @@ def encode(message: dict[str, Any]) -> bytes:
 def decode_body(body: bytes) -> dict[str, Any]:
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=False)
-    except (ValueError, msgpack.UnpackException) as exc:
-        raise FrameError(f"undecodable frame: {exc}") from None
+    except Exception as exc:  # msgpack raises many kinds (TypeError for a list key...)
+        raise FrameError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
     if not isinstance(message, dict):
         raise FrameError("a frame must hold a map")
     return message

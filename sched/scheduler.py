@@ -57,9 +57,10 @@ class Scheduler:
             StoreError: EINVAL, EBUSY or ENOSPC from the store, or the page quota.
         """
         self._begin(task)
+        # the task holds the file open: unlinked meanwhile, its pages stay until the end
+        task.file.open_count += 1
         if task.plan is None:  # nothing to compute: everything came from the index
-            task.result = {"tokens": task.file.num_tokens}
-            task.done.set()
+            self._finish(task, {"tokens": task.file.num_tokens})
             return
         self._waiting.append(task)
         self._wake.set()
@@ -169,9 +170,13 @@ class Scheduler:
     # bookkeeping --------------------------------------------------------------------
 
     def _begin(self, task: Task) -> None:
-        plan = self.store.begin_append(task.file, task.tokens, need_logits=task.want != "none")
+        if task.recompute:  # generate: the logits after the file's last token, once
+            task.recompute = False
+            plan = self.store.begin_recompute(task.file)
+        else:
+            plan = self.store.begin_append(task.file, task.tokens, task.want != "none")
         account = task.account
-        fresh = len(plan.owned)
+        fresh = plan.num_allocated
         if account.page_quota is not None and account.pages_allocated + fresh > account.page_quota:
             self.store.abort_append(plan)
             raise StoreError(errno.ENOSPC, f"page quota of {account.page_quota} pages exceeded")
@@ -203,6 +208,11 @@ class Scheduler:
     def _next_token(self, task: Task, token: int) -> None:
         gen = task.generate
         assert gen is not None
+        if task.file.num_tokens >= self.store.max_tokens:  # full: the token cannot go in
+            gen.finish_reason = "length"
+            self._stream_text(task)
+            self._finish(task, self._generate_result(task))
+            return
         gen.token_ids.append(token)
         if token in gen.stop_token_ids:  # appended to the file, but not part of the text
             gen.finish_reason = "stop"
@@ -220,8 +230,9 @@ class Scheduler:
             task.want = "none"  # one more step appends the last token, no logits
         try:
             self._begin(task)
-        except StoreError as exc:
-            self._fail(task, exc)
+        except StoreError as exc:  # out of pages: what was appended so far stands
+            gen.finish_reason = "error"  # the last token (in the text) is not in the file
+            self._finish(task, {**self._generate_result(task), "error": str(exc)})
             return
         if task.plan is None:
             self._finish(task, self._generate_result(task))
@@ -257,6 +268,7 @@ class Scheduler:
 
     def _fail(self, task: Task, error: StoreError) -> None:
         if task.plan is not None:
+            task.account.pages_allocated -= task.plan.num_allocated
             self.store.abort_append(task.plan)
             task.plan = None
         self._discard(task)
@@ -266,6 +278,7 @@ class Scheduler:
     def _discard(self, task: Task) -> None:
         if task in self._waiting:
             self._waiting.remove(task)
+        self.store.close(task.file)
         if task.generate is not None and task.generate.stream is not None:
             task.generate.stream.close()
 

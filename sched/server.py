@@ -129,22 +129,13 @@ class Server:
             async with lock:
                 await stream.send_all(encode(message))
 
-        frames = FrameBuffer()
         try:
             async with trio.open_nursery() as nursery:
-                while data := await stream.receive_some(65536):
-                    frames.feed(data)
-                    try:
-                        requests = frames.frames()
-                    except FrameError as exc:
-                        await send(error_reply(None, "EPROTO", str(exc)))
-                        break  # the stream is unusable: close the connection
-                    for request in requests:
-                        nursery.start_soon(self._serve_call, request, cred, proc, send)
+                await self._read_requests(stream, send, nursery, cred, proc)
                 # the peer is gone (or spoke nonsense): cancel its calls
                 nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except Exception:  # one connection's trouble must never end the server
+            log.exception("connection of pid %d failed", pid)
         finally:
             self._connections[pid] -= 1
             if not self._connections[pid]:
@@ -152,6 +143,24 @@ class Server:
                 self.procs.detach(proc)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    async def _read_requests(
+        self, stream: trio.SocketStream, send: Any, nursery: trio.Nursery, cred: Cred, proc: Any
+    ) -> None:
+        """Start a task per request until the peer closes or sends something unreadable."""
+        frames = FrameBuffer()
+        try:
+            while data := await stream.receive_some(65536):
+                frames.feed(data)
+                try:
+                    requests = frames.frames()
+                except FrameError as exc:
+                    await send(error_reply(None, "EPROTO", str(exc)))
+                    return  # the stream is unusable: close the connection
+                for request in requests:
+                    nursery.start_soon(self._serve_call, request, cred, proc, send)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # reset by the peer
 
     async def _serve_call(self, request: dict[str, Any], cred: Cred, proc: Any, send: Any) -> None:
         assert self.syscalls is not None

@@ -59,6 +59,7 @@ class Task:
     generator: torch.Generator | None = None
     num_logprobs: int = 0
     generate: GenerateState | None = None
+    recompute: bool = False  # begin by computing the file's last token again (generate)
     plan: AppendPlan | None = None
     computed: int = 0  # of plan.compute_ids
     in_flight: bool = False

@@ -182,7 +182,74 @@ def test_a_client_gone_mid_generate_leaves_no_page(server):
     status = invariants(server)
     with connect(path) as lip:
         tokens = lip.kv("d.kv").stat()["tokens"]
+        prompt = len(lip.tokenize("drop me"))
         lip.kv("d.kv").unlink()
-    assert tokens < 2000
+    assert prompt < tokens < prompt + 2000  # nothing of the prompt lost, nothing half-made
     assert invariants(server)["pages"]["used"] == 0
     assert status["pages"]["used"] > 0  # the file kept what was generated before the drop
+
+
+def test_a_client_that_leaves_before_its_reply_does_not_stop_the_server(server):
+    path = server.server.config.socket_path
+    for _ in range(5):
+        s = raw_socket(path)
+        s.sendall(encode({"id": 1, "call": "tokenize", "args": {"text": "x" * 5000}}))
+        s.close()  # the reply finds a reset connection
+    s = raw_socket(path)
+    s.sendall(struct.pack(">I", 4) + b"\x81\x91\x01\x01")  # a map with a list key
+    s.shutdown(socket.SHUT_WR)
+    assert [r["errno"] for r in read_replies(s)] == ["EPROTO"]
+    with connect(path) as lip:
+        assert lip.call("hello")["protocol"] == 1
+    invariants(server)
+
+
+def test_unlinking_a_file_mid_generate_keeps_its_context(server):
+    path = server.server.config.socket_path
+    with connect(path) as lip, connect(path) as other:
+        kv = lip.kv("u.kv", create=True)
+        prompt = lip.tokenize("unlink me")
+        kv.append(prompt)
+        it = kv.generate_stream(max_tokens=30, temperature=0.0, blocked=[256, 257, 258])
+        next(it)
+        other.kv("u.kv").unlink()
+        while True:
+            try:
+                next(it)
+            except StopIteration as stop:
+                result = stop.value
+                break
+    assert result["tokens"] == len(prompt) + 30
+    assert invariants(server)["pages"]["used"] == 0
+
+
+def test_generate_stops_at_the_context_limit_with_its_text(tmp_path):
+    from symphony.engine.config import EngineConfig
+    from symphony.engine.engine import Engine
+    from tests.tiny import tiny_model_files
+
+    engine = Engine(
+        tiny_model_files(max_position=24), EngineConfig(device="cpu", num_pages=16, page_size=4)
+    )
+    thread = ServerThread(engine, str(tmp_path / "c.sock")).start()
+    try:
+        with connect(thread.server.config.socket_path) as lip:
+            kv = lip.kv("c.kv", create=True)
+            kv.append(list(range(10, 30)))
+            result = lip.call(
+                "generate",
+                path="c.kv",
+                max_tokens=10,
+                sampler={"temperature": 0, "blocked": [256, 257, 258]},
+            )
+            assert result["finish_reason"] == "length"
+            assert result["tokens"] == 24 == kv.stat()["tokens"]
+            full = lip.call("generate", path="c.kv", max_tokens=1)
+            assert (full["finish_reason"], full["token_ids"], full["tokens"]) == ("length", [], 24)
+            empty = lip.kv("e.kv", create=True)
+            with pytest.raises(SymphonyError) as info:
+                empty.generate(max_tokens=3)
+            assert info.value.errno == "EINVAL"
+        invariants(thread)
+    finally:
+        thread.stop()

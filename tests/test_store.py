@@ -233,3 +233,37 @@ def test_namespace_operations(engine, store):
         store.open("new.kv", ROOT, create=True, exclusive=True)
     assert info.value.errno_name == "EEXIST"
     store.check_invariants()
+
+
+def test_a_fork_by_another_user_looks_up_prefixes_in_its_own_domain(engine, store):
+    prompt, more = list(range(60, 68)), list(range(70, 78))  # two pages, then two more
+    public = store.open("public.kv", ROOT, create=True, mode=0o644)
+    append(engine, store, public, prompt)
+    longer = store.fork("public.kv", "longer.kv", ROOT)
+    append(engine, store, longer, more)  # root's index now holds the pages of `more`
+    mine = store.fork("public.kv", "mine.kv", ALICE)
+    assert mine.domain != public.domain
+    plan = store.begin_append(mine, [*more, 1])
+    assert plan.num_reused == 0  # root's continuation stays root's
+    store.abort_append(plan)
+    theirs = store.fork("public.kv", "theirs.kv", ROOT)
+    plan = store.begin_append(theirs, [*more, 1])
+    assert plan.num_reused == 8  # while root's own fork does hit it
+    store.abort_append(plan)
+    store.check_invariants()
+
+
+def test_recomputing_the_last_token_leaves_the_file_as_it_was(engine, store):
+    f = store.open("r.kv", ROOT, create=True)
+    want = append(engine, store, f, list(range(3, 11)))  # 8 tokens: two full, indexed pages
+    g = store.fork("r.kv", "g.kv", ROOT)
+    plan = store.begin_recompute(g)
+    assert plan.replaced is not None  # the shared, indexed last page is not written
+    got = engine.step([plan.chunk()])
+    store.finish_append(plan)
+    torch.testing.assert_close(got, want)
+    assert g.token_ids == f.token_ids and g.pages[0] == f.pages[0] and g.pages[1] != f.pages[1]
+    plan = store.begin_recompute(g)
+    store.abort_append(plan)
+    assert store.stat("g.kv", ROOT)["tokens"] == 8
+    store.check_invariants()
