@@ -38,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
     _add_socket(run)
     run.add_argument("--priority", type=int, default=0)
     run.add_argument("--pages", type=int, help="page quota")
+    run.add_argument("--tokens", type=int, help="token quota: tokens computed for it")
+    run.add_argument("--wall-seconds", type=int, help="kill it after this many seconds")
     run.add_argument("program")
     run.add_argument("args", nargs=argparse.REMAINDER)
     for name, text in (("ps", "list processes"), ("status", "pool, files, steps")):
@@ -110,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"lipctl: cannot read {args.program}: {exc.strerror}", file=sys.stderr)
         return 1
     limits: dict[str, int] = {"priority": args.priority}
-    if args.pages is not None:
-        limits["pages"] = args.pages
+    for key in ("pages", "tokens", "wall_seconds"):
+        if getattr(args, key) is not None:
+            limits[key] = getattr(args, key)
     with connect(args.socket) as lip:
         pid = lip.spawn(program, args.args, name=os.path.basename(args.program), limits=limits)
         out = {1: sys.stdout.buffer, 2: sys.stderr.buffer}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import resource
 import shutil
@@ -32,6 +33,8 @@ class Limits:
     """rlimits and scheduling limits of one LIP."""
 
     cpu_seconds: int = 3600
+    wall_seconds: int | None = None  # killed when it runs longer
+    tokens: int | None = None  # tokens the scheduler computes for it, at most
     address_space: int = 4 << 30
     open_files: int = 256
     pages: int | None = None
@@ -39,7 +42,15 @@ class Limits:
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> Limits:
-        known = {"cpu_seconds", "address_space", "open_files", "pages", "priority"}
+        known = {
+            "cpu_seconds",
+            "wall_seconds",
+            "tokens",
+            "address_space",
+            "open_files",
+            "pages",
+            "priority",
+        }
         bad = set(args) - known
         if bad:
             raise StoreError(errno.EINVAL, f"unknown limit {sorted(bad)[0]!r}")
@@ -47,7 +58,13 @@ class Limits:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise StoreError(errno.EINVAL, f"limit {key} must be an integer")
         limits = cls(**args)
-        if limits.cpu_seconds < 1 or limits.open_files < 16 or limits.address_space < 1 << 26:
+        too_small = (
+            limits.cpu_seconds < 1
+            or limits.open_files < 16
+            or limits.address_space < 1 << 26
+            or (limits.wall_seconds is not None and limits.wall_seconds < 1)
+        )
+        if too_small:
             raise StoreError(errno.EINVAL, "limits too small to start a program")
         return limits
 
@@ -178,7 +195,9 @@ class ProcessTable:
         except OSError as exc:
             shutil.rmtree(workdir, ignore_errors=True)
             raise StoreError(errno.EAGAIN, f"cannot start the program: {exc}") from None
-        account = Account(process.pid, limits.priority, page_quota=limits.pages)
+        account = Account(
+            process.pid, limits.priority, page_quota=limits.pages, token_quota=limits.tokens
+        )
         proc = Proc(
             process.pid,
             cred.uid,
@@ -190,15 +209,20 @@ class ProcessTable:
             workdir=workdir,
         )
         self.procs[proc.pid] = proc
-        nursery.start_soon(self._supervise, proc)
+        nursery.start_soon(self._supervise, proc, limits.wall_seconds)
         return proc
 
-    async def _supervise(self, proc: Proc) -> None:
+    async def _supervise(self, proc: Proc, wall_seconds: int | None) -> None:
         process = proc.process
         assert process is not None and process.stdout is not None and process.stderr is not None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._pump, proc, 1, process.stdout)
             nursery.start_soon(self._pump, proc, 2, process.stderr)
+            with trio.move_on_after(wall_seconds if wall_seconds is not None else math.inf):
+                await process.wait()
+            if process.returncode is None:  # over its wall-time limit
+                log.warning("pid %d (%s) ran past %s s: killed", proc.pid, proc.name, wall_seconds)
+                self.kill(proc.pid, Cred(0, 0))
             status = await process.wait()
         proc.exit_status = status
         if proc.state == "running":

@@ -176,6 +176,10 @@ class Scheduler:
         else:
             plan = self.store.begin_append(task.file, task.tokens, task.want != "none")
         account = task.account
+        quota = account.token_quota
+        if quota is not None and account.tokens_computed + len(plan.compute_ids) > quota:
+            self.store.abort_append(plan)
+            raise StoreError(errno.EDQUOT, f"token quota of {quota} tokens exceeded")
         fresh = plan.num_allocated
         if account.page_quota is not None and account.pages_allocated + fresh > account.page_quota:
             self.store.abort_append(plan)

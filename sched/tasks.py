@@ -26,6 +26,7 @@ class Account:
     priority: int = 0  # higher runs first
     tokens_computed: int = 0  # attained service, for least-attained-service order
     page_quota: int | None = None
+    token_quota: int | None = None
     pages_allocated: int = 0
 
 

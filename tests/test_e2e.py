@@ -288,3 +288,25 @@ def test_page_quota_and_rlimits_bind_a_lip(server):
         with pytest.raises(SymphonyError) as info:
             lip.spawn("print(1)", limits={"priority": 0, "bogus": 1})
         assert info.value.errno == "EINVAL"
+        counted = textwrap.dedent(
+            """
+            from symphony.lipctl import SymphonyError, connect
+            with connect() as lip:
+                kv = lip.kv("tokens.kv", create=True)
+                kv.append(list(range(100, 108)))
+                try:
+                    kv.append(list(range(100, 108)))
+                except SymphonyError as exc:
+                    print(exc.errno)
+                kv.unlink()
+            """
+        )
+        pid = lip.spawn(counted, name="tokens.py", limits={"tokens": 12})
+        assert wait_program(lip, pid) == (b"EDQUOT\n", 0)
+        t0 = time.monotonic()
+        pid = lip.spawn(
+            "import time; time.sleep(60)", name="sleeper.py", limits={"wall_seconds": 1}
+        )
+        _, status = wait_program(lip, pid)
+        assert status < 0 and time.monotonic() - t0 < 30  # killed at its wall-time limit
+        assert next(p for p in lip.ps() if p["pid"] == pid)["state"] == "killed"
