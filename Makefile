@@ -2,7 +2,7 @@
 PY      := .venv/bin/python
 PIP     := $(PY) -m pip
 STAMP   := .venv/.symphony-installed
-APT_PKGS := fuse3 libfuse3-dev pkg-config
+APT_PKGS := fuse3 libfuse3-dev pkg-config attr
 TORCH_CPU := torch==2.13.0
 
 .PHONY: install demo test lint bench clean

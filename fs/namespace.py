@@ -106,7 +106,14 @@ class Namespace:
     def mkdir(self, path: str, cred: Cred, mode: int = 0o755) -> Directory:
         parent, name = self.parent_of(path, cred)
         gid = parent.gid if parent.mode & stat.S_ISGID else cred.gid
-        node = Directory(self._new_inode(), stat.S_IFDIR | (mode & 0o7777), cred.uid, gid, nlink=2)
+        node = Directory(
+            self._new_inode(),
+            stat.S_IFDIR | (mode & 0o7777),
+            cred.uid,
+            gid,
+            nlink=2,
+            parent=parent.inode,
+        )
         self._insert(parent, name, node, cred, path)
         parent.nlink += 1
         return node
@@ -179,6 +186,7 @@ class Namespace:
         if isinstance(node, Directory) and src_parent is not dst_parent:
             src_parent.nlink -= 1
             dst_parent.nlink += 1
+            node.parent = dst_parent.inode
         src_parent.touch()
         dst_parent.touch()
         node.touch(modified=False)
@@ -218,6 +226,19 @@ class Namespace:
             raise StoreError(errno.ENOTDIR, f"not a directory: {path}")
         self.check(node, cred, R_OK, path)
         return sorted(node.children)
+
+    def path_of(self, inode: int) -> str:
+        """The path of a directory (directories have one name; files may have several)."""
+        parts = []
+        node = self.nodes.get(inode)
+        if not isinstance(node, Directory):
+            raise StoreError(errno.ENOENT, f"no directory with inode {inode}")
+        while node.inode != ROOT_INODE:
+            parent = self.nodes[node.parent]
+            assert isinstance(parent, Directory)
+            parts.append(next(n for n, i in parent.children.items() if i == node.inode))
+            node = parent
+        return "/".join(reversed(parts))
 
     def files(self) -> list[KVFile]:
         return [n for n in self.nodes.values() if isinstance(n, KVFile)]

@@ -70,9 +70,10 @@ class Node:
 
 @dataclass
 class Directory(Node):
-    """A directory: names to inode numbers."""
+    """A directory: names to inode numbers, and the directory holding it."""
 
     children: dict[str, int] = field(default_factory=dict)
+    parent: int = 1
 
 
 @dataclass

@@ -27,6 +27,7 @@ def parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server in the foreground")
     _add_socket(serve)
     serve.add_argument("--model", help="GGUF file or Hugging Face directory (default: embedded)")
+    serve.add_argument("--mount", help="also mount the KV store here with FUSE (e.g. /kv)")
     serve.add_argument("--socket-mode", default="0666", help="octal mode of the socket")
     serve.add_argument("--quant", choices=("none", "int8", "int8wo"), default="none")
     serve.add_argument("--pages", type=int, default=4096, help="KV pages in the pool")
@@ -143,6 +144,7 @@ def serve(args: argparse.Namespace) -> int:
     from symphony.engine.config import EngineConfig
     from symphony.engine.engine import Engine
     from symphony.engine.errors import EngineError
+    from symphony.fs.errors import StoreError
     from symphony.sched.server import Server, ServerConfig
 
     try:
@@ -151,6 +153,7 @@ def serve(args: argparse.Namespace) -> int:
             socket_mode=int(args.socket_mode, 8),
             max_step_tokens=args.max_step_tokens,
             prefix_cache=not args.no_prefix_cache,
+            mount=args.mount,
         )
         engine_config = EngineConfig(
             num_pages=args.pages, page_size=args.page_size, quant=args.quant
@@ -177,7 +180,7 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         trio.run(main)
-    except OSError as exc:
+    except (OSError, StoreError) as exc:
         print(f"lipctl serve: {exc}", file=sys.stderr)
         return 1
     print("symphony: stopped", file=sys.stderr)

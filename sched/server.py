@@ -9,6 +9,8 @@ import os
 import socket
 import stat
 import struct
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +43,7 @@ class ServerConfig:
     socket_mode: int = 0o666
     max_step_tokens: int = 512
     prefix_cache: bool = True
+    mount: str | None = None  # where to mount the store with FUSE; None: no mount
 
     def __post_init__(self) -> None:
         if not self.socket_path:
@@ -96,6 +99,8 @@ class Server:
                     self.engine, self.store, self.scheduler, self.procs, nursery
                 )
                 await nursery.start(self.scheduler.run)
+                if self.config.mount:
+                    await nursery.start(self._mount, self.config.mount)
                 await nursery.start(trio.serve_listeners, self._handle, [listener])
                 log.info("serving on %s", self.config.socket_path)
                 task_status.started()
@@ -104,6 +109,34 @@ class Server:
             with trio.CancelScope(shield=True):
                 await listener.aclose()
             _remove_socket(self.config.socket_path)
+
+    async def _mount(
+        self, mountpoint: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve the store at `mountpoint` until cancelled; always unmount after."""
+        import pyfuse3
+
+        from symphony.fs.fuse_ops import KVFileSystem
+
+        clean_stale_mount(mountpoint)
+        ops = KVFileSystem(self.store, self._status_text)
+        options = {"fsname=symphony", "subtype=kv", "default_permissions"}
+        if os.getuid() == 0:
+            options.add("allow_other")  # every user sees the store; the mode bits decide
+        pyfuse3.init(ops, mountpoint, options)
+        try:
+            task_status.started()
+            await pyfuse3.main()
+        finally:
+            pyfuse3.close(unmount=True)
+
+    def _status_text(self) -> str:
+        assert self.syscalls is not None
+        st = self.syscalls.status()
+        pages = st.pop("pages")
+        lines = [f"pages_{k} {v}" for k, v in pages.items()]
+        lines += [f"{k} {v}" for k, v in st.items()]
+        return "\n".join(lines) + "\n"
 
     async def _listen(self) -> trio.SocketListener:
         path = self.config.socket_path
@@ -196,6 +229,19 @@ class Server:
 async def _send_quietly(send: Any, message: dict[str, Any]) -> None:
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await send(message)
+
+
+def clean_stale_mount(mountpoint: str) -> None:
+    """Unmount what a killed server left at `mountpoint` (saying so in one line)."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:  # "transport endpoint is not connected": stale
+            raise
+        print(f"symphony: cleaning up a stale mount at {mountpoint}", file=sys.stderr)
+        subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
+    if not os.path.isdir(mountpoint):
+        raise StoreError(errno.ENOTDIR, f"mount point {mountpoint} is not a directory")
 
 
 def _remove_socket(path: str) -> None:

@@ -36,6 +36,17 @@ def test_no_module_imports_against_the_arrows():
     assert offences == []
 
 
+def test_fs_uses_trio_and_pyfuse3_only_in_its_fuse_adapter():
+    offences = [
+        f"{path.name} imports {name}"
+        for path in (ROOT / "fs").glob("*.py")
+        if path.name != "fuse_ops.py"
+        for name in imported_modules(path)
+        if name.split(".")[0] in ("trio", "pyfuse3")
+    ]
+    assert offences == []
+
+
 def test_importing_the_engine_loads_neither_trio_nor_pyfuse3():
     engine_modules = sorted(p.stem for p in (ROOT / "engine").glob("*.py") if p.stem != "__init__")
     code = (

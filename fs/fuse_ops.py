@@ -1,0 +1,356 @@
+"""The KV store as a mounted filesystem: one pyfuse3 `Operations` over the store.
+
+Handlers only touch the store's metadata and the pool's tensors; they never wait on
+the engine. Every store error maps to its errno; nothing else escapes a handler.
+This step serves the namespace (lookup, readdir, mkdir, rmdir, unlink, rename, link,
+chmod, chown, utimens, statfs), the xattrs, reading KV files in their byte format and
+/.sys/status. Writing (import) comes next.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pyfuse3
+
+from symphony.fs import kv_format
+from symphony.fs.errors import StoreError
+from symphony.fs.namespace import ROOT_INODE
+from symphony.fs.nodes import W_OK, Cred, Directory, KVFile, Node, now_ns
+from symphony.fs.store import KVStore
+
+log = logging.getLogger(__name__)
+
+SYS_DIR = 1 << 62  # inodes of the virtual /.sys tree, far from the store's
+SYS_STATUS = SYS_DIR + 1
+SYS_NAMES = {b"status": SYS_STATUS}
+XATTRS = (b"user.kv.tokens", b"user.kv.pages", b"user.kv.shared_pages", b"user.kv.model")
+
+
+@dataclass
+class OpenFile:
+    """A KV file opened for reading: a snapshot of its bytes, its pages held."""
+
+    file: KVFile | None
+    layout: kv_format.Layout | None
+    pages: list[int]
+    text: bytes = b""  # for /.sys files
+
+
+def cred_of(ctx: pyfuse3.RequestContext) -> Cred:
+    try:
+        groups = frozenset(pyfuse3.get_sup_groups(ctx.pid))
+    except (OSError, ValueError):
+        groups = frozenset()
+    return Cred(ctx.uid, ctx.gid, groups)
+
+
+class KVFileSystem(pyfuse3.Operations):
+    """The store's namespace as FUSE sees it."""
+
+    def __init__(self, store: KVStore, status_text: Callable[[], str]) -> None:
+        super().__init__()
+        self.store = store
+        self.status_text = status_text
+        self._handles: dict[int, OpenFile] = {}
+        self._next_fh = itertools.count(1)
+        self._dirs: dict[int, list[tuple[bytes, int]]] = {}
+
+    # attributes ---------------------------------------------------------------------
+
+    def _node(self, inode: int) -> Node:
+        node = self.store.ns.nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.entry_timeout = a.attr_timeout = 0  # the store changes under the kernel's feet
+        a.st_blksize = self.store.pool.bytes_per_page
+        if inode >= SYS_DIR:
+            root = self.store.ns.root
+            a.st_mode = (stat.S_IFDIR | 0o555) if inode == SYS_DIR else (stat.S_IFREG | 0o444)
+            a.st_nlink = 2 if inode == SYS_DIR else 1
+            a.st_size = 0 if inode == SYS_DIR else len(self.status_text().encode())
+            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = root.mtime_ns
+            return a
+        node = self._node(inode)
+        a.st_mode, a.st_nlink, a.st_uid, a.st_gid = node.mode, node.nlink, node.uid, node.gid
+        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.atime_ns, node.mtime_ns, node.ctime_ns
+        if isinstance(node, KVFile):
+            lay = kv_format.layout(
+                self.store.pool, self.store.fingerprint, node.token_ids, len(node.pages)
+            )
+            a.st_size = lay.size
+            # du shows real memory: only the pages this file does not share, in 512-byte units
+            own = len(node.pages) - self.store.num_shared(node)
+            a.st_blocks = own * self.store.pool.bytes_per_page // 512
+        return a
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(inode)
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if parent_inode == SYS_DIR:
+            if name not in SYS_NAMES:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attrs(SYS_NAMES[name])
+        if parent_inode == ROOT_INODE and name == b".sys":
+            return self._attrs(SYS_DIR)
+        parent = self._node(parent_inode)
+        if not isinstance(parent, Directory):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        child = parent.children.get(os.fsdecode(name))
+        if child is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(child)
+
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node_or_sys(inode)
+        cred = cred_of(ctx)
+        with errors():
+            if fields.update_mode:
+                _check_owner(node, cred)
+                node.mode = (node.mode & ~0o7777) | (attr.st_mode & 0o7777)
+            if fields.update_uid or fields.update_gid:
+                uid = attr.st_uid if fields.update_uid else None
+                gid = attr.st_gid if fields.update_gid else None
+                if not cred.is_root and (
+                    (uid is not None and uid != node.uid) or cred.uid != node.uid
+                ):
+                    raise StoreError(errno.EPERM, "only root may give a file away")
+                node.uid = node.uid if uid is None else uid
+                node.gid = node.gid if gid is None else gid
+            if fields.update_size:
+                if not isinstance(node, KVFile) or attr.st_size != 0:
+                    raise StoreError(
+                        errno.EINVAL,
+                        "a KV file truncates to 0 bytes only; "
+                        "roll back with the user.kv.tokens xattr",
+                    )
+                self.store.truncate_file(node, 0)
+            if fields.update_atime:
+                node.atime_ns = attr.st_atime_ns
+            if fields.update_mtime:
+                node.mtime_ns = attr.st_mtime_ns
+            node.ctime_ns = now_ns()
+        return self._attrs(inode)
+
+    def _node_or_sys(self, inode: int) -> Node:
+        if inode >= SYS_DIR:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return self._node(inode)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        pool = self.store.pool
+        s.f_bsize = s.f_frsize = pool.bytes_per_page  # a block is a page
+        s.f_blocks = pool.num_pages
+        s.f_bfree = s.f_bavail = pool.num_free + self.store.status()["pages"]["cached"]
+        s.f_files = len(self.store.ns.nodes)
+        s.f_ffree = s.f_favail = 1 << 20
+        s.f_namemax = 255
+        return s
+
+    # directories --------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode == SYS_DIR:
+            entries = [(name, ino) for name, ino in SYS_NAMES.items()]
+        else:
+            node = self._node(inode)
+            if not isinstance(node, Directory):
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            entries = [(os.fsencode(n), i) for n, i in sorted(node.children.items())]
+            if inode == ROOT_INODE:
+                entries.insert(0, (b".sys", SYS_DIR))
+        fh = next(self._next_fh)
+        self._dirs[fh] = entries  # a snapshot: readdir pages through it by index
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dirs.get(fh, [])
+        for index in range(start_id, len(entries)):
+            name, inode = entries[index]
+            try:
+                attrs = self._attrs(inode)
+            except pyfuse3.FUSEError:
+                continue  # removed since opendir
+            if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    def _path(self, parent_inode: int, name: bytes) -> str:
+        if parent_inode >= SYS_DIR:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        with errors():
+            base = self.store.ns.path_of(parent_inode)
+        return f"{base}/{os.fsdecode(name)}" if base else os.fsdecode(name)
+
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        with errors():
+            node = self.store.ns.mkdir(
+                self._path(parent_inode, name), cred_of(ctx), mode & ~ctx.umask
+            )
+        return self._attrs(node.inode)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        with errors():
+            self.store.ns.rmdir(self._path(parent_inode, name), cred_of(ctx))
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        with errors():
+            self.store.unlink(self._path(parent_inode, name), cred_of(ctx))
+
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        if flags:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        with errors():
+            self.store.ns.rename(
+                self._path(parent_inode_old, name_old),
+                self._path(parent_inode_new, name_new),
+                cred_of(ctx),
+            )
+
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node_or_sys(inode)
+        if not isinstance(node, KVFile):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        with errors():
+            parent = self._node(new_parent_inode)
+            assert isinstance(parent, Directory)
+            path = self._path(new_parent_inode, new_name)
+            self.store.ns.check(parent, cred_of(ctx), W_OK, path)
+            name = os.fsdecode(new_name)
+            if name in parent.children:
+                raise StoreError(errno.EEXIST, f"file exists: {path}")
+            parent.children[name] = node.inode
+            node.nlink += 1
+            node.ctime_ns = parent.mtime_ns = now_ns()
+        return self._attrs(inode)
+
+    # xattrs -------------------------------------------------------------------------
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return list(XATTRS) if isinstance(self.store.ns.nodes.get(inode), KVFile) else []
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.store.ns.nodes.get(inode)
+        if not isinstance(node, KVFile) or name not in XATTRS:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        value = {
+            b"user.kv.tokens": node.num_tokens,
+            b"user.kv.pages": len(node.pages),
+            b"user.kv.shared_pages": self.store.num_shared(node),
+            b"user.kv.model": self.store.fingerprint,
+        }[name]
+        return str(value).encode()
+
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        node = self.store.ns.nodes.get(inode)
+        if not isinstance(node, KVFile) or name != b"user.kv.tokens":
+            raise pyfuse3.FUSEError(errno.EPERM if name in XATTRS else errno.ENOTSUP)
+        try:
+            n = int(value.decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        with errors():
+            self.store.ns.check(node, cred_of(ctx), W_OK, "")
+            self.store.truncate_file(node, n)  # rollback
+
+    # file bytes ---------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        fh = next(self._next_fh)
+        if inode >= SYS_DIR:
+            if writing:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            self._handles[fh] = OpenFile(None, None, [], self.status_text().encode())
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        node = self._node(inode)
+        if not isinstance(node, KVFile):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        with errors():
+            if flags & os.O_TRUNC:
+                self.store.truncate_file(node, 0)  # the kernel checked write permission
+        pages = list(node.pages)
+        self.store.pool.incref(pages)  # the snapshot's pages outlive a truncate meanwhile
+        lay = kv_format.layout(self.store.pool, self.store.fingerprint, node.token_ids, len(pages))
+        node.open_count += 1
+        self._handles[fh] = OpenFile(node, lay, pages)
+        # direct_io: readers see the file as it is now, not a kernel-cached older version
+        return pyfuse3.FileInfo(fh=fh, direct_io=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles[fh]
+        if handle.layout is None:
+            return handle.text[off : off + size]
+        return kv_format.read_range(self.store.pool, handle.layout, handle.pages, off, size)
+
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh)
+        if handle.file is not None:
+            self.store.pool.decref(handle.pages)
+            self.store.close(handle.file)
+
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # importing KV bytes: the next step
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+
+
+@contextmanager
+def errors() -> Iterator[None]:
+    """Map the store's errors to FUSEError; log and answer EIO for anything else."""
+    try:
+        yield
+    except pyfuse3.FUSEError:
+        raise
+    except StoreError as exc:
+        raise pyfuse3.FUSEError(exc.errno) from None
+    except Exception:  # a bug: logged, and the caller gets EIO rather than a hang
+        log.exception("FUSE handler failed")
+        raise pyfuse3.FUSEError(errno.EIO) from None
+
+
+def _check_owner(node: Node, cred: Cred) -> None:
+    if not cred.is_root and cred.uid != node.uid:
+        raise StoreError(errno.EPERM, "only the owner may change the mode")

@@ -1,0 +1,130 @@
+"""The store mounted for real (FUSE), driven by shell tools, beside the syscalls."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from symphony.lipctl import connect
+from tests.server_helpers import ROOT
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+    reason="needs /dev/fuse and fusermount3",
+)
+NOBODY = 65534
+
+
+def sh(*argv: str, user: int | None = None) -> subprocess.CompletedProcess:
+    if user is not None:
+        argv = ("setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def mounted():
+    folder = tempfile.mkdtemp(prefix="symphony-mount-")
+    os.chmod(folder, 0o755)
+    mount, socket = os.path.join(folder, "kv"), os.path.join(folder, "s.sock")
+    os.mkdir(mount)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tests.serve_tiny", socket, mount],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(mount):
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            assert time.monotonic() < deadline, "the mount did not appear"
+            time.sleep(0.05)
+        yield mount, socket
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        if os.path.ismount(mount):
+            subprocess.run(["fusermount3", "-u", mount], timeout=20, check=False)
+        if os.path.ismount(mount):
+            subprocess.run(["fusermount3", "-u", "-z", mount], timeout=20, check=False)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def status(mount: str) -> dict[str, str]:
+    with open(os.path.join(mount, ".sys", "status")) as f:
+        pairs = dict(line.split(" ", 1) for line in f.read().splitlines())
+    pages = [int(pairs[f"pages_{k}"]) for k in ("used", "cached", "free")]
+    assert sum(pages) == int(pairs["pages_total"])
+    return pairs
+
+
+def test_the_shell_scenario(mounted):
+    mount, socket = mounted
+    with connect(socket) as lip:
+        lip.mkdir("ctx")
+        kv = lip.kv("ctx/a.kv", create=True)
+        kv.append(list(range(3, 21)))  # 18 tokens: 4 full pages + 2
+        kv.fork("ctx/b.kv")
+    path = lambda *p: os.path.join(mount, *p)  # noqa: E731
+    listing = sh("ls", "-l", path("ctx")).stdout
+    assert "a.kv" in listing and "b.kv" in listing
+    assert os.stat(path("ctx/a.kv")).st_size == os.stat(path("ctx/b.kv")).st_size > 0
+    # du shows real memory: the fork shares every page, so neither owns a block
+    assert os.stat(path("ctx/b.kv")).st_blocks == 0
+    assert int(status(mount)["pages_shared"]) == 5
+    assert os.getxattr(path("ctx/b.kv"), "user.kv.tokens") == b"18"
+    assert sh("getfattr", "-n", "user.kv.shared_pages", path("ctx/b.kv")).stdout.count('"5"') == 1
+    # rollback from the shell
+    assert sh("setfattr", "-n", "user.kv.tokens", "-v", "9", path("ctx/b.kv")).returncode == 0
+    with connect(socket) as lip:
+        st = lip.kv("ctx/b.kv").stat()
+        assert (st["tokens"], st["pages"]) == (9, 3)
+        assert lip.kv("ctx/b.kv").forward([5], temperature=0)["tokens"] == 10
+    blocks = os.stat(path("ctx/b.kv")).st_blocks
+    assert blocks > 0  # it wrote into its own copy of the partial page
+    assert sh("mv", path("ctx/b.kv"), path("moved.kv")).returncode == 0
+    assert sh("ln", path("moved.kv"), path("hard.kv")).returncode == 0
+    assert os.stat(path("hard.kv")).st_nlink == 2
+    assert sh("rm", path("moved.kv")).returncode == 0
+    assert os.getxattr(path("hard.kv"), "user.kv.tokens") == b"10"
+    # the mode bits hold for another uid, as the kernel checks them
+    assert oct(os.stat(path("hard.kv")).st_mode & 0o777) == "0o600"
+    refused = sh("head", "-c", "8", path("hard.kv"), user=NOBODY)
+    assert refused.returncode != 0 and "Permission denied" in refused.stderr
+    assert sh("chmod", "644", path("hard.kv")).returncode == 0
+    assert sh("head", "-c", "8", path("hard.kv"), user=NOBODY).stdout == "SYMKV\0\0\1"
+    assert sh("truncate", "-s", "0", path("hard.kv")).returncode == 0
+    assert os.getxattr(path("hard.kv"), "user.kv.tokens") == b"0"
+    assert sh("rm", path("hard.kv"), path("ctx/a.kv")).returncode == 0
+    assert sh("rmdir", path("ctx")).returncode == 0
+    final = status(mount)
+    assert (final["pages_used"], final["files"]) == ("0", "0")
+
+
+def test_bytes_read_back_describe_the_file(mounted):
+    import json
+    import struct
+
+    mount, socket = mounted
+    with connect(socket) as lip:
+        lip.kv("x.kv", create=True).append([7, 8, 9, 10, 11])
+        model = lip.info["model"]["fingerprint"]
+    with open(os.path.join(mount, "x.kv"), "rb") as f:
+        data = f.read()
+    assert data[:8] == b"SYMKV\0\0\1"
+    (length,) = struct.unpack("<I", data[8:12])
+    header = json.loads(data[12 : 12 + length])
+    assert header | {"model": model, "num_tokens": 5, "num_pages": 2} == header
+    ids = struct.unpack("<5i", data[12 + length : 12 + length + 20])
+    assert ids == (7, 8, 9, 10, 11)
+    assert len(data) == os.stat(os.path.join(mount, "x.kv")).st_size
