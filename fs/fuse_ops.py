@@ -2,9 +2,9 @@
 
 Handlers only touch the store's metadata and the pool's tensors; they never wait on
 the engine. Every store error maps to its errno; nothing else escapes a handler.
-This step serves the namespace (lookup, readdir, mkdir, rmdir, unlink, rename, link,
-chmod, chown, utimens, statfs), the xattrs, reading KV files in their byte format and
-/.sys/status. Writing (import) comes next.
+It serves the namespace (lookup, readdir, mkdir, rmdir, unlink, rename, link, chmod,
+chown, utimens, statfs), the xattrs, KV files in their byte format (read: export; write
+from empty: import, sharing pages the store already holds) and /.sys/status.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pyfuse3
 
 from symphony.fs import kv_format
 from symphony.fs.errors import StoreError
+from symphony.fs.kv_import import Importer
 from symphony.fs.namespace import ROOT_INODE
 from symphony.fs.nodes import W_OK, Cred, Directory, KVFile, Node, now_ns
 from symphony.fs.store import KVStore
@@ -42,6 +43,7 @@ class OpenFile:
     layout: kv_format.Layout | None
     pages: list[int]
     text: bytes = b""  # for /.sys files
+    importer: Importer | None = None  # opened for writing an empty file: an import
 
 
 def cred_of(ctx: pyfuse3.RequestContext) -> Cred:
@@ -139,7 +141,10 @@ class KVFileSystem(pyfuse3.Operations):
                     raise StoreError(errno.EPERM, "only root may give a file away")
                 node.uid = node.uid if uid is None else uid
                 node.gid = node.gid if gid is None else gid
-            if fields.update_size:
+            importing = self._handles[fh].importer if fh in self._handles else None
+            if fields.update_size and importing is not None and attr.st_size:
+                importing.extend_to(attr.st_size)  # cp ending in a hole
+            elif fields.update_size:
                 if not isinstance(node, KVFile) or attr.st_size != 0:
                     raise StoreError(
                         errno.EINVAL,
@@ -308,33 +313,79 @@ class KVFileSystem(pyfuse3.Operations):
         with errors():
             if flags & os.O_TRUNC:
                 self.store.truncate_file(node, 0)  # the kernel checked write permission
+        if writing:
+            return self._open_for_import(fh, node)
         pages = list(node.pages)
-        self.store.pool.incref(pages)  # the snapshot's pages outlive a truncate meanwhile
+        self.store.hold(pages)  # the snapshot's pages outlive a truncate meanwhile
         lay = kv_format.layout(self.store.pool, self.store.fingerprint, node.token_ids, len(pages))
         node.open_count += 1
         self._handles[fh] = OpenFile(node, lay, pages)
         # direct_io: readers see the file as it is now, not a kernel-cached older version
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
+    def _open_for_import(self, fh: int, node: KVFile) -> pyfuse3.FileInfo:
+        # an empty file takes an import; writing into a non-empty one is refused (EINVAL)
+        importer = self.store.importer() if node.num_tokens == 0 else None
+        node.open_count += 1
+        self._handles[fh] = OpenFile(node, None, [], importer=importer)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True)
+
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles[fh]
-        if handle.layout is None:
+        if handle.file is None:
             return handle.text[off : off + size]
-        return kv_format.read_range(self.store.pool, handle.layout, handle.pages, off, size)
+        if handle.layout is None:
+            raise pyfuse3.FUSEError(errno.EBADF)  # opened for writing only
+        return kv_format.read_range(
+            self.store.pool, handle.layout, handle.pages, off, size, self.store.content.note
+        )
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handles[fh]
+        if handle.importer is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # KV files are written whole, from empty
+        with errors():
+            handle.importer.write(off, buf)
+        return len(buf)
+
+    async def flush(self, fh: int) -> None:
+        """close(): an import that is neither empty nor whole fails here, with EINVAL."""
+        handle = self._handles.get(fh)
+        importer = handle.importer if handle else None
+        if importer is not None and importer.received and not importer.complete():
+            importer.abort()
+            handle.importer = None  # type: ignore[union-attr]
+            raise pyfuse3.FUSEError(errno.EINVAL)
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
-        if handle.file is not None:
-            self.store.pool.decref(handle.pages)
-            self.store.close(handle.file)
+        if handle.file is None:
+            return
+        self.store.unhold(handle.pages)
+        importer = handle.importer
+        if importer is not None:
+            if importer.received and importer.complete():
+                with errors():
+                    self.store.commit_import(handle.file, importer)
+            else:
+                importer.abort()
+        self.store.close(handle.file)
 
     async def create(
-        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # importing KV bytes: the next step
-
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        cred = cred_of(ctx)
+        with errors():
+            path = self._path(parent_inode, name)
+            node = self.store.ns.create_file(
+                path, cred, mode & ~ctx.umask, self.store.domain_of(cred)
+            )
+        return self._open_for_import(next(self._next_fh), node), self._attrs(node.inode)
 
 
 @contextmanager

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,8 +63,16 @@ def page_data(pool: PagePool, page: int) -> bytes:
     return torch.cat(parts).cpu().numpy().tobytes()
 
 
-def read_range(pool: PagePool, lay: Layout, pages: list[int], offset: int, size: int) -> bytes:
-    """Bytes [offset, offset + size) of a file with this layout and these pages."""
+def read_range(
+    pool: PagePool,
+    lay: Layout,
+    pages: list[int],
+    offset: int,
+    size: int,
+    on_page: Callable[[int, bytes], None] | None = None,
+) -> bytes:
+    """Bytes [offset, offset + size) of a file with this layout and these pages;
+    `on_page(page, data)` sees every page's bytes as they are read."""
     end = min(offset + size, lay.size)
     out = bytearray()
     pos = offset
@@ -73,6 +82,8 @@ def read_range(pool: PagePool, lay: Layout, pages: list[int], offset: int, size:
         else:
             index, within = divmod(pos - len(lay.head), lay.page_bytes)
             data = page_data(pool, pages[index])
+            if on_page is not None:
+                on_page(pages[index], data)
             take = data[within : within + (end - pos)]
         out += take
         pos += len(take)

@@ -11,6 +11,7 @@ gives everything back. The FUSE filesystem and the syscalls are two views of thi
 from __future__ import annotations
 
 import errno
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from symphony.engine.batch import SeqChunk
 from symphony.engine.errors import OutOfPagesError
 from symphony.engine.page_pool import PagePool
 from symphony.fs.errors import StoreError
+from symphony.fs.kv_import import ContentIndex, Importer
 from symphony.fs.namespace import Namespace
 from symphony.fs.nodes import R_OK, W_OK, Cred, KVFile
 from symphony.fs.prefix_index import ROOT_HASH, PrefixIndex, page_hash
@@ -76,10 +78,17 @@ class KVStore:
         self.domain_of = domain_of
         self.index = PrefixIndex(pool) if prefix_cache else None
         self.ns = Namespace(self._on_last_link)
+        self.content = ContentIndex(pool)  # pages by their bytes, for `cp` into the mount
         self._orphans: dict[int, KVFile] = {}  # unlinked but still open or busy
         self._plans: list[AppendPlan] = []
+        self._importers: list[Importer] = []
+        self._held: Counter[int] = Counter()  # pages readers of a snapshot keep alive
 
     # pages --------------------------------------------------------------------------
+
+    def allocate(self, n: int) -> list[int]:
+        """`n` free pages, evicting cached ones if needed. Raises StoreError(ENOSPC)."""
+        return self._allocate(n)
 
     def _allocate(self, n: int) -> list[int]:
         short = n - self.pool.num_free
@@ -186,6 +195,38 @@ class KVStore:
         del file.pages[keep:]
         del file.page_hashes[num_tokens // self.page_size :]
         del file.token_ids[num_tokens:]
+        file.touch()
+
+    def hold(self, pages: list[int]) -> None:
+        """Keep `pages` alive for a reader of a file's snapshot (the file may change)."""
+        self.pool.incref(pages)
+        self._held.update(pages)
+
+    def unhold(self, pages: list[int]) -> None:
+        self._held.subtract(pages)
+        self.pool.decref(pages)
+
+    def importer(self) -> Importer:
+        """A new import; its pages count in check_invariants until committed or aborted."""
+        self._importers = [i for i in self._importers if i.pages]
+        imported = Importer(
+            self.pool, self.fingerprint, self.content, self.max_tokens, self.allocate
+        )
+        self._importers.append(imported)
+        return imported
+
+    def commit_import(self, file: KVFile, imported: Importer) -> None:
+        """Make the empty `file` hold what `imported` read; its pages pass to the file.
+
+        Imported pages never enter the prefix index: their bytes were not computed here.
+        """
+        if file.num_tokens or file.busy:
+            imported.abort()
+            raise StoreError(errno.EBUSY, "the file changed during the import")
+        assert imported.token_ids is not None
+        file.pages, imported.pages = imported.pages, []
+        file.token_ids = list(imported.token_ids)
+        self._hash_full_pages(file, index=False)
         file.touch()
 
     def unlink(self, path: str, cred: Cred) -> None:
@@ -367,6 +408,11 @@ class KVStore:
         for plan in self._plans:
             for page in plan.owned:
                 expected[page] += 1
+        for imported in self._importers:
+            for page in imported.pages:
+                expected[page] += 1
+        for page, count in self._held.items():
+            expected[page] += count
         if self.index is not None:
             self.index.check_invariants()
             for page in range(self.pool.num_pages):

@@ -136,6 +136,11 @@ class Server:
         pages = st.pop("pages")
         lines = [f"pages_{k} {v}" for k, v in pages.items()]
         lines += [f"{k} {v}" for k, v in st.items()]
+        try:
+            self.store.check_invariants()
+            lines.append("invariants ok")
+        except AssertionError as exc:
+            lines.append(f"invariants broken: {exc}")
         return "\n".join(lines) + "\n"
 
     async def _listen(self) -> trio.SocketListener:

@@ -1,6 +1,6 @@
 """A server on the tiny random-weight model, for mount tests.
 
-    python -m tests.serve_tiny SOCKET MOUNT
+python -m tests.serve_tiny SOCKET MOUNT
 """
 
 from __future__ import annotations

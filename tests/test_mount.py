@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -128,3 +129,75 @@ def test_bytes_read_back_describe_the_file(mounted):
     ids = struct.unpack("<5i", data[12 + length : 12 + length + 20])
     assert ids == (7, 8, 9, 10, 11)
     assert len(data) == os.stat(os.path.join(mount, "x.kv")).st_size
+
+
+def test_cp_forks_without_a_page_and_round_trips_through_disk(mounted, tmp_path):
+    mount, socket = mounted
+    path = lambda *p: os.path.join(mount, *p)  # noqa: E731
+    with connect(socket) as lip:
+        kv = lip.kv("orig.kv", create=True)
+        kv.append(list(range(3, 17)))  # 14 tokens, 4 pages
+    used = status(mount)["pages_used"]
+    assert sh("cp", path("orig.kv"), path("copy.kv")).returncode == 0
+    assert status(mount)["pages_used"] == used  # the copy took no page
+    assert os.getxattr(path("copy.kv"), "user.kv.shared_pages") == b"4"
+    assert os.stat(path("copy.kv")).st_blocks == 0
+    assert sh("cmp", path("orig.kv"), path("copy.kv")).returncode == 0
+    # out to disk, gone from the store, back in: the same bytes, the same continuation
+    with connect(socket) as lip:
+        before = lip.kv("orig.kv").fork("probe.kv").generate(max_tokens=6, temperature=0)
+        lip.kv("probe.kv").unlink()
+    assert sh("cp", path("orig.kv"), str(tmp_path / "saved.kv")).returncode == 0
+    assert sh("rm", path("orig.kv"), path("copy.kv")).returncode == 0
+    assert status(mount)["pages_used"] == "0"
+    assert sh("cp", str(tmp_path / "saved.kv"), path("back.kv")).returncode == 0
+    assert sh("cmp", str(tmp_path / "saved.kv"), path("back.kv")).returncode == 0
+    with connect(socket) as lip:
+        assert lip.kv("back.kv").generate(max_tokens=6, temperature=0) == before
+    assert status(mount)["invariants"] == "ok"
+
+
+def test_corrupted_or_truncated_kv_files_are_refused(mounted, tmp_path):
+    import random
+
+    mount, socket = mounted
+    with connect(socket) as lip:
+        lip.kv("good.kv", create=True).append(list(range(20, 31)))
+    with open(os.path.join(mount, "good.kv"), "rb") as f:
+        good = f.read()
+    head_end = good.index(b"}") + 1
+    rng = random.Random(0)
+    baseline = status(mount)["pages_used"]
+    bad_files = []
+    for i in range(200):
+        data = bytearray(good)
+        kind = i % 4
+        if kind == 0:  # cut short anywhere
+            data = data[: rng.randrange(1, len(good))]
+        elif kind == 1:  # a byte of the header changed
+            data[rng.randrange(0, head_end)] ^= 0xFF
+        elif kind == 2:  # bytes appended
+            data += bytes(rng.randrange(1, 3000))
+        else:  # header fields that do not fit this server
+            field = rng.choice(
+                [
+                    b'"page_size": 4',
+                    b'"num_layers": 2',
+                    b'"version": 1',
+                    b'"num_pages": 3',
+                    b'"head_dim": 16',
+                ]
+            )
+            data = bytearray(good.replace(field, field[:-1] + b"7", 1))
+            if bytes(data) == good:
+                data = data[:-1]
+        bad_files.append(bytes(data))
+    for i, data in enumerate(bad_files):
+        target = os.path.join(mount, f"bad{i}.kv")
+        with pytest.raises(OSError) as info, open(target, "wb") as f:
+            f.write(data)
+        assert info.value.errno == errno.EINVAL
+        assert os.getxattr(target, "user.kv.tokens") == b"0"  # nothing half-imported
+        os.unlink(target)
+    final = status(mount)
+    assert final["pages_used"] == baseline and final["invariants"] == "ok"
