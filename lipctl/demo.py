@@ -5,7 +5,9 @@
 2. A chat question is answered through the syscalls, with prefill and decode speed.
 3. The Figure-2 LIP (examples/fork_parallel.py) forks one prefix into branches that
    generate together; it prints their text, the pages they share and timings.
-4. `lipctl status` shows the pool; the server stops.
+4. `lipctl status` shows the pool; with /dev/fuse, the store is mounted too, and the
+   chat's KV file is forked with `cp`, then shown with ls -l, du and getfattr.
+5. The server stops (and unmounts).
 
 `--engine-only` skips the server and runs the engine in this process.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,7 +60,7 @@ def wait_for_server(socket: str, server: subprocess.Popen, timeout: float = 600)
 def chat(socket: str, prompt: str, max_tokens: int) -> None:
     with connect(socket) as lip:
         lip.mkdir("demo", parents=True)
-        kv = lip.kv(f"demo/chat-{time.time_ns()}.kv", create=True)
+        kv = lip.kv("demo/chat.kv", create=True)
         ids = lip.apply_chat_template([{"role": "user", "content": prompt}])
         t0 = time.perf_counter()
         kv.append(ids)
@@ -73,7 +76,24 @@ def chat(socket: str, prompt: str, max_tokens: int) -> None:
             f"prefill {len(ids)} tokens at {len(ids) / (t1 - t0):.0f} tok/s, "
             f"decode {n} tokens at {n / (t2 - t1):.1f} tok/s (through the socket)"
         )
-        kv.unlink()
+
+
+def show_mount(mount: str) -> None:
+    """The KV store as files: a fork by cp, then ls, du and getfattr."""
+    demo = os.path.join(mount, "demo")
+    steps = [
+        ["cp", os.path.join(demo, "chat.kv"), os.path.join(demo, "chat-copy.kv")],
+        ["ls", "-l", demo],
+        ["du", "-k", os.path.join(demo, "chat.kv"), os.path.join(demo, "chat-copy.kv")],
+        ["getfattr", "--absolute-names", "-d", "-m", "user", os.path.join(demo, "chat-copy.kv")],
+    ]
+    for argv in steps:
+        shown = " ".join(a.replace(mount, "/kv") for a in argv)
+        print(f"\n== $ {shown}", flush=True)
+        if shutil.which(argv[0]) is None:
+            print(f"({argv[0]} is not installed)")
+            continue
+        subprocess.call(argv)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -91,7 +111,14 @@ def run_demo(args: argparse.Namespace) -> int:
     ]
     if args.model:
         serve += ["--model", args.model]
-    print(f"$ lipctl serve --socket {socket}", flush=True)
+    mount = os.path.join(workdir, "kv")
+    can_mount = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
+    if can_mount:
+        os.mkdir(mount)
+        serve += ["--mount", mount]
+    print(
+        f"$ lipctl serve --socket {socket}" + (f" --mount {mount}" if can_mount else ""), flush=True
+    )
     server = subprocess.Popen(serve)
     try:
         wait_for_server(socket, server)
@@ -108,6 +135,10 @@ def run_demo(args: argparse.Namespace) -> int:
             raise SymphonyError("EIO", f"the LIP exited with status {code}")
         print("\n== $ lipctl status")
         subprocess.call([*lipctl, "status"], env=env)
+        if can_mount:
+            show_mount(mount)
+        else:
+            print("\n(no /dev/fuse here: the KV store is not mounted)")
     except SymphonyError as exc:
         print(f"symphony-demo: {exc}", file=sys.stderr)
         return 1
@@ -117,7 +148,7 @@ def run_demo(args: argparse.Namespace) -> int:
             server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
-        os.rmdir(workdir) if not os.listdir(workdir) else None
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
