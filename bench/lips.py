@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -268,6 +269,7 @@ def main() -> None:
         )
     finally:
         stop_server(server)
+    shutil.rmtree(folder, ignore_errors=True)
     results["prompt_cache"] = {"index_on_rps": on, "index_off_rps": off, "speedup": on / off}
 
     rt, f2, pc = results["round_trip"], results["figure2"], results["prompt_cache"]
