@@ -30,8 +30,8 @@ from symphony.fs.store import KVStore
 log = logging.getLogger(__name__)
 
 SYS_DIR = 1 << 62  # inodes of the virtual /.sys tree, far from the store's
-SYS_STATUS = SYS_DIR + 1
-SYS_NAMES = {b"status": SYS_STATUS}
+SYS_FILES = ("status", "procs", "metrics")  # /.sys/NAME, inode SYS_DIR + 1 + index
+SYS_NAMES = {name.encode(): SYS_DIR + 1 + i for i, name in enumerate(SYS_FILES)}
 XATTRS = (b"user.kv.tokens", b"user.kv.pages", b"user.kv.shared_pages", b"user.kv.model")
 
 
@@ -57,15 +57,18 @@ def cred_of(ctx: pyfuse3.RequestContext) -> Cred:
 class KVFileSystem(pyfuse3.Operations):
     """The store's namespace as FUSE sees it."""
 
-    def __init__(self, store: KVStore, status_text: Callable[[], str]) -> None:
+    def __init__(self, store: KVStore, sys_text: Callable[[str], str]) -> None:
         super().__init__()
         self.store = store
-        self.status_text = status_text
+        self.sys_text = sys_text  # the text of /.sys/NAME, made when it is read
         self._handles: dict[int, OpenFile] = {}
         self._next_fh = itertools.count(1)
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
 
     # attributes ---------------------------------------------------------------------
+
+    def _sys_bytes(self, inode: int) -> bytes:
+        return self.sys_text(SYS_FILES[inode - SYS_DIR - 1]).encode()
 
     def _node(self, inode: int) -> Node:
         node = self.store.ns.nodes.get(inode)
@@ -82,7 +85,7 @@ class KVFileSystem(pyfuse3.Operations):
             root = self.store.ns.root
             a.st_mode = (stat.S_IFDIR | 0o555) if inode == SYS_DIR else (stat.S_IFREG | 0o444)
             a.st_nlink = 2 if inode == SYS_DIR else 1
-            a.st_size = 0 if inode == SYS_DIR else len(self.status_text().encode())
+            a.st_size = 0 if inode == SYS_DIR else len(self._sys_bytes(inode))
             a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = root.mtime_ns
             return a
         node = self._node(inode)
@@ -305,7 +308,7 @@ class KVFileSystem(pyfuse3.Operations):
         if inode >= SYS_DIR:
             if writing:
                 raise pyfuse3.FUSEError(errno.EACCES)
-            self._handles[fh] = OpenFile(None, None, [], self.status_text().encode())
+            self._handles[fh] = OpenFile(None, None, [], self._sys_bytes(inode))
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         node = self._node(inode)
         if not isinstance(node, KVFile):

@@ -119,7 +119,7 @@ class Server:
         from symphony.fs.fuse_ops import KVFileSystem
 
         clean_stale_mount(mountpoint)
-        ops = KVFileSystem(self.store, self._status_text)
+        ops = KVFileSystem(self.store, self._sys_text)
         options = {"fsname=symphony", "subtype=kv", "default_permissions"}
         if os.getuid() == 0:
             options.add("allow_other")  # every user sees the store; the mode bits decide
@@ -130,17 +130,39 @@ class Server:
         finally:
             pyfuse3.close(unmount=True)
 
-    def _status_text(self) -> str:
+    def _sys_text(self, name: str) -> str:
+        """The text of /.sys/NAME: status, procs or metrics."""
         assert self.syscalls is not None
         st = self.syscalls.status()
         pages = st.pop("pages")
-        lines = [f"pages_{k} {v}" for k, v in pages.items()]
-        lines += [f"{k} {v}" for k, v in st.items()]
-        try:
-            self.store.check_invariants()
-            lines.append("invariants ok")
-        except AssertionError as exc:
-            lines.append(f"invariants broken: {exc}")
+        if name == "procs":
+            rows = [p.row() for p in sorted(self.procs.procs.values(), key=lambda p: p.pid)]
+            lines = ["pid uid state priority tokens syscalls name"]
+            lines += [
+                f"{r['pid']} {r['uid']} {r['state']} {r['priority']} {r['tokens']} "
+                f"{r['syscalls']} {r['name']}"
+                for r in rows
+            ]
+        elif name == "metrics":  # Prometheus text exposition
+            lines = ["# TYPE symphony_pages gauge"]
+            lines += [f'symphony_pages{{state="{k}"}} {v}' for k, v in pages.items()]
+            for key, kind in (
+                ("files", "gauge"),
+                ("processes", "gauge"),
+                ("waiting", "gauge"),
+                ("steps", "counter"),
+                ("tokens_computed", "counter"),
+            ):
+                metric = f"symphony_{key}" + ("_total" if kind == "counter" else "")
+                lines += [f"# TYPE {metric} {kind}", f"{metric} {st[key]}"]
+        else:
+            lines = [f"pages_{k} {v}" for k, v in pages.items()]
+            lines += [f"{k} {v}" for k, v in st.items()]
+            try:
+                self.store.check_invariants()
+                lines.append("invariants ok")
+            except AssertionError as exc:
+                lines.append(f"invariants broken: {exc}")
         return "\n".join(lines) + "\n"
 
     async def _listen(self) -> trio.SocketListener:

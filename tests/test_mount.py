@@ -201,3 +201,26 @@ def test_corrupted_or_truncated_kv_files_are_refused(mounted, tmp_path):
         os.unlink(target)
     final = status(mount)
     assert final["pages_used"] == baseline and final["invariants"] == "ok"
+
+
+def test_sys_procs_and_metrics_and_fresh_sizes(mounted):
+    mount, socket = mounted
+    with connect(socket) as lip:
+        kv = lip.kv("grow.kv", create=True)
+        kv.append([1, 2, 3])
+        size = os.stat(os.path.join(mount, "grow.kv")).st_size
+        kv.append([4, 5, 6, 7, 8])  # through the syscalls: the mount sees it at once
+        assert os.stat(os.path.join(mount, "grow.kv")).st_size > size
+        assert os.getxattr(os.path.join(mount, "grow.kv"), "user.kv.tokens") == b"8"
+        with open(os.path.join(mount, ".sys", "procs")) as f:
+            procs = f.read().splitlines()
+        assert procs[0].split() == ["pid", "uid", "state", "priority", "tokens", "syscalls", "name"]
+        assert any(line.split()[2] == "running" for line in procs[1:])
+    with open(os.path.join(mount, ".sys", "metrics")) as f:
+        metrics = dict(ln.rsplit(" ", 1) for ln in f.read().splitlines() if not ln.startswith("#"))
+    assert int(metrics['symphony_pages{state="used"}']) == 2
+    assert int(metrics["symphony_files"]) == 1
+    assert int(metrics["symphony_tokens_computed_total"]) >= 8
+    assert sorted(os.listdir(os.path.join(mount, ".sys"))) == ["metrics", "procs", "status"]
+    with pytest.raises(OSError), open(os.path.join(mount, ".sys", "status"), "w"):
+        pass  # /.sys is read-only
