@@ -127,8 +127,9 @@ def _drop_privileges(cred: Cred, limits: Limits) -> Any:
 class ProcessTable:
     """Who is connected and what the server runs; spawn, kill, wait."""
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, mount: str | None = None) -> None:
         self.socket_path = socket_path
+        self.mount = mount  # told to programs as SYMPHONY_MOUNT
         self.procs: dict[int, Proc] = {}
 
     def attach(self, pid: int, cred: Cred) -> Proc:
@@ -180,6 +181,7 @@ class ProcessTable:
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             **env,
             "SYMPHONY_SOCKET": self.socket_path,
+            **({"SYMPHONY_MOUNT": self.mount} if self.mount else {}),
             "PYTHONUNBUFFERED": "1",
         }
         try:

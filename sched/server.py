@@ -86,7 +86,8 @@ class Server:
         # like /tmp: everyone may make files, nobody may remove another's
         self.store.ns.chmod("", ROOT, 0o1777)
         self.scheduler = Scheduler(engine, self.store, config.max_step_tokens)
-        self.procs = ProcessTable(os.path.abspath(config.socket_path))
+        mount = os.path.abspath(config.mount) if config.mount else None
+        self.procs = ProcessTable(os.path.abspath(config.socket_path), mount)
         self.syscalls: Syscalls | None = None
         self._connections: dict[int, int] = {}  # pid -> open connections
 

@@ -224,3 +224,22 @@ def test_sys_procs_and_metrics_and_fresh_sizes(mounted):
     assert sorted(os.listdir(os.path.join(mount, ".sys"))) == ["metrics", "procs", "status"]
     with pytest.raises(OSError), open(os.path.join(mount, ".sys", "status"), "w"):
         pass  # /.sys is read-only
+
+
+def test_the_mount_example_lip(mounted):
+    _, socket = mounted
+    env = {**os.environ, "SYMPHONY_SOCKET": socket}
+    out = subprocess.run(
+        [sys.executable, "-m", "symphony.lipctl.cli", "run", str(ROOT / "examples/mount_files.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(":", 1) for line in out.stdout.splitlines())
+    tokens = int(lines["copy tokens"])
+    assert int(lines["copy shares"].split()[0]) == -(-tokens // 4)  # every page (of 4 tokens)
+    assert int(lines["copy blocks"].split()[0]) == 0
+    assert lines["format"].strip() == repr(b"SYMKV\0\0\1")
+    assert lines["left"].strip() == "[]"
