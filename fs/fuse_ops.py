@@ -57,10 +57,16 @@ def cred_of(ctx: pyfuse3.RequestContext) -> Cred:
 class KVFileSystem(pyfuse3.Operations):
     """The store's namespace as FUSE sees it."""
 
-    def __init__(self, store: KVStore, sys_text: Callable[[str], str]) -> None:
+    def __init__(
+        self,
+        store: KVStore,
+        sys_text: Callable[[str], str],
+        write_through: Callable[[KVFile], None] | None = None,
+    ) -> None:
         super().__init__()
         self.store = store
         self.sys_text = sys_text  # the text of /.sys/NAME, made when it is read
+        self.write_through = write_through  # fsync: persist one file (--state)
         self._handles: dict[int, OpenFile] = {}
         self._next_fh = itertools.count(1)
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
@@ -359,6 +365,13 @@ class KVFileSystem(pyfuse3.Operations):
             importer.abort()
             handle.importer = None  # type: ignore[union-attr]
             raise pyfuse3.FUSEError(errno.EINVAL)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._handles.get(fh)
+        if handle is None or handle.file is None or self.write_through is None:
+            return
+        with errors():
+            self.write_through(handle.file)
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)

@@ -28,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
     _add_socket(serve)
     serve.add_argument("--model", help="GGUF file or Hugging Face directory (default: embedded)")
     serve.add_argument("--mount", help="also mount the KV store here with FUSE (e.g. /kv)")
+    serve.add_argument("--state", help="keep KV files here across restarts (fsync, shutdown)")
     serve.add_argument("--socket-mode", default="0666", help="octal mode of the socket")
     serve.add_argument("--quant", choices=("none", "int8", "int8wo"), default="none")
     serve.add_argument("--pages", type=int, default=4096, help="KV pages in the pool")
@@ -154,15 +155,16 @@ def serve(args: argparse.Namespace) -> int:
             max_step_tokens=args.max_step_tokens,
             prefix_cache=not args.no_prefix_cache,
             mount=args.mount,
+            state=args.state,
         )
         engine_config = EngineConfig(
             num_pages=args.pages, page_size=args.page_size, quant=args.quant
         )
         engine = Engine(args.model, engine_config)
-    except (EngineError, ValueError) as exc:
+        server = Server(engine, config)
+    except (EngineError, StoreError, ValueError, OSError) as exc:
         print(f"lipctl serve: {exc}", file=sys.stderr)
         return 1
-    server = Server(engine, config)
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -19,6 +19,7 @@ import trio
 from symphony.engine.engine import Engine
 from symphony.fs.errors import StoreError
 from symphony.fs.nodes import ROOT, Cred
+from symphony.fs.persistence import StateDir
 from symphony.fs.store import KVStore
 from symphony.sched.calls import Call, Syscalls
 from symphony.sched.processes import ProcessTable
@@ -44,6 +45,7 @@ class ServerConfig:
     max_step_tokens: int = 512
     prefix_cache: bool = True
     mount: str | None = None  # where to mount the store with FUSE; None: no mount
+    state: str | None = None  # where KV files persist across restarts; None: they do not
 
     def __post_init__(self) -> None:
         if not self.socket_path:
@@ -89,6 +91,11 @@ class Server:
         mount = os.path.abspath(config.mount) if config.mount else None
         self.procs = ProcessTable(os.path.abspath(config.socket_path), mount)
         self.syscalls: Syscalls | None = None
+        self.state: StateDir | None = None
+        if config.state:
+            self.state = StateDir(config.state, self.store)
+            restored = self.state.restore()
+            log.info("restored %d KV files from %s", restored, config.state)
         self._connections: dict[int, int] = {}  # pid -> open connections
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -110,6 +117,8 @@ class Server:
             with trio.CancelScope(shield=True):
                 await listener.aclose()
             _remove_socket(self.config.socket_path)
+            if self.state is not None:
+                self.state.save_all()
 
     async def _mount(
         self, mountpoint: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -120,7 +129,9 @@ class Server:
         from symphony.fs.fuse_ops import KVFileSystem
 
         clean_stale_mount(mountpoint)
-        ops = KVFileSystem(self.store, self._sys_text)
+        ops = KVFileSystem(
+            self.store, self._sys_text, self.state.save_file if self.state is not None else None
+        )
         options = {"fsname=symphony", "subtype=kv", "default_permissions"}
         if os.getuid() == 0:
             options.add("allow_other")  # every user sees the store; the mode bits decide

@@ -14,8 +14,9 @@ from symphony.sched.server import Server, ServerConfig
 from tests.conftest import make_tiny_engine
 
 
-async def main(socket: str, mount: str) -> None:
-    server = Server(make_tiny_engine(num_pages=64, page_size=4), ServerConfig(socket, mount=mount))
+async def main(socket: str, mount: str, state: str | None) -> None:
+    engine = make_tiny_engine(num_pages=64, page_size=4)
+    server = Server(engine, ServerConfig(socket, mount=mount, state=state))
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
@@ -26,4 +27,4 @@ async def main(socket: str, mount: str) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1], sys.argv[2])
+    trio.run(main, sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)

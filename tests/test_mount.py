@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -28,36 +29,52 @@ def sh(*argv: str, user: int | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=30)
 
 
+def start(folder: str, state: str | None = None) -> tuple[subprocess.Popen, str, str]:
+    """A tiny-model server mounted at folder/kv, once the mount is there."""
+    mount, socket = os.path.join(folder, "kv"), os.path.join(folder, "s.sock")
+    with contextlib.suppress(FileExistsError):  # also when a killed server left it stale
+        os.mkdir(mount)
+    argv = [sys.executable, "-m", "tests.serve_tiny", socket, mount, *([state] if state else [])]
+    server = subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while not os.path.ismount(mount) or not os.path.exists(socket):
+        if server.poll() is not None:
+            raise AssertionError(server.stderr.read() if server.stderr else "server exited")
+        assert time.monotonic() < deadline, "the mount did not appear"
+        time.sleep(0.05)
+    return server, mount, socket
+
+
+def stop(server: subprocess.Popen, mount: str, kill: bool = False) -> None:
+    if kill:
+        server.kill()
+    else:
+        server.terminate()
+    try:
+        server.wait(20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(20)
+    if not kill:
+        if os.path.ismount(mount):
+            subprocess.run(["fusermount3", "-u", mount], timeout=20, check=False)
+        # lazily, whatever is left: a busy or a stale (ENOTCONN) mount
+        subprocess.run(
+            ["fusermount3", "-u", "-z", mount], timeout=20, check=False, capture_output=True
+        )
+
+
 @pytest.fixture
 def mounted():
     folder = tempfile.mkdtemp(prefix="symphony-mount-")
     os.chmod(folder, 0o755)
-    mount, socket = os.path.join(folder, "kv"), os.path.join(folder, "s.sock")
-    os.mkdir(mount)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tests.serve_tiny", socket, mount],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    server, mount, socket = start(folder)
     try:
-        deadline = time.monotonic() + 60
-        while not os.path.ismount(mount):
-            assert server.poll() is None, server.stderr.read() if server.stderr else ""
-            assert time.monotonic() < deadline, "the mount did not appear"
-            time.sleep(0.05)
         yield mount, socket
     finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        if os.path.ismount(mount):
-            subprocess.run(["fusermount3", "-u", mount], timeout=20, check=False)
-        if os.path.ismount(mount):
-            subprocess.run(["fusermount3", "-u", "-z", mount], timeout=20, check=False)
+        stop(server, mount)
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -243,3 +260,40 @@ def test_the_mount_example_lip(mounted):
     assert int(lines["copy blocks"].split()[0]) == 0
     assert lines["format"].strip() == repr(b"SYMKV\0\0\1")
     assert lines["left"].strip() == "[]"
+
+
+def test_files_persist_across_restart_and_fsynced_ones_across_sigkill(tmp_path):
+    folder = tempfile.mkdtemp(prefix="symphony-state-")
+    state = str(tmp_path / "state")
+    server, mount, socket = start(folder, state)
+    try:
+        with connect(socket) as lip:
+            lip.mkdir("d", mode=0o750)
+            kv = lip.kv("d/kept.kv", create=True, mode=0o640)
+            kv.append(list(range(3, 12)))
+            before = kv.fork("d/probe.kv").generate(max_tokens=5, temperature=0)
+            lip.kv("d/probe.kv").unlink()
+        stop(server, mount)  # a clean stop writes everything
+        server, mount, socket = start(folder, state)
+        with connect(socket) as lip:
+            kv = lip.kv("d/kept.kv")
+            st = kv.stat()
+            assert (st["tokens"], st["mode"] & 0o777) == (9, 0o640)
+            assert oct(os.stat(os.path.join(mount, "d")).st_mode & 0o777) == "0o750"
+            assert kv.fork("d/probe.kv").generate(max_tokens=5, temperature=0) == before
+            lip.kv("d/probe.kv").unlink()
+            # fsync writes one file through; later appends and other files are not
+            kv.append([20, 21])
+            fd = os.open(os.path.join(mount, "d/kept.kv"), os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+            kv.append([22, 23, 24])
+            lip.kv("d/lost.kv", create=True).append([1, 2, 3])
+        stop(server, mount, kill=True)  # SIGKILL: the mount is left stale
+        server, mount, socket = start(folder, state)
+        with connect(socket) as lip:
+            assert lip.kv("d/kept.kv").stat()["tokens"] == 11
+            assert lip.listdir("d") == ["kept.kv"]
+    finally:
+        stop(server, mount)
+        shutil.rmtree(folder, ignore_errors=True)
