@@ -10,6 +10,7 @@ from empty: import, sharing pages the store already holds) and /.sys/status.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -73,6 +74,12 @@ class KVFileSystem(pyfuse3.Operations):
 
     # attributes ---------------------------------------------------------------------
 
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 (one filesystem object per mount)
+    def _size(self, num_tokens: int, num_pages: int) -> int:
+        """A KV file's byte length (cached: `ls -l` of many files asks it often)."""
+        ids = [0] * num_tokens
+        return kv_format.layout(self.store.pool, self.store.fingerprint, ids, num_pages).size
+
     def _sys_bytes(self, inode: int) -> bytes:
         return self.sys_text(SYS_FILES[inode - SYS_DIR - 1]).encode()
 
@@ -98,10 +105,7 @@ class KVFileSystem(pyfuse3.Operations):
         a.st_mode, a.st_nlink, a.st_uid, a.st_gid = node.mode, node.nlink, node.uid, node.gid
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.atime_ns, node.mtime_ns, node.ctime_ns
         if isinstance(node, KVFile):
-            lay = kv_format.layout(
-                self.store.pool, self.store.fingerprint, node.token_ids, len(node.pages)
-            )
-            a.st_size = lay.size
+            a.st_size = self._size(node.num_tokens, len(node.pages))
             # du shows real memory: only the pages this file does not share, in 512-byte units
             own = len(node.pages) - self.store.num_shared(node)
             a.st_blocks = own * self.store.pool.bytes_per_page // 512
