@@ -15,8 +15,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import date
@@ -27,27 +25,10 @@ import trio
 
 from symphony.lipctl import connect as connect_sync
 from symphony.lipctl.aio import connect
+from symphony.lipctl.launch import start_server, stop_server
 
 RESULTS = Path(__file__).parent / "results"
 WORDS = "the river bends past the mill where farmers bring grain and children race along "
-
-
-def start_server(socket: str, *extra: str) -> subprocess.Popen:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "symphony.lipctl.cli", "serve", "--socket", socket, *extra]
-    )
-    for _ in range(3000):
-        try:
-            connect_sync(socket).close()
-            return server
-        except Exception:
-            time.sleep(0.1)
-    raise RuntimeError("server did not start")
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    server.terminate()
-    server.wait(30)
 
 
 def text_tokens(socket: str, n: int, salt: str = "") -> list[int]:

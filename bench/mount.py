@@ -16,7 +16,6 @@ import platform
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,6 +23,7 @@ from datetime import date
 from pathlib import Path
 
 from symphony.lipctl import connect
+from symphony.lipctl.launch import start_server, stop_server
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -56,26 +56,9 @@ def main() -> None:
     folder = tempfile.mkdtemp(prefix="symphony-bench-mount-")
     mount, socket = os.path.join(folder, "kv"), os.path.join(folder, "s.sock")
     os.mkdir(mount)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "symphony.lipctl.cli",
-            "serve",
-            "--socket",
-            socket,
-            "--mount",
-            mount,
-            "--pages",
-            "2048",
-        ]
-    )
+    server = start_server(socket, "--pages", "2048", mount=mount)
     results: dict = {}
     try:
-        for _ in range(3000):
-            if os.path.ismount(mount) and os.path.exists(socket):
-                break
-            time.sleep(0.1)
         with connect(socket) as lip:
             lip.mkdir("many")
             for i in range(n_files):
@@ -124,8 +107,7 @@ def main() -> None:
                 stop.set()
                 worker.join()
     finally:
-        server.terminate()
-        server.wait(60)
+        stop_server(server)
         shutil.rmtree(folder, ignore_errors=True)
     r = results
     print(f"ls -l of {r['ls_l_files']} files: {r['ls_l_seconds']:.2f} s")

@@ -74,8 +74,6 @@ class Engine:
         self.attention = make_attention(
             ec.attention, mc.num_heads, mc.num_kv_heads, mc.head_dim, ec.page_size, ec.device
         )
-        self.num_steps = 0
-        self.num_tokens_computed = 0
         if ec.quant != "none":
             self._quantize(ec.quant)
         log.info(
@@ -137,8 +135,6 @@ class Engine:
             self.attention,
             plan,
         )
-        self.num_steps += 1
-        self.num_tokens_computed += step.token_ids.numel()
         return logits
 
     def sample(

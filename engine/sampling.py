@@ -101,13 +101,14 @@ def sample(
     generator, never on the other rows of the batch."""
     out = [0] * logits.shape[0]
     greedy_rows = [i for i, p in enumerate(params) if p.greedy]
-    plain = [i for i in greedy_rows if params[i] == GREEDY]
+    plain = [i for i in greedy_rows if params[i] == GREEDY]  # argmax together
+    in_plain = set(plain)
     if plain:
         ids = logits[plain].argmax(dim=-1).tolist()
         for i, token in zip(plain, ids, strict=True):
             out[i] = token
     for i, p in enumerate(params):
-        if p.greedy and i not in plain:
+        if p.greedy and i not in in_plain:
             out[i] = int(_constrain(logits[i].float(), p).argmax())
         elif not p.greedy:
             probs = filtered_probs(logits[i], p)

@@ -24,7 +24,7 @@ import pyfuse3
 from symphony.fs import kv_format
 from symphony.fs.errors import StoreError
 from symphony.fs.kv_import import Importer
-from symphony.fs.namespace import ROOT_INODE
+from symphony.fs.namespace import ROOT_INODE, Namespace
 from symphony.fs.nodes import W_OK, Cred, Directory, KVFile, Node, now_ns
 from symphony.fs.store import KVStore
 
@@ -143,17 +143,11 @@ class KVFileSystem(pyfuse3.Operations):
         cred = cred_of(ctx)
         with errors():
             if fields.update_mode:
-                _check_owner(node, cred)
-                node.mode = (node.mode & ~0o7777) | (attr.st_mode & 0o7777)
+                Namespace.chmod_node(node, cred, attr.st_mode)
             if fields.update_uid or fields.update_gid:
                 uid = attr.st_uid if fields.update_uid else None
                 gid = attr.st_gid if fields.update_gid else None
-                if not cred.is_root and (
-                    (uid is not None and uid != node.uid) or cred.uid != node.uid
-                ):
-                    raise StoreError(errno.EPERM, "only root may give a file away")
-                node.uid = node.uid if uid is None else uid
-                node.gid = node.gid if gid is None else gid
+                Namespace.chown_node(node, cred, uid, gid)
             importing = self._handles[fh].importer if fh in self._handles else None
             if fields.update_size and importing is not None and attr.st_size:
                 importing.extend_to(attr.st_size)  # cp ending in a hole
@@ -182,7 +176,8 @@ class KVFileSystem(pyfuse3.Operations):
         pool = self.store.pool
         s.f_bsize = s.f_frsize = pool.bytes_per_page  # a block is a page
         s.f_blocks = pool.num_pages
-        s.f_bfree = s.f_bavail = pool.num_free + self.store.status()["pages"]["cached"]
+        cached = self.store.index.num_cached() if self.store.index is not None else 0
+        s.f_bfree = s.f_bavail = pool.num_free + cached
         s.f_files = len(self.store.ns.nodes)
         s.f_ffree = s.f_favail = 1 << 20
         s.f_namemax = 255
@@ -267,16 +262,7 @@ class KVFileSystem(pyfuse3.Operations):
         if not isinstance(node, KVFile):
             raise pyfuse3.FUSEError(errno.EPERM)
         with errors():
-            parent = self._node(new_parent_inode)
-            assert isinstance(parent, Directory)
-            path = self._path(new_parent_inode, new_name)
-            self.store.ns.check(parent, cred_of(ctx), W_OK, path)
-            name = os.fsdecode(new_name)
-            if name in parent.children:
-                raise StoreError(errno.EEXIST, f"file exists: {path}")
-            parent.children[name] = node.inode
-            node.nlink += 1
-            node.ctime_ns = parent.mtime_ns = now_ns()
+            self.store.ns.link_node(node, self._path(new_parent_inode, new_name), cred_of(ctx))
         return self._attrs(inode)
 
     # xattrs -------------------------------------------------------------------------
@@ -420,8 +406,3 @@ def errors() -> Iterator[None]:
     except Exception:  # a bug: logged, and the caller gets EIO rather than a hang
         log.exception("FUSE handler failed")
         raise pyfuse3.FUSEError(errno.EIO) from None
-
-
-def _check_owner(node: Node, cred: Cred) -> None:
-    if not cred.is_root and cred.uid != node.uid:
-        raise StoreError(errno.EPERM, "only the owner may change the mode")

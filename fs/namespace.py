@@ -154,7 +154,10 @@ class Namespace:
         parent.touch()
 
     def link(self, src: str, dst: str, cred: Cred) -> KVFile:
-        node = self.lookup_file(src, cred)
+        return self.link_node(self.lookup_file(src, cred), dst, cred)
+
+    def link_node(self, node: KVFile, dst: str, cred: Cred) -> KVFile:
+        """Give the file `node` another name, `dst`."""
         parent, name = self.parent_of(dst, cred)
         self._insert(parent, name, node, cred, dst)
         node.nlink += 1
@@ -201,19 +204,28 @@ class Namespace:
         )
 
     def chmod(self, path: str, cred: Cred, mode: int) -> None:
-        node = self.lookup(path, cred)
+        self.chmod_node(self.lookup(path, cred), cred, mode, path)
+
+    @staticmethod
+    def chmod_node(node: Node, cred: Cred, mode: int, path: str = "") -> None:
         if not cred.is_root and cred.uid != node.uid:
-            raise StoreError(errno.EPERM, f"only the owner may chmod {path}")
+            raise StoreError(errno.EPERM, f"only the owner may chmod {path or node.inode}")
         node.mode = (node.mode & ~0o7777) | (mode & 0o7777)
         node.touch(modified=False)
 
     def chown(self, path: str, cred: Cred, uid: int | None, gid: int | None) -> None:
-        node = self.lookup(path, cred)
+        self.chown_node(self.lookup(path, cred), cred, uid, gid, path)
+
+    @staticmethod
+    def chown_node(
+        node: Node, cred: Cred, uid: int | None, gid: int | None, path: str = ""
+    ) -> None:
+        what = path or node.inode
         if not cred.is_root:
             if uid is not None and uid != node.uid:
-                raise StoreError(errno.EPERM, f"only root may change the owner of {path}")
+                raise StoreError(errno.EPERM, f"only root may change the owner of {what}")
             if gid is not None and (cred.uid != node.uid or not cred.in_group(gid)):
-                raise StoreError(errno.EPERM, f"cannot give {path} to group {gid}")
+                raise StoreError(errno.EPERM, f"cannot give {what} to group {gid}")
         if uid is not None:
             node.uid = uid
         if gid is not None:

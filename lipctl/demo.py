@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from symphony.lipctl.client import SymphonyError, connect
+from symphony.lipctl.launch import start_server, stop_server
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 QUESTION = "What is the capital of France?"
@@ -42,19 +43,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quant", choices=("none", "int8", "int8wo"), default="none")
     parser.add_argument("--engine-only", action="store_true", help="no server: the engine alone")
     return parser.parse_args(argv)
-
-
-def wait_for_server(socket: str, server: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SymphonyError("ECHILD", f"the server exited with status {server.returncode}")
-        try:
-            connect(socket).close()
-            return
-        except SymphonyError:
-            time.sleep(0.2)
-    raise SymphonyError("ETIMEDOUT", "the server did not start in time")
 
 
 def chat(socket: str, prompt: str, max_tokens: int) -> None:
@@ -99,29 +87,16 @@ def show_mount(mount: str) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     workdir = tempfile.mkdtemp(prefix="symphony-demo-")
     socket = os.path.join(workdir, "symphony.sock")
-    serve = [
-        sys.executable,
-        "-m",
-        "symphony.lipctl.cli",
-        "serve",
-        "--socket",
-        socket,
-        "--quant",
-        args.quant,
-    ]
-    if args.model:
-        serve += ["--model", args.model]
+    extra = ["--quant", args.quant, *(["--model", args.model] if args.model else [])]
     mount = os.path.join(workdir, "kv")
     can_mount = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
     if can_mount:
         os.mkdir(mount)
-        serve += ["--mount", mount]
-    print(
-        f"$ lipctl serve --socket {socket}" + (f" --mount {mount}" if can_mount else ""), flush=True
-    )
-    server = subprocess.Popen(serve)
+    shown = f" --mount {mount}" if can_mount else ""
+    print(f"$ lipctl serve --socket {socket}{shown}", flush=True)
+    server = None
     try:
-        wait_for_server(socket, server)
+        server = start_server(socket, *extra, mount=mount if can_mount else None)
         print("\n== a chat turn through the syscalls")
         chat(socket, args.prompt, args.max_tokens)
         print(f"\n== $ lipctl run examples/fork_parallel.py {args.branches}")
@@ -143,11 +118,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"symphony-demo: {exc}", file=sys.stderr)
         return 1
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        if server is not None:
+            stop_server(server)
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

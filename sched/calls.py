@@ -242,14 +242,10 @@ async def _generate(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
     if not 1 <= max_tokens <= MAX_GENERATE:
         raise A.einval(f"max_tokens must be in 1..{MAX_GENERATE}")
     params = A.sampling_params(args.get("sampler"), sys.engine.model_config.vocab_size)
-    stop = args.get("stop", [])
-    stop_strings = [s for s in stop if isinstance(s, str)] if isinstance(stop, list) else None
-    stop_ids = (
-        [s for s in stop if isinstance(s, int) and not isinstance(s, bool)]
-        if isinstance(stop, list)
-        else None
-    )
-    if stop_strings is None or stop_ids is None or len(stop_strings) + len(stop_ids) != len(stop):
+    stop = A.get(args, "stop", list, [])
+    stop_strings = [s for s in stop if isinstance(s, str)]
+    stop_ids = [s for s in stop if isinstance(s, int) and not isinstance(s, bool)]
+    if len(stop_strings) + len(stop_ids) != len(stop):
         raise A.einval("stop must be a list of strings and token ids")
     if "" in stop_strings:
         raise A.einval("a stop string may not be empty")

@@ -250,9 +250,7 @@ class ProcessTable:
             raise StoreError(errno.EPERM, f"program {pid} belongs to uid {proc.uid}")
         if proc.state == "running" and proc.process is not None:
             proc.state = "killed"
-            # the whole session: the program and anything it started
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            _kill_session(proc.pid)
         return proc
 
     def reap_finished(self, keep: int = 100) -> None:
@@ -264,8 +262,13 @@ class ProcessTable:
     def kill_all(self) -> None:
         for proc in self.procs.values():
             if proc.spawned and proc.state == "running":
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                _kill_session(proc.pid)
+
+
+def _kill_session(pid: int) -> None:
+    """SIGKILL a spawned program and anything it started (its own session)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def _process_name(pid: int) -> str:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import trio
 
 from symphony.engine.engine import Engine
+from symphony.lipctl.launch import start_server, stop_server
 from symphony.sched.server import Server, ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,36 +59,14 @@ class ServerThread:
 
 def start_server_process(socket_path: str, *extra: str, timeout: float = 120) -> subprocess.Popen:
     """`lipctl serve` in a subprocess, returned once its socket accepts connections."""
-    env = {**os.environ, "SYMPHONY_SOCKET": socket_path}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "symphony.lipctl.cli", "serve", *extra],
-        env=env,
+    return start_server(
+        socket_path,
+        *extra,
+        timeout=timeout,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
-        if os.path.exists(socket_path):
-            try:
-                from symphony.lipctl import connect
-
-                connect(socket_path).close()
-                return proc
-            except Exception:
-                pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not start in time")
 
 
-def stop_server_process(proc: subprocess.Popen) -> str:
-    proc.terminate()
-    try:
-        _, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-    return err or ""
+stop_server_process = stop_server
