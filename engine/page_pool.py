@@ -35,6 +35,19 @@ class PagePool:
         self.refcounts = [0] * num_pages
         # pop() from the end hands out low page numbers first
         self._free = list(range(num_pages - 1, -1, -1))
+        # pages whose refcount changed while in use, kept only once someone asks
+        # (`track_changes`): who shares a page is what `du` of a KV file shows
+        self.changed: set[int] | None = None
+
+    def track_changes(self) -> None:
+        if self.changed is None:
+            self.changed = set()
+
+    def take_changed(self) -> set[int]:
+        """The pages whose refcount changed since the last call (tracking must be on)."""
+        assert self.changed is not None
+        changed, self.changed = self.changed, set()
+        return changed
 
     @property
     def num_free(self) -> int:
@@ -67,6 +80,8 @@ class PagePool:
             if self.refcounts[page] <= 0:
                 raise ValueError(f"incref of free page {page}")
             self.refcounts[page] += 1
+            if self.changed is not None:
+                self.changed.add(page)
 
     def decref(self, pages: Iterable[int]) -> list[int]:
         """Drop one reference to each page; return the pages that became free."""
@@ -76,6 +91,8 @@ class PagePool:
             if count <= 0:
                 raise ValueError(f"decref of free page {page}")
             self.refcounts[page] = count - 1
+            if self.changed is not None:
+                self.changed.add(page)
             if count == 1:
                 self._free.append(page)
                 freed.append(page)

@@ -4,7 +4,9 @@ Handlers only touch the store's metadata and the pool's tensors; they never wait
 the engine. Every store error maps to its errno; nothing else escapes a handler.
 It serves the namespace (lookup, readdir, mkdir, rmdir, unlink, rename, link, chmod,
 chown, utimens, statfs), the xattrs, KV files in their byte format (read: export; write
-from empty: import, sharing pages the store already holds) and /.sys/status.
+from empty: import, sharing pages the store already holds), and hands /.sys to
+`SysTree`. Names and attributes are cached by the kernel; `KernelCache` invalidates
+what the store changes behind its back.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import functools
 import itertools
 import logging
 import os
-import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ import pyfuse3
 
 from symphony.fs import kv_format
 from symphony.fs.errors import StoreError
+from symphony.fs.fuse_cache import ENTRY_TIMEOUT, KernelCache
+from symphony.fs.fuse_sys import CTL as SYS_CTL
+from symphony.fs.fuse_sys import SYS_DIR, SysHandle, SysTree, is_virtual
 from symphony.fs.kv_import import Importer
 from symphony.fs.namespace import ROOT_INODE, Namespace
 from symphony.fs.nodes import W_OK, Cred, Directory, KVFile, Node, now_ns
@@ -30,20 +34,17 @@ from symphony.fs.store import KVStore
 
 log = logging.getLogger(__name__)
 
-SYS_DIR = 1 << 62  # inodes of the virtual /.sys tree, far from the store's
-SYS_FILES = ("status", "procs", "metrics")  # /.sys/NAME, inode SYS_DIR + 1 + index
-SYS_NAMES = {name.encode(): SYS_DIR + 1 + i for i, name in enumerate(SYS_FILES)}
 XATTRS = (b"user.kv.tokens", b"user.kv.pages", b"user.kv.shared_pages", b"user.kv.model")
 
 
 @dataclass
 class OpenFile:
-    """A KV file opened for reading: a snapshot of its bytes, its pages held."""
+    """A KV file opened: for reading, a snapshot of its bytes, its pages held; for
+    writing from empty, an import."""
 
-    file: KVFile | None
+    file: KVFile
     layout: kv_format.Layout | None
     pages: list[int]
-    text: bytes = b""  # for /.sys files
     importer: Importer | None = None  # opened for writing an empty file: an import
 
 
@@ -61,14 +62,16 @@ class KVFileSystem(pyfuse3.Operations):
     def __init__(
         self,
         store: KVStore,
-        sys_text: Callable[[str], str],
+        sys_tree: SysTree,
+        cache: KernelCache,
         write_through: Callable[[KVFile], None] | None = None,
     ) -> None:
         super().__init__()
         self.store = store
-        self.sys_text = sys_text  # the text of /.sys/NAME, made when it is read
+        self.sys = sys_tree
+        self.cache = cache
         self.write_through = write_through  # fsync: persist one file (--state)
-        self._handles: dict[int, OpenFile] = {}
+        self._handles: dict[int, OpenFile | SysHandle] = {}
         self._next_fh = itertools.count(1)
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
 
@@ -80,9 +83,6 @@ class KVFileSystem(pyfuse3.Operations):
         ids = [0] * num_tokens
         return kv_format.layout(self.store.pool, self.store.fingerprint, ids, num_pages).size
 
-    def _sys_bytes(self, inode: int) -> bytes:
-        return self.sys_text(SYS_FILES[inode - SYS_DIR - 1]).encode()
-
     def _node(self, inode: int) -> Node:
         node = self.store.ns.nodes.get(inode)
         if node is None:
@@ -92,15 +92,12 @@ class KVFileSystem(pyfuse3.Operations):
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode
-        a.entry_timeout = a.attr_timeout = 0  # the store changes under the kernel's feet
         a.st_blksize = self.store.pool.bytes_per_page
-        if inode >= SYS_DIR:
-            root = self.store.ns.root
-            a.st_mode = (stat.S_IFDIR | 0o555) if inode == SYS_DIR else (stat.S_IFREG | 0o444)
-            a.st_nlink = 2 if inode == SYS_DIR else 1
-            a.st_size = 0 if inode == SYS_DIR else len(self._sys_bytes(inode))
-            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = root.mtime_ns
+        if is_virtual(inode):
+            self.sys.attrs(inode, a)
             return a
+        # invalidated on every change; the root never cached, so a dead server shows
+        a.entry_timeout = a.attr_timeout = ENTRY_TIMEOUT if inode != ROOT_INODE else 0
         node = self._node(inode)
         a.st_mode, a.st_nlink, a.st_uid, a.st_gid = node.mode, node.nlink, node.uid, node.gid
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.atime_ns, node.mtime_ns, node.ctime_ns
@@ -117,10 +114,8 @@ class KVFileSystem(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        if parent_inode == SYS_DIR:
-            if name not in SYS_NAMES:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._attrs(SYS_NAMES[name])
+        if is_virtual(parent_inode):
+            return self._attrs(self.sys.lookup(parent_inode, name))
         if parent_inode == ROOT_INODE and name == b".sys":
             return self._attrs(SYS_DIR)
         parent = self._node(parent_inode)
@@ -139,6 +134,8 @@ class KVFileSystem(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        if inode == SYS_CTL and fields.update_size and not attr.st_size:
+            return self._attrs(inode)  # `echo CMD > /.sys/ctl` opens with O_TRUNC
         node = self._node_or_sys(inode)
         cred = cred_of(ctx)
         with errors():
@@ -164,10 +161,11 @@ class KVFileSystem(pyfuse3.Operations):
             if fields.update_mtime:
                 node.mtime_ns = attr.st_mtime_ns
             node.ctime_ns = now_ns()
+        self.cache.invalidate_attributes()  # a truncate changes what other files share
         return self._attrs(inode)
 
     def _node_or_sys(self, inode: int) -> Node:
-        if inode >= SYS_DIR:
+        if is_virtual(inode):
             raise pyfuse3.FUSEError(errno.EPERM)
         return self._node(inode)
 
@@ -186,8 +184,8 @@ class KVFileSystem(pyfuse3.Operations):
     # directories --------------------------------------------------------------------
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if inode == SYS_DIR:
-            entries = [(name, ino) for name, ino in SYS_NAMES.items()]
+        if is_virtual(inode):
+            entries = [(name, ino) for ino, name in self.sys.entries(inode)]
         else:
             node = self._node(inode)
             if not isinstance(node, Directory):
@@ -214,7 +212,7 @@ class KVFileSystem(pyfuse3.Operations):
         self._dirs.pop(fh, None)
 
     def _path(self, parent_inode: int, name: bytes) -> str:
-        if parent_inode >= SYS_DIR:
+        if is_virtual(parent_inode):
             raise pyfuse3.FUSEError(errno.EPERM)
         with errors():
             base = self.store.ns.path_of(parent_inode)
@@ -232,10 +230,12 @@ class KVFileSystem(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         with errors():
             self.store.ns.rmdir(self._path(parent_inode, name), cred_of(ctx))
+        self._changed()
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         with errors():
             self.store.unlink(self._path(parent_inode, name), cred_of(ctx))
+        self._changed()
 
     async def rename(
         self,
@@ -254,6 +254,13 @@ class KVFileSystem(pyfuse3.Operations):
                 self._path(parent_inode_new, name_new),
                 cred_of(ctx),
             )
+        self._changed()
+
+    def _changed(self) -> None:
+        """After a change made through the kernel: it knows the names it removed, not
+        which other files now share fewer pages."""
+        self.cache.forget_removed()
+        self.cache.invalidate_attributes()
 
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
@@ -271,6 +278,9 @@ class KVFileSystem(pyfuse3.Operations):
         return list(XATTRS) if isinstance(self.store.ns.nodes.get(inode), KVFile) else []
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not name.startswith(b"user."):
+            # no security labels or ACLs here: saying so once spares `ls -l` asking per file
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
         node = self.store.ns.nodes.get(inode)
         if not isinstance(node, KVFile) or name not in XATTRS:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -295,23 +305,23 @@ class KVFileSystem(pyfuse3.Operations):
         with errors():
             self.store.ns.check(node, cred_of(ctx), W_OK, "")
             self.store.truncate_file(node, n)  # rollback
+        self.cache.invalidate_attributes()
 
     # file bytes ---------------------------------------------------------------------
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         writing = flags & os.O_ACCMODE != os.O_RDONLY
         fh = next(self._next_fh)
-        if inode >= SYS_DIR:
-            if writing:
-                raise pyfuse3.FUSEError(errno.EACCES)
-            self._handles[fh] = OpenFile(None, None, [], self._sys_bytes(inode))
-            return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        if is_virtual(inode):
+            self._handles[fh] = self.sys.open(inode, flags, ctx, cred_of(ctx))
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, nonseekable=inode == SYS_CTL)
         node = self._node(inode)
         if not isinstance(node, KVFile):
             raise pyfuse3.FUSEError(errno.EISDIR)
         with errors():
-            if flags & os.O_TRUNC:
+            if flags & os.O_TRUNC and node.num_tokens:
                 self.store.truncate_file(node, 0)  # the kernel checked write permission
+                self.cache.invalidate_attributes()
         if writing:
             return self._open_for_import(fh, node)
         pages = list(node.pages)
@@ -331,8 +341,8 @@ class KVFileSystem(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles[fh]
-        if handle.file is None:
-            return handle.text[off : off + size]
+        if isinstance(handle, SysHandle):
+            return await self.sys.read(handle, off, size)
         if handle.layout is None:
             raise pyfuse3.FUSEError(errno.EBADF)  # opened for writing only
         return kv_format.read_range(
@@ -341,6 +351,8 @@ class KVFileSystem(pyfuse3.Operations):
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
+        if isinstance(handle, SysHandle):
+            return self.sys.write(handle, buf)
         if handle.importer is None:
             raise pyfuse3.FUSEError(errno.EINVAL)  # KV files are written whole, from empty
         with errors():
@@ -348,34 +360,39 @@ class KVFileSystem(pyfuse3.Operations):
         return len(buf)
 
     async def flush(self, fh: int) -> None:
-        """close(): an import that is neither empty nor whole fails here, with EINVAL."""
+        """close(): a whole import is committed here, before close returns (release
+        comes later); one that is neither empty nor whole fails, with EINVAL."""
         handle = self._handles.get(fh)
-        importer = handle.importer if handle else None
-        if importer is not None and importer.received and not importer.complete():
+        if not isinstance(handle, OpenFile) or handle.importer is None:
+            return
+        importer = handle.importer
+        if not importer.received:
+            return  # nothing written yet (a copy of the descriptor closed, say)
+        handle.importer = None
+        if not importer.complete():
             importer.abort()
-            handle.importer = None  # type: ignore[union-attr]
             raise pyfuse3.FUSEError(errno.EINVAL)
+        with errors():
+            self.store.commit_import(handle.file, importer)
+        self.cache.invalidate_attributes()
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handles.get(fh)
-        if handle is None or handle.file is None or self.write_through is None:
+        if not isinstance(handle, OpenFile) or self.write_through is None:
             return
         with errors():
             self.write_through(handle.file)
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
-        if handle.file is None:
+        if isinstance(handle, SysHandle):
+            self.sys.release(handle)
             return
         self.store.unhold(handle.pages)
-        importer = handle.importer
-        if importer is not None:
-            if importer.received and importer.complete():
-                with errors():
-                    self.store.commit_import(handle.file, importer)
-            else:
-                importer.abort()
+        if handle.importer is not None:  # written to without a close (flush) seen
+            handle.importer.abort()
         self.store.close(handle.file)
+        self.cache.invalidate_attributes()  # an unlinked file's pages may go now
 
     async def create(
         self,

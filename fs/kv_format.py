@@ -5,7 +5,8 @@
     | token ids (int32 little-endian) | pages: for each page, for each layer, K then V
     ([page_size, num_kv_heads, head_dim] each, all slots)
 
-Reading is an export: it gives these bytes. (Importing them back is the next step.)
+Reading is an export: it gives these bytes. Writing them into an empty file imports
+them (kv_import.py).
 """
 
 from __future__ import annotations

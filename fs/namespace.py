@@ -7,7 +7,7 @@ import stat
 from collections.abc import Callable
 
 from symphony.fs.errors import StoreError
-from symphony.fs.nodes import R_OK, W_OK, X_OK, Cred, Directory, KVFile, Node
+from symphony.fs.nodes import R_OK, W_OK, X_OK, Cred, Directory, Journal, KVFile, Node
 
 ROOT_INODE = 1
 NAME_MAX = 255
@@ -34,9 +34,9 @@ class Namespace:
     """Inode table and tree. `on_last_link` is called when a file loses its last name."""
 
     def __init__(self, on_last_link: Callable[[KVFile], None], root_mode: int = 0o755) -> None:
-        self.nodes: dict[int, Node] = {
-            ROOT_INODE: Directory(ROOT_INODE, stat.S_IFDIR | root_mode, 0, 0, nlink=2)
-        }
+        self.journal = Journal()
+        root = Directory(ROOT_INODE, stat.S_IFDIR | root_mode, 0, 0, nlink=2, journal=self.journal)
+        self.nodes: dict[int, Node] = {ROOT_INODE: root}
         self._next_inode = ROOT_INODE + 1
         self._on_last_link = on_last_link
 
@@ -92,6 +92,7 @@ class Namespace:
             raise StoreError(errno.EEXIST, f"file exists: {path}")
         parent.children[name] = node.inode
         self.nodes[node.inode] = node
+        node.journal = self.journal
         parent.touch()
 
     def create_file(self, path: str, cred: Cred, mode: int, domain: str) -> KVFile:
@@ -134,6 +135,7 @@ class Namespace:
         if not isinstance(node, KVFile):
             raise StoreError(errno.EISDIR, f"is a directory: {path}")
         del parent.children[name]
+        self.journal.unnamed(parent.inode, name)
         parent.touch()
         node.nlink -= 1
         node.touch(modified=False)
@@ -149,6 +151,7 @@ class Namespace:
         if node.children:
             raise StoreError(errno.ENOTEMPTY, f"directory not empty: {path}")
         del parent.children[name]
+        self.journal.unnamed(parent.inode, name)
         del self.nodes[node.inode]
         parent.nlink -= 1
         parent.touch()
@@ -185,6 +188,7 @@ class Namespace:
                     raise StoreError(errno.ENOTDIR, f"not a directory: {dst}")
                 self.unlink(dst, cred)
         del src_parent.children[src_name]
+        self.journal.unnamed(src_parent.inode, src_name)
         dst_parent.children[dst_name] = node.inode
         if isinstance(node, Directory) and src_parent is not dst_parent:
             src_parent.nlink -= 1

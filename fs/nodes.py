@@ -31,6 +31,24 @@ ROOT = Cred(0, 0)
 R_OK, W_OK, X_OK = 4, 2, 1
 
 
+class Journal:
+    """What changed since someone last asked: inodes whose attributes changed, and names
+    removed. The FUSE adapter reads it to keep the kernel's caches true; off by default."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.inodes: set[int] = set()
+        self.removed: list[tuple[int, str]] = []  # (directory inode, name)
+
+    def changed(self, inode: int) -> None:
+        if self.enabled:
+            self.inodes.add(inode)
+
+    def unnamed(self, directory: int, name: str) -> None:
+        if self.enabled:
+            self.removed.append((directory, name))
+
+
 @dataclass
 class Node:
     """What every inode has."""
@@ -43,6 +61,7 @@ class Node:
     atime_ns: int = field(default_factory=now_ns)
     mtime_ns: int = field(default_factory=now_ns)
     ctime_ns: int = field(default_factory=now_ns)
+    journal: Journal | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_dir(self) -> bool:
@@ -66,6 +85,8 @@ class Node:
         self.ctime_ns = t
         if modified:
             self.mtime_ns = t
+        if self.journal is not None:
+            self.journal.changed(self.inode)
 
 
 @dataclass

@@ -161,8 +161,9 @@ class KVStore:
         return sum(1 for p in file.pages if self._other_refs(p) > 1)
 
     def _other_refs(self, page: int) -> int:
+        """References to `page` but the prefix index's and those of snapshot readers."""
         indexed = self.index is not None and self.index.is_indexed(page)
-        return self.pool.refcounts[page] - int(indexed)
+        return self.pool.refcounts[page] - int(indexed) - self._held[page]
 
     def fork(self, src: str, dst: str, cred: Cred, mode: int | None = None) -> KVFile:
         """Make `dst` a copy-on-write copy of `src`: same tokens, every page shared."""
@@ -228,6 +229,10 @@ class KVStore:
         file.token_ids = list(imported.token_ids)
         self._hash_full_pages(file, index=False)
         file.touch()
+
+    def all_files(self) -> list[KVFile]:
+        """Every file with a name, and those unlinked but still open."""
+        return [*self.ns.files(), *self._orphans.values()]
 
     def unlink(self, path: str, cred: Cred) -> None:
         self.ns.unlink(path, cred)

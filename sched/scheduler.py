@@ -12,7 +12,7 @@ import contextlib
 import errno
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -44,6 +44,7 @@ class Scheduler:
         self._limiter = trio.CapacityLimiter(1)
         self._waiting: list[Task] = []
         self._wake = trio.Event()
+        self.after_step: Callable[[], None] | None = None  # the mount's cache invalidation
         self.num_steps = 0
         self.num_tokens = 0
         self.busy_seconds = 0.0
@@ -105,6 +106,8 @@ class Scheduler:
             for task, chunk, output in zip(tasks, chunks, outputs, strict=True):
                 task.in_flight = False
                 self._advance(task, chunk, output)
+            if self.after_step is not None:
+                self.after_step()
             returned = sum(1 for t in tasks if t.done.is_set() and t.want == "sample")
             await self._gather_returning(returned, step_seconds)
 

@@ -9,8 +9,6 @@ import os
 import socket
 import stat
 import struct
-import subprocess
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +20,8 @@ from symphony.fs.nodes import ROOT, Cred
 from symphony.fs.persistence import StateDir
 from symphony.fs.store import KVStore
 from symphony.sched.calls import Call, Syscalls
-from symphony.sched.processes import ProcessTable
+from symphony.sched.mount import Mount
+from symphony.sched.processes import Proc, ProcessTable
 from symphony.sched.protocol import FrameBuffer, FrameError, encode, error_reply, ok_reply
 from symphony.sched.scheduler import Scheduler
 
@@ -92,6 +91,7 @@ class Server:
         self.procs = ProcessTable(os.path.abspath(config.socket_path), mount)
         self.syscalls: Syscalls | None = None
         self.state: StateDir | None = None
+        self.mount: Mount | None = None
         if config.state:
             self.state = StateDir(config.state, self.store)
             restored = self.state.restore()
@@ -108,7 +108,9 @@ class Server:
                 )
                 await nursery.start(self.scheduler.run)
                 if self.config.mount:
-                    await nursery.start(self._mount, self.config.mount)
+                    self.mount = Mount(self, self.config.mount)
+                    self.scheduler.after_step = self.mount.cache.invalidate_attributes
+                    await nursery.start(self.mount.run)
                 await nursery.start(trio.serve_listeners, self._handle, [listener])
                 log.info("serving on %s", self.config.socket_path)
                 task_status.started()
@@ -119,63 +121,6 @@ class Server:
             _remove_socket(self.config.socket_path)
             if self.state is not None:
                 self.state.save_all()
-
-    async def _mount(
-        self, mountpoint: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Serve the store at `mountpoint` until cancelled; always unmount after."""
-        import pyfuse3
-
-        from symphony.fs.fuse_ops import KVFileSystem
-
-        clean_stale_mount(mountpoint)
-        ops = KVFileSystem(
-            self.store, self._sys_text, self.state.save_file if self.state is not None else None
-        )
-        options = {"fsname=symphony", "subtype=kv", "default_permissions"}
-        if os.getuid() == 0:
-            options.add("allow_other")  # every user sees the store; the mode bits decide
-        pyfuse3.init(ops, mountpoint, options)
-        try:
-            task_status.started()
-            await pyfuse3.main()
-        finally:
-            pyfuse3.close(unmount=True)
-
-    def _sys_text(self, name: str) -> str:
-        """The text of /.sys/NAME: status, procs or metrics."""
-        assert self.syscalls is not None
-        st = self.syscalls.status()
-        pages = st.pop("pages")
-        if name == "procs":
-            rows = [p.row() for p in sorted(self.procs.procs.values(), key=lambda p: p.pid)]
-            lines = ["pid uid state priority tokens syscalls name"]
-            lines += [
-                f"{r['pid']} {r['uid']} {r['state']} {r['priority']} {r['tokens']} "
-                f"{r['syscalls']} {r['name']}"
-                for r in rows
-            ]
-        elif name == "metrics":  # Prometheus text exposition
-            lines = ["# TYPE symphony_pages gauge"]
-            lines += [f'symphony_pages{{state="{k}"}} {v}' for k, v in pages.items()]
-            for key, kind in (
-                ("files", "gauge"),
-                ("processes", "gauge"),
-                ("waiting", "gauge"),
-                ("steps", "counter"),
-                ("tokens_computed", "counter"),
-            ):
-                metric = f"symphony_{key}" + ("_total" if kind == "counter" else "")
-                lines += [f"# TYPE {metric} {kind}", f"{metric} {st[key]}"]
-        else:
-            lines = [f"pages_{k} {v}" for k, v in pages.items()]
-            lines += [f"{k} {v}" for k, v in st.items()]
-            try:
-                self.store.check_invariants()
-                lines.append("invariants ok")
-            except AssertionError as exc:
-                lines.append(f"invariants broken: {exc}")
-        return "\n".join(lines) + "\n"
 
     async def _listen(self) -> trio.SocketListener:
         path = self.config.socket_path
@@ -190,11 +135,27 @@ class Server:
             raise
         return trio.SocketListener(sock)
 
+    def attach_client(self, pid: int, cred: Cred) -> Proc:
+        """The process table's entry for a new connection (or /.sys/ctl) of `pid`."""
+        proc = self.procs.attach(pid, cred)
+        self._connections[pid] = self._connections.get(pid, 0) + 1
+        return proc
+
+    def detach_client(self, proc: Proc) -> None:
+        self._connections[proc.pid] -= 1
+        if not self._connections[proc.pid]:
+            del self._connections[proc.pid]
+            self.procs.detach(proc)
+
+    async def after_call(self) -> None:
+        """Tell the kernel what a call changed, before its caller hears back."""
+        if self.mount is not None:
+            await self.mount.cache.invalidate()
+
     async def _handle(self, stream: trio.SocketStream) -> None:
         assert self.syscalls is not None
         pid, cred = peer_cred(stream.socket)
-        proc = self.procs.attach(pid, cred)
-        self._connections[pid] = self._connections.get(pid, 0) + 1
+        proc = self.attach_client(pid, cred)
         lock = trio.Lock()
 
         async def send(message: dict[str, Any]) -> None:
@@ -209,10 +170,7 @@ class Server:
         except Exception:  # one connection's trouble must never end the server
             log.exception("connection of pid %d failed", pid)
         finally:
-            self._connections[pid] -= 1
-            if not self._connections[pid]:
-                del self._connections[pid]
-                self.procs.detach(proc)
+            self.detach_client(proc)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
@@ -257,6 +215,7 @@ class Server:
         except Exception:  # a bug must not take the server down: log it, answer EIO
             log.exception("call %r failed", request.get("call"))
             reply = error_reply(rid, "EIO", "internal error; the server logged it")
+        await self.after_call()
         try:
             await send(reply)
         except FrameError as exc:
@@ -268,19 +227,6 @@ class Server:
 async def _send_quietly(send: Any, message: dict[str, Any]) -> None:
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await send(message)
-
-
-def clean_stale_mount(mountpoint: str) -> None:
-    """Unmount what a killed server left at `mountpoint` (saying so in one line)."""
-    try:
-        os.stat(mountpoint)
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:  # "transport endpoint is not connected": stale
-            raise
-        print(f"symphony: cleaning up a stale mount at {mountpoint}", file=sys.stderr)
-        subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
-    if not os.path.isdir(mountpoint):
-        raise StoreError(errno.ENOTDIR, f"mount point {mountpoint} is not a directory")
 
 
 def _remove_socket(path: str) -> None:

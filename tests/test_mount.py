@@ -2,88 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
 from symphony.lipctl import connect
+from tests.mount_helpers import NOBODY, mounted_server, needs_fuse, sh, start, status, stop
 from tests.server_helpers import ROOT
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-    reason="needs /dev/fuse and fusermount3",
-)
-NOBODY = 65534
-
-
-def sh(*argv: str, user: int | None = None) -> subprocess.CompletedProcess:
-    if user is not None:
-        argv = ("setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv)
-    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
-
-
-def start(folder: str, state: str | None = None) -> tuple[subprocess.Popen, str, str]:
-    """A tiny-model server mounted at folder/kv, once the mount is there."""
-    mount, socket = os.path.join(folder, "kv"), os.path.join(folder, "s.sock")
-    with contextlib.suppress(FileExistsError):  # also when a killed server left it stale
-        os.mkdir(mount)
-    argv = [sys.executable, "-m", "tests.serve_tiny", socket, mount, *([state] if state else [])]
-    server = subprocess.Popen(
-        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.monotonic() + 60
-    while not os.path.ismount(mount) or not os.path.exists(socket):
-        if server.poll() is not None:
-            raise AssertionError(server.stderr.read() if server.stderr else "server exited")
-        assert time.monotonic() < deadline, "the mount did not appear"
-        time.sleep(0.05)
-    return server, mount, socket
-
-
-def stop(server: subprocess.Popen, mount: str, kill: bool = False) -> None:
-    if kill:
-        server.kill()
-    else:
-        server.terminate()
-    try:
-        server.wait(20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait(20)
-    if not kill:
-        if os.path.ismount(mount):
-            subprocess.run(["fusermount3", "-u", mount], timeout=20, check=False)
-        # lazily, whatever is left: a busy or a stale (ENOTCONN) mount
-        subprocess.run(
-            ["fusermount3", "-u", "-z", mount], timeout=20, check=False, capture_output=True
-        )
+pytestmark = needs_fuse
 
 
 @pytest.fixture
 def mounted():
-    folder = tempfile.mkdtemp(prefix="symphony-mount-")
-    os.chmod(folder, 0o755)
-    server, mount, socket = start(folder)
-    try:
-        yield mount, socket
-    finally:
-        stop(server, mount)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def status(mount: str) -> dict[str, str]:
-    with open(os.path.join(mount, ".sys", "status")) as f:
-        pairs = dict(line.split(" ", 1) for line in f.read().splitlines())
-    pages = [int(pairs[f"pages_{k}"]) for k in ("used", "cached", "free")]
-    assert sum(pages) == int(pairs["pages_total"])
-    return pairs
+    yield from mounted_server()
 
 
 def test_the_shell_scenario(mounted):
@@ -238,7 +175,14 @@ def test_sys_procs_and_metrics_and_fresh_sizes(mounted):
     assert int(metrics['symphony_pages{state="used"}']) == 2
     assert int(metrics["symphony_files"]) == 1
     assert int(metrics["symphony_tokens_computed_total"]) >= 8
-    assert sorted(os.listdir(os.path.join(mount, ".sys"))) == ["metrics", "procs", "status"]
+    assert sorted(os.listdir(os.path.join(mount, ".sys"))) == [
+        "ctl",
+        "metrics",
+        "procs",
+        "status",
+        "text",
+        "tokens",
+    ]
     with pytest.raises(OSError), open(os.path.join(mount, ".sys", "status"), "w"):
         pass  # /.sys is read-only
 

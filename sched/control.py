@@ -1,0 +1,217 @@
+"""/.sys/ctl: the syscalls as text lines, for admins without the client library.
+
+    exec 3<>/kv/.sys/ctl
+    echo 'kv_fork demo/a.kv demo/b.kv' >&3
+    echo 'generate demo/b.kv max_tokens=16 sampler={"temperature":0}' >&3
+    cat <&3
+
+A line is a call name, then its positional arguments (POSITIONAL), and `key=value`
+words, separated by blanks. A value is JSON where it parses as JSON (numbers, true,
+"quoted text", lists and maps, which may hold blanks), else the bare word as text; a
+path or text written bare stays text. Every line gets one reply line, in order:
+`ok JSON` or `error ERRNO message`. A read waits for
+the replies of the lines written so far and ends (EOF) when none is pending.
+`forward PATH text=...` tokenizes the text for you. Closing the file drops the
+lines not yet answered, unless it was opened write-only: `echo CMD > ctl` runs CMD.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import trio
+
+from symphony.fs.errors import StoreError
+from symphony.fs.nodes import Cred
+from symphony.sched.calls import Call, Syscalls
+from symphony.sched.processes import Proc
+from symphony.sched.protocol import MAX_FRAME
+
+POSITIONAL = {
+    "tokenize": ("text",),
+    "detokenize": ("ids",),
+    "kv_open": ("path",),
+    "kv_stat": ("path",),
+    "kv_fork": ("src", "dst"),
+    "kv_truncate": ("path", "n"),
+    "kv_unlink": ("path",),
+    "mkdir": ("path",),
+    "listdir": ("path",),
+    "forward": ("path", "tokens"),
+    "generate": ("path",),
+    "kill": ("pid",),
+    "wait": ("pid",),
+}
+log = logging.getLogger(__name__)
+
+STRINGS = {"path", "src", "dst", "text", "name", "program"}  # never read as JSON
+
+
+def parse_command(line: str) -> tuple[str, dict[str, Any]]:
+    """A command line as (call name, args).
+
+    Raises:
+        StoreError: EINVAL for a malformed JSON value or more positional words than the
+            call takes.
+    """
+    words = list(_words(line))
+    if not words:
+        raise StoreError(errno.EINVAL, "an empty command")
+    first, (name, _) = words[0]
+    if first is not None:
+        raise StoreError(errno.EINVAL, "a command starts with a call name")
+    slots = iter(POSITIONAL.get(name, ()))
+    args: dict[str, Any] = {}
+    for key, (raw, value) in words[1:]:
+        if key is None:
+            key = next(slots, None)
+            if key is None:
+                raise StoreError(errno.EINVAL, f"{name} takes no argument {raw!r}; use key=value")
+        if key in STRINGS and not isinstance(value, str):
+            value = raw  # a path or text written bare stays text, even `42`
+        args[key] = value
+    return name, args
+
+
+Word = tuple[str | None, tuple[str, Any]]  # key (None: positional), (raw text, value)
+
+
+def _words(line: str) -> Iterator[Word]:
+    """Split on blanks; a value opening with a quote, [ or { runs to the end of its JSON."""
+    pos, n = 0, len(line)
+    while True:
+        while pos < n and line[pos].isspace():
+            pos += 1
+        if pos == n:
+            return
+        key = None
+        match = _KEYWORD.match(line, pos)
+        if match:
+            key, pos = match[1], match.end()
+        if pos < n and line[pos] in '"[{':
+            try:
+                value, end = _JSON.raw_decode(line, pos)
+            except ValueError as exc:
+                raise StoreError(errno.EINVAL, f"bad JSON value: {exc}") from None
+        else:
+            end = pos
+            while end < n and not line[end].isspace():
+                end += 1
+            value = _json_or_text(line[pos:end])
+        yield key, (line[pos:end], value)
+        pos = end
+
+
+_JSON = json.JSONDecoder()
+_KEYWORD = re.compile(r"([a-z_]+)=")
+
+
+def _json_or_text(word: str) -> Any:
+    try:
+        return json.loads(word)
+    except ValueError:
+        return word
+
+
+def format_reply(result: Any) -> str:
+    return "ok " + json.dumps(result, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def format_error(exc: StoreError) -> str:
+    return f"error {exc.errno_name} {exc.args[0]}\n"
+
+
+class ControlSession:
+    """One open /.sys/ctl: its lines run one after another, as the opener's process."""
+
+    def __init__(
+        self,
+        syscalls: Syscalls,
+        cred: Cred,
+        proc: Proc,
+        reading: bool,
+        after_call: Callable[[], Awaitable[None]],
+        on_close: Callable[[], None],
+    ) -> None:
+        self.syscalls = syscalls
+        self.reading = reading
+        self.call = Call(cred, proc, _discard)
+        self._after_call = after_call
+        self._on_close = on_close
+        self._partial = b""
+        self._lines: list[bytes] = []
+        self._replies = bytearray()
+        self._busy = False
+        self._changed = trio.Event()
+        self._cancel = trio.CancelScope()
+        self._closed = False
+
+    def send(self, data: bytes) -> None:
+        self._partial += data
+        if len(self._partial) > MAX_FRAME:
+            self._partial = b""
+            raise StoreError(errno.E2BIG, f"a command line is limited to {MAX_FRAME} bytes")
+        *lines, self._partial = self._partial.split(b"\n")
+        self._queue(lines)
+
+    def _queue(self, lines: list[bytes]) -> None:
+        self._lines += [line for line in lines if line.strip()]
+        if self._lines and not self._busy and not self._closed:
+            self._busy = True
+            self._cancel = trio.CancelScope()
+            self.syscalls.nursery.start_soon(self._work, self._cancel)
+
+    async def _work(self, cancel: trio.CancelScope) -> None:
+        with cancel:
+            while self._lines:
+                reply = await self._run(self._lines.pop(0))
+                self._replies += reply.encode()
+                self._changed.set()
+        self._busy = False
+        self._changed.set()
+
+    async def _run(self, raw: bytes) -> str:
+        try:
+            name, args = parse_command(raw.decode())
+            if name == "forward" and "text" in args and "tokens" not in args:
+                args["tokens"] = self.syscalls.engine.tokenizer.encode(str(args.pop("text")))
+            result = await self.syscalls.dispatch(self.call, name, args)
+            return format_reply(result)
+        except UnicodeDecodeError:
+            return format_error(StoreError(errno.EINVAL, "a command line must be UTF-8"))
+        except StoreError as exc:
+            return format_error(exc)
+        except Exception:  # a bug must not take the server down: log it, answer EIO
+            log.exception("control line %r failed", raw[:200])
+            return format_error(StoreError(errno.EIO, "internal error; the server logged it"))
+        finally:
+            await self._after_call()
+
+    async def receive(self, size: int) -> bytes:
+        if self._partial.strip():  # the writer is reading: a last line without a newline
+            line, self._partial = self._partial, b""
+            self._queue([line])
+        while not self._replies and self._busy:
+            self._changed = trio.Event()
+            await self._changed.wait()
+        out = bytes(self._replies[:size])
+        del self._replies[:size]
+        return out
+
+    def close(self) -> None:
+        """Opened for reading, the lines not yet answered are dropped, as for a closed
+        connection; opened write-only (`echo CMD > ctl`), they run to the end."""
+        if self.reading:
+            self._closed = True
+            self._lines.clear()
+            self._cancel.cancel()
+        self._on_close()
+
+
+async def _discard(value: Any) -> None:
+    """Streamed pieces (generate's text as it comes) are not shown: the reply has all."""

@@ -1,0 +1,128 @@
+"""The mount: the server's store served with pyfuse3, in the same trio run as the socket.
+
+This is where the filesystem meets the server: /.sys text is made from the server's
+state, /.sys/ctl lines run as syscalls, and the kernel's caches are invalidated after
+every engine step and every call.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+import trio
+
+from symphony.fs.errors import StoreError
+from symphony.fs.fuse_cache import KernelCache
+from symphony.fs.nodes import Cred
+from symphony.sched.control import ControlSession
+
+if TYPE_CHECKING:
+    from symphony.sched.server import Server
+
+
+class Mount:
+    """The store at `mountpoint` while `run` runs; unmounted however it ends."""
+
+    def __init__(self, server: Server, mountpoint: str) -> None:
+        self.server = server
+        self.mountpoint = mountpoint
+        self.cache = KernelCache(server.store)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        import pyfuse3
+
+        from symphony.fs.fuse_ops import KVFileSystem
+        from symphony.fs.fuse_sys import SysTree
+
+        server = self.server
+        clean_stale_mount(self.mountpoint)
+        tree = SysTree(server.store, server.engine.tokenizer, self.sys_text, self.open_ctl)
+        state = server.state
+        ops = KVFileSystem(
+            server.store, tree, self.cache, state.save_file if state is not None else None
+        )
+        options = {"fsname=symphony", "subtype=kv", "default_permissions"}
+        if os.getuid() == 0:
+            options.add("allow_other")  # every user sees the store; the mode bits decide
+        try:
+            pyfuse3.init(ops, self.mountpoint, options)
+        except RuntimeError as exc:  # pyfuse3 says only "fuse_session_mount failed"
+            raise StoreError(errno.EIO, f"cannot mount at {self.mountpoint}: {exc}") from None
+        self.cache.live = True
+        try:
+            task_status.started()
+            await pyfuse3.main()
+        finally:
+            self.cache.live = False
+            pyfuse3.close(unmount=True)
+
+    def open_ctl(self, cred: Cred, pid: int, reading: bool) -> ControlSession:
+        server = self.server
+        assert server.syscalls is not None
+        proc = server.attach_client(pid, cred)
+        return ControlSession(
+            server.syscalls,
+            cred,
+            proc,
+            reading,
+            after_call=self.cache.invalidate,
+            on_close=lambda: server.detach_client(proc),
+        )
+
+    def sys_text(self, name: str) -> str:
+        """The text of /.sys/NAME: status, procs or metrics."""
+        server = self.server
+        assert server.syscalls is not None
+        st = server.syscalls.status()
+        pages = st.pop("pages")
+        if name == "procs":
+            rows = [p.row() for p in sorted(server.procs.procs.values(), key=lambda p: p.pid)]
+            lines = ["pid uid state priority tokens syscalls name"]
+            lines += [
+                f"{r['pid']} {r['uid']} {r['state']} {r['priority']} {r['tokens']} "
+                f"{r['syscalls']} {r['name']}"
+                for r in rows
+            ]
+        elif name == "metrics":  # Prometheus text exposition
+            lines = ["# TYPE symphony_pages gauge"]
+            lines += [f'symphony_pages{{state="{k}"}} {v}' for k, v in pages.items()]
+            for key, kind in (
+                ("files", "gauge"),
+                ("processes", "gauge"),
+                ("waiting", "gauge"),
+                ("steps", "counter"),
+                ("tokens_computed", "counter"),
+            ):
+                metric = f"symphony_{key}" + ("_total" if kind == "counter" else "")
+                lines += [f"# TYPE {metric} {kind}", f"{metric} {st[key]}"]
+        else:
+            lines = [f"pages_{k} {v}" for k, v in pages.items()]
+            lines += [f"{k} {v}" for k, v in st.items()]
+            try:
+                server.store.check_invariants()
+                lines.append("invariants ok")
+            except AssertionError as exc:
+                lines.append(f"invariants broken: {exc}")
+        return "\n".join(lines) + "\n"
+
+
+def clean_stale_mount(mountpoint: str) -> None:
+    """Unmount what a killed server left at `mountpoint` (saying so in one line); refuse
+    a mount point that is missing, not a directory, or served by a live server."""
+    try:
+        os.statvfs(mountpoint)  # asks the server behind a mount: never answered from a cache
+    except FileNotFoundError:
+        raise StoreError(errno.ENOENT, f"mount point {mountpoint} does not exist") from None
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:  # "transport endpoint is not connected": stale
+            raise
+        print(f"symphony: cleaning up a stale mount at {mountpoint}", file=sys.stderr)
+        subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
+    if not os.path.isdir(mountpoint):
+        raise StoreError(errno.ENOTDIR, f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise StoreError(errno.EBUSY, f"{mountpoint} is already mounted (another server?)")
