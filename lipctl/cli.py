@@ -14,6 +14,8 @@ from symphony.lipctl.client import SymphonyError, connect, socket_path
 
 log = logging.getLogger("symphony.lipctl")
 
+DEFAULT_MOUNT = "/kv"
+
 
 def _add_socket(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -27,7 +29,11 @@ def parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server in the foreground")
     _add_socket(serve)
     serve.add_argument("--model", help="GGUF file or Hugging Face directory (default: embedded)")
-    serve.add_argument("--mount", help="also mount the KV store here with FUSE (e.g. /kv)")
+    mount = serve.add_mutually_exclusive_group()
+    mount.add_argument(
+        "--mount", default=DEFAULT_MOUNT, help=f"mount the KV store here (default {DEFAULT_MOUNT})"
+    )
+    mount.add_argument("--no-mount", action="store_true", help="serve the socket only")
     serve.add_argument("--state", help="keep KV files here across restarts (fsync, shutdown)")
     serve.add_argument("--socket-mode", default="0666", help="octal mode of the socket")
     serve.add_argument("--quant", choices=("none", "int8", "int8wo"), default="none")
@@ -106,6 +112,13 @@ def format_status(st: dict[str, Any]) -> str:
     )
 
 
+def _first(exc: BaseException) -> BaseException:
+    """The first error inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         with open(args.program) as f:
@@ -146,6 +159,7 @@ def serve(args: argparse.Namespace) -> int:
     from symphony.engine.engine import Engine
     from symphony.engine.errors import EngineError
     from symphony.fs.errors import StoreError
+    from symphony.sched.mount import clean_stale_mount
     from symphony.sched.server import Server, ServerConfig
 
     try:
@@ -154,9 +168,13 @@ def serve(args: argparse.Namespace) -> int:
             socket_mode=int(args.socket_mode, 8),
             max_step_tokens=args.max_step_tokens,
             prefix_cache=not args.no_prefix_cache,
-            mount=args.mount,
+            mount=None if args.no_mount else args.mount,
             state=args.state,
         )
+        if config.mount == DEFAULT_MOUNT and not os.path.lexists(DEFAULT_MOUNT):
+            os.mkdir(DEFAULT_MOUNT, 0o755)
+        if config.mount:
+            clean_stale_mount(config.mount)  # refused before minutes of model loading
         engine_config = EngineConfig(
             num_pages=args.pages, page_size=args.page_size, quant=args.quant
         )
@@ -165,13 +183,14 @@ def serve(args: argparse.Namespace) -> int:
     except (EngineError, StoreError, ValueError, OSError) as exc:
         print(f"lipctl serve: {exc}", file=sys.stderr)
         return 1
+    where = config.socket_path + (f" and {config.mount}" if config.mount else "")
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve)
                 print(
-                    f"symphony: serving {engine.model_config.name} on {config.socket_path}",
+                    f"symphony: serving {engine.model_config.name} on {where}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -182,8 +201,12 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         trio.run(main)
-    except (OSError, StoreError) as exc:
-        print(f"lipctl serve: {exc}", file=sys.stderr)
+    except (OSError, StoreError, ExceptionGroup) as exc:
+        error = _first(exc)  # trio wraps what a task raised in exception groups
+        if not isinstance(error, (OSError, StoreError)):
+            raise
+        hint = " (another mount point: --mount DIR; none: --no-mount)" if config.mount else ""
+        print(f"lipctl serve: {error}{hint}", file=sys.stderr)
         return 1
     print("symphony: stopped", file=sys.stderr)
     return 0

@@ -6,7 +6,9 @@
 3. The Figure-2 LIP (examples/fork_parallel.py) forks one prefix into branches that
    generate together; it prints their text, the pages they share and timings.
 4. `lipctl status` shows the pool; with /dev/fuse, the store is mounted too, and the
-   chat's KV file is forked with `cp`, then shown with ls -l, du and getfattr.
+   chat's KV file is forked with `cp`, shown with ls -l, du and getfattr, rolled back
+   to the question with setfattr, read as text under /.sys, and continued with
+   `lipctl run examples/continue.py`; /.sys/status closes.
 5. The server stops (and unmounts).
 
 `--engine-only` skips the server and runs the engine in this process.
@@ -45,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def chat(socket: str, prompt: str, max_tokens: int) -> None:
+def chat(socket: str, prompt: str, max_tokens: int) -> int:
+    """Ask `prompt` in demo/chat.kv; returns the number of tokens of the question."""
     with connect(socket) as lip:
         lip.mkdir("demo", parents=True)
         kv = lip.kv("demo/chat.kv", create=True)
@@ -64,24 +67,34 @@ def chat(socket: str, prompt: str, max_tokens: int) -> None:
             f"prefill {len(ids)} tokens at {len(ids) / (t1 - t0):.0f} tok/s, "
             f"decode {n} tokens at {n / (t2 - t1):.1f} tok/s (through the socket)"
         )
+        return len(ids)
 
 
-def show_mount(mount: str) -> None:
-    """The KV store as files: a fork by cp, then ls, du and getfattr."""
+def show_mount(mount: str, question_tokens: int, lipctl: list[str], env: dict[str, str]) -> None:
+    """The KV store as files: a fork by cp, ls, du, getfattr, a rollback, its text, more
+    tokens, the server's status."""
     demo = os.path.join(mount, "demo")
+    chat, copy = os.path.join(demo, "chat.kv"), os.path.join(demo, "chat-copy.kv")
     steps = [
-        ["cp", os.path.join(demo, "chat.kv"), os.path.join(demo, "chat-copy.kv")],
+        ["cp", chat, copy],
         ["ls", "-l", demo],
-        ["du", "-k", os.path.join(demo, "chat.kv"), os.path.join(demo, "chat-copy.kv")],
-        ["getfattr", "--absolute-names", "-d", "-m", "user", os.path.join(demo, "chat-copy.kv")],
+        ["du", "-k", chat, copy],
+        ["getfattr", "--absolute-names", "-d", "-m", "user", copy],
+        ["setfattr", "-n", "user.kv.tokens", "-v", str(question_tokens), copy],
+        ["cat", os.path.join(mount, ".sys", "text", "demo", "chat-copy.kv")],
+        [*lipctl, "run", str(EXAMPLES / "continue.py"), "demo/chat-copy.kv", "24"],
+        ["cat", os.path.join(mount, ".sys", "status")],
     ]
     for argv in steps:
-        shown = " ".join(a.replace(mount, "/kv") for a in argv)
+        shown = " ".join(a.replace(mount, "/kv") for a in argv).replace(" ".join(lipctl), "lipctl")
+        shown = shown.replace(str(EXAMPLES), "examples")
         print(f"\n== $ {shown}", flush=True)
         if shutil.which(argv[0]) is None:
             print(f"({argv[0]} is not installed)")
             continue
-        subprocess.call(argv)
+        subprocess.call(argv, env=env)
+        if argv[0] == "setfattr":
+            print("(the copy is rolled back to the question: the answer is gone from it)")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -98,7 +111,7 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         server = start_server(socket, *extra, mount=mount if can_mount else None)
         print("\n== a chat turn through the syscalls")
-        chat(socket, args.prompt, args.max_tokens)
+        question_tokens = chat(socket, args.prompt, args.max_tokens)
         print(f"\n== $ lipctl run examples/fork_parallel.py {args.branches}")
         env = {**os.environ, "SYMPHONY_SOCKET": socket}
         lipctl = [sys.executable, "-m", "symphony.lipctl.cli"]
@@ -111,7 +124,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print("\n== $ lipctl status")
         subprocess.call([*lipctl, "status"], env=env)
         if can_mount:
-            show_mount(mount)
+            show_mount(mount, question_tokens, lipctl, env)
         else:
             print("\n(no /dev/fuse here: the KV store is not mounted)")
     except SymphonyError as exc:

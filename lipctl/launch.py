@@ -14,15 +14,14 @@ from symphony.lipctl.client import SymphonyError, connect
 def start_server(
     socket: str, *extra: str, mount: str | None = None, timeout: float = 600, **popen: Any
 ) -> subprocess.Popen:
-    """Run `lipctl serve --socket SOCKET [--mount MOUNT] EXTRA...`; return once it answers
-    (and its mount is up).
+    """Run `lipctl serve --socket SOCKET (--mount MOUNT | --no-mount) EXTRA...`; return once
+    it answers (and its mount is up).
 
     Raises:
         SymphonyError: ECHILD if it exits first, ETIMEDOUT after `timeout` seconds.
     """
     argv = [sys.executable, "-m", "symphony.lipctl.cli", "serve", "--socket", socket, *extra]
-    if mount:
-        argv += ["--mount", mount]
+    argv += ["--mount", mount] if mount else ["--no-mount"]
     server = subprocess.Popen(argv, **popen)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
