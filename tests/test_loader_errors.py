@@ -75,7 +75,14 @@ def test_a_bad_model_is_one_line_from_the_demo_and_lipctl_serve(tmp_path):
     for argv, prefix in [
         (["symphony.lipctl.demo", "--engine-only", "--model"], "symphony-demo"),
         (
-            ["symphony.lipctl.cli", "serve", "--socket", str(tmp_path / "s"), "--model"],
+            [
+                "symphony.lipctl.cli",
+                "serve",
+                "--no-mount",
+                "--socket",
+                str(tmp_path / "s"),
+                "--model",
+            ],
             "lipctl serve",
         ),
     ]:
