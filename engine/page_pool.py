@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 from symphony.engine.errors import OutOfPagesError
@@ -33,11 +34,21 @@ class PagePool:
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.refcounts = [0] * num_pages
+        self.bytes_per_page = 2 * num_layers * self.k_cache[0][0].numel() * dtype.itemsize
         # pop() from the end hands out low page numbers first
         self._free = list(range(num_pages - 1, -1, -1))
         # pages whose refcount changed while in use, kept only once someone asks
         # (`track_changes`): who shares a page is what `du` of a KV file shows
         self.changed: set[int] | None = None
+        # on the CPU, every layer's K and V as bytes, one row a page: a page's bytes
+        # are read and written without a tensor op per layer
+        self._rows: list[np.ndarray] | None = None
+        if self.k_cache[0].device.type == "cpu":
+            self._rows = [
+                t.view(torch.uint8).reshape(num_pages, -1).numpy()
+                for pair in zip(self.k_cache, self.v_cache, strict=True)
+                for t in pair
+            ]
 
     def track_changes(self) -> None:
         if self.changed is None:
@@ -56,11 +67,6 @@ class PagePool:
     @property
     def num_used(self) -> int:
         return self.num_pages - len(self._free)
-
-    @property
-    def bytes_per_page(self) -> int:
-        k = self.k_cache[0]
-        return 2 * len(self.k_cache) * k[0].numel() * k.element_size()
 
     def allocate(self, n: int) -> list[int]:
         """Take `n` free pages, each with refcount 1.
@@ -97,6 +103,33 @@ class PagePool:
                 self._free.append(page)
                 freed.append(page)
         return freed
+
+    def page_bytes(self, page: int) -> bytes:
+        """The page's K then V of layer 0, K then V of layer 1, ..., every slot."""
+        if self._rows is not None:
+            return b"".join(row[page] for row in self._rows)
+        parts = []
+        for k, v in zip(self.k_cache, self.v_cache, strict=True):
+            parts += [k[page].reshape(-1), v[page].reshape(-1)]
+        return bytes(torch.cat(parts).view(torch.uint8).cpu().numpy())
+
+    def write_page_bytes(self, page: int, data: bytes) -> None:
+        """Fill `page` from bytes in the order `page_bytes` gives them."""
+        if len(data) != self.bytes_per_page:
+            raise ValueError(f"a page is {self.bytes_per_page} bytes, not {len(data)}")
+        raw = np.frombuffer(data, dtype=np.uint8)
+        if self._rows is not None:
+            start = 0
+            for row in self._rows:
+                n = row.shape[1]
+                row[page] = raw[start : start + n]
+                start += n
+            return
+        flat = torch.from_numpy(raw.copy()).view(self.k_cache[0].dtype)
+        per = self.k_cache[0][0].numel()
+        for i, (k, v) in enumerate(zip(self.k_cache, self.v_cache, strict=True)):
+            k[page].copy_(flat[2 * i * per : (2 * i + 1) * per].view_as(k[page]))
+            v[page].copy_(flat[(2 * i + 1) * per : (2 * i + 2) * per].view_as(v[page]))
 
     def copy_page(self, src: int, dst: int, num_tokens: int | None = None) -> None:
         """Copy the K/V of the first `num_tokens` slots (all by default) of `src` into `dst`."""

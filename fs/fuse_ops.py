@@ -27,7 +27,7 @@ from symphony.fs.errors import StoreError
 from symphony.fs.fuse_cache import ENTRY_TIMEOUT, KernelCache
 from symphony.fs.fuse_sys import CTL as SYS_CTL
 from symphony.fs.fuse_sys import SYS_DIR, SysHandle, SysTree, is_virtual
-from symphony.fs.kv_import import Importer
+from symphony.fs.kv_import import Importer, digest_of
 from symphony.fs.namespace import ROOT_INODE, Namespace
 from symphony.fs.nodes import W_OK, Cred, Directory, KVFile, Node, now_ns
 from symphony.fs.store import KVStore
@@ -46,6 +46,7 @@ class OpenFile:
     layout: kv_format.Layout | None
     pages: list[int]
     importer: Importer | None = None  # opened for writing an empty file: an import
+    last_page: tuple[int, bytes] | None = None  # (index, bytes) of the page read last
 
 
 def cred_of(ctx: pyfuse3.RequestContext) -> Cred:
@@ -96,8 +97,7 @@ class KVFileSystem(pyfuse3.Operations):
         if is_virtual(inode):
             self.sys.attrs(inode, a)
             return a
-        # invalidated on every change; the root never cached, so a dead server shows
-        a.entry_timeout = a.attr_timeout = ENTRY_TIMEOUT if inode != ROOT_INODE else 0
+        a.entry_timeout = a.attr_timeout = ENTRY_TIMEOUT  # invalidated on every change
         node = self._node(inode)
         a.st_mode, a.st_nlink, a.st_uid, a.st_gid = node.mode, node.nlink, node.uid, node.gid
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.atime_ns, node.mtime_ns, node.ctime_ns
@@ -345,9 +345,17 @@ class KVFileSystem(pyfuse3.Operations):
             return await self.sys.read(handle, off, size)
         if handle.layout is None:
             raise pyfuse3.FUSEError(errno.EBADF)  # opened for writing only
-        return kv_format.read_range(
-            self.store.pool, handle.layout, handle.pages, off, size, self.store.content.note
-        )
+        return kv_format.read_range(handle.layout, off, size, functools.partial(self._page, handle))
+
+    def _page(self, handle: OpenFile, index: int) -> bytes:
+        """The bytes of the handle's `index`-th page; reads come in pieces of a page, so
+        the last page read is kept. Every page read is noted by content for `cp` back in."""
+        if handle.last_page is None or handle.last_page[0] != index:
+            page = handle.pages[index]
+            data = self.store.pool.page_bytes(page)
+            self.store.content.note(page, digest_of(data))
+            handle.last_page = (index, data)
+        return handle.last_page[1]
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from symphony.engine.page_pool import PagePool
 
@@ -56,36 +55,18 @@ def layout(pool: PagePool, fingerprint: str, token_ids: list[int], num_pages: in
     return Layout(MAGIC + struct.pack("<I", len(body)) + body + ids, pool.bytes_per_page, num_pages)
 
 
-def page_data(pool: PagePool, page: int) -> bytes:
-    """One page's K and V for every layer, in file order."""
-    parts = []
-    for k, v in zip(pool.k_cache, pool.v_cache, strict=True):
-        parts += [k[page].flatten(), v[page].flatten()]
-    return torch.cat(parts).cpu().numpy().tobytes()
-
-
-def read_range(
-    pool: PagePool,
-    lay: Layout,
-    pages: list[int],
-    offset: int,
-    size: int,
-    on_page: Callable[[int, bytes], None] | None = None,
-) -> bytes:
-    """Bytes [offset, offset + size) of a file with this layout and these pages;
-    `on_page(page, data)` sees every page's bytes as they are read."""
+def read_range(lay: Layout, offset: int, size: int, page_at: Callable[[int], bytes]) -> bytes:
+    """Bytes [offset, offset + size) of a file with this layout; `page_at(i)` gives the
+    bytes of its i-th page (`PagePool.page_bytes`)."""
     end = min(offset + size, lay.size)
-    out = bytearray()
+    parts = []
     pos = offset
     while pos < end:
         if pos < len(lay.head):
             take = lay.head[pos : min(end, len(lay.head))]
         else:
             index, within = divmod(pos - len(lay.head), lay.page_bytes)
-            data = page_data(pool, pages[index])
-            if on_page is not None:
-                on_page(pages[index], data)
-            take = data[within : within + (end - pos)]
-        out += take
+            take = page_at(index)[within : within + (end - pos)]
+        parts.append(take)
         pos += len(take)
-    return bytes(out)
+    return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import errno
 import json
 import struct
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 import xxhash
 
 from symphony.engine.page_pool import PagePool
@@ -41,14 +41,35 @@ class ContentIndex:
         self.pool = pool
         self._pages: dict[int, set[int]] = {}
 
-    def note(self, page: int, data: bytes) -> None:
-        self._pages.setdefault(xxhash.xxh3_64_intdigest(data), set()).add(page)
+    def note(self, page: int, digest: int) -> None:
+        self._pages.setdefault(digest, set()).add(page)
 
-    def find(self, data: bytes) -> int | None:
-        for page in list(self._pages.get(xxhash.xxh3_64_intdigest(data), ())):
-            if self.pool.refcounts[page] > 0 and kv_format.page_data(self.pool, page) == data:
+    def find(self, pieces: list[memoryview], digest: int) -> int | None:
+        """A page holding exactly the bytes of `pieces` (in order), or None."""
+        for page in list(self._pages.get(digest, ())):
+            if self.pool.refcounts[page] > 0 and _equal(self.pool.page_bytes(page), pieces):
                 return page
         return None
+
+
+def digest_of(pieces: list[memoryview] | bytes) -> int:
+    if isinstance(pieces, bytes):
+        return xxhash.xxh3_64_intdigest(pieces)
+    h = xxhash.xxh3_64()
+    for piece in pieces:
+        h.update(piece)
+    return h.intdigest()
+
+
+def _equal(data: bytes, pieces: list[memoryview]) -> bool:
+    """Whether `data` is the pieces joined (compared without joining them)."""
+    start = 0
+    for piece in pieces:
+        held = np.frombuffer(data, np.uint8, len(piece), start)
+        if not np.array_equal(held, np.frombuffer(piece, np.uint8)):
+            return False
+        start += len(piece)
+    return start == len(data)
 
 
 class Importer:
@@ -68,7 +89,10 @@ class Importer:
         self.content = content
         self.max_tokens = max_tokens
         self.received = 0
-        self._buf = bytearray()
+        self._pieces: deque[memoryview] = deque()  # received, not yet consumed
+        self._pending = 0  # their length
+        pages = -(-max_tokens // pool.page_size)
+        self.max_size = 12 + MAX_HEADER + 4 * max_tokens + pages * pool.bytes_per_page
         self.header: dict[str, Any] | None = None
         self.token_ids: list[int] | None = None
         self.pages: list[int] = []  # references this import holds
@@ -87,10 +111,14 @@ class Importer:
                 errno.EINVAL,
                 f"KV files are written in order: offset {offset}, expected {self.received}",
             )
+        if offset > self.max_size:
+            raise einval(f"offset {offset} is past the end of any file of this server")
         if offset > self.received:  # a hole (cp skips runs of zeros): it reads as zeros
-            data = bytes(offset - self.received) + data
-        self.received += len(data)
-        self._buf += data
+            self._pieces.append(memoryview(bytes(offset - self.received)))
+            self._pending += offset - self.received
+        self._pieces.append(memoryview(data))
+        self._pending += len(data)
+        self.received = offset + len(data)
         try:
             self._consume()
         except StoreError:
@@ -98,34 +126,51 @@ class Importer:
             self.failed = True
             raise
 
+    def _take(self, n: int) -> list[memoryview]:
+        """The next `n` bytes received, as pieces of what was written (not copied)."""
+        taken: list[memoryview] = []
+        while n:
+            piece = self._pieces.popleft()
+            if len(piece) > n:
+                piece, rest = piece[:n], piece[n:]
+                self._pieces.appendleft(rest)
+            taken.append(piece)
+            n -= len(piece)
+        self._pending -= sum(len(p) for p in taken)
+        return taken
+
+    def _peek(self, n: int) -> bytes:
+        taken = self._take(n)
+        self._pieces.extendleft(reversed(taken))
+        self._pending += n
+        return b"".join(taken)
+
     def _consume(self) -> None:
         if self.header is None:
-            if len(self._buf) < 12:
+            if self._pending < 12:
                 return
-            if bytes(self._buf[:8]) != kv_format.MAGIC:
+            head = self._peek(12)
+            if head[:8] != kv_format.MAGIC:
                 raise einval("bad magic or version")
-            (length,) = struct.unpack("<I", self._buf[8:12])
+            (length,) = struct.unpack("<I", head[8:12])
             if length > MAX_HEADER:
                 raise einval("header too long")
-            if len(self._buf) < 12 + length:
+            if self._pending < 12 + length:
                 return
-            self.header = self._check_header(bytes(self._buf[12 : 12 + length]))
-            del self._buf[: 12 + length]
+            self.header = self._check_header(b"".join(self._take(12 + length))[12:])
         if self.token_ids is None:
             need = 4 * self.header["num_tokens"]
-            if len(self._buf) < need:
+            if self._pending < need:
                 return
-            ids = np.frombuffer(bytes(self._buf[:need]), dtype="<i4").tolist()
+            ids = np.frombuffer(b"".join(self._take(need)), dtype="<i4").tolist()
             if any(t < 0 for t in ids):
                 raise einval("negative token id")
             self.token_ids = ids
-            del self._buf[:need]
         page_bytes = self.pool.bytes_per_page
-        while len(self._buf) >= page_bytes:
+        while self._pending >= page_bytes:
             if len(self.pages) == self.header["num_pages"]:
                 raise einval("more bytes than its pages")
-            self._take_page(bytes(self._buf[:page_bytes]))
-            del self._buf[:page_bytes]
+            self._take_page(self._take(page_bytes))
 
     def _check_header(self, raw: bytes) -> dict[str, Any]:
         try:
@@ -154,18 +199,15 @@ class Importer:
             raise einval(f"{pages} pages cannot hold exactly {n} tokens")
         return header
 
-    def _take_page(self, data: bytes) -> None:
-        page = self.content.find(data)
+    def _take_page(self, pieces: list[memoryview]) -> None:
+        digest = digest_of(pieces)
+        page = self.content.find(pieces, digest)
         if page is not None:
             self.pool.incref([page])
         else:
             (page,) = self._allocate(1)
-            flat = torch.frombuffer(bytearray(data), dtype=self.pool.k_cache[0].dtype)
-            per = self.pool.k_cache[0][0].numel()
-            for i, (k, v) in enumerate(zip(self.pool.k_cache, self.pool.v_cache, strict=True)):
-                k[page].copy_(flat[2 * i * per : (2 * i + 1) * per].view_as(k[page]))
-                v[page].copy_(flat[(2 * i + 1) * per : (2 * i + 2) * per].view_as(v[page]))
-            self.content.note(page, data)
+            self.pool.write_page_bytes(page, b"".join(pieces))
+            self.content.note(page, digest)
         self.pages.append(page)
 
     def extend_to(self, size: int) -> None:
@@ -177,7 +219,7 @@ class Importer:
         return not self.failed and (
             self.header is not None
             and self.token_ids is not None
-            and not self._buf
+            and not self._pending
             and len(self.pages) == self.header["num_pages"]
         )
 

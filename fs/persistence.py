@@ -52,7 +52,7 @@ class StateDir:
     def _write_file(self, file: KVFile) -> None:
         pool = self.store.pool
         lay = kv_format.layout(pool, self.store.fingerprint, file.token_ids, len(file.pages))
-        chunks = [lay.head, *(kv_format.page_data(pool, p) for p in file.pages)]
+        chunks = [lay.head, *(pool.page_bytes(p) for p in file.pages)]
         _write_atomically(self._file_path(file.inode), chunks)
         self._saved.add(file.inode)
 

@@ -1,0 +1,90 @@
+"""Exporting a KV file to bytes and importing them back, without a mount."""
+
+from __future__ import annotations
+
+import pytest
+
+from symphony.fs import kv_format
+from symphony.fs.errors import StoreError
+from symphony.fs.kv_import import digest_of
+from symphony.fs.nodes import ROOT
+from symphony.fs.store import KVStore
+from tests.conftest import make_tiny_engine
+from tests.test_store import append
+
+
+@pytest.fixture
+def setup():
+    engine = make_tiny_engine(num_pages=32, page_size=4)
+    store = KVStore(engine.pool, engine.fingerprint, engine.model_config.vocab_size, 512)
+    return engine, store
+
+
+def export(store: KVStore, path: str) -> bytes:
+    """A file's bytes as reading it on the mount gives them (noting each page's content)."""
+    file = store.ns.lookup_file(path, ROOT)
+    lay = kv_format.layout(store.pool, store.fingerprint, file.token_ids, len(file.pages))
+
+    def page_at(i: int) -> bytes:
+        data = store.pool.page_bytes(file.pages[i])
+        store.content.note(file.pages[i], digest_of(data))
+        return data
+
+    return kv_format.read_range(lay, 0, lay.size, page_at)
+
+
+def import_(store: KVStore, path: str, data: bytes, chunk: int) -> None:
+    file = store.ns.create_file(path, ROOT, 0o600, "")
+    importer = store.importer()
+    for off in range(0, len(data), chunk):
+        importer.write(off, data[off : off + chunk])
+    assert importer.complete()
+    store.commit_import(file, importer)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096, 1 << 20])
+def test_import_of_an_export_shares_every_page_whatever_the_write_sizes(setup, chunk):
+    engine, store = setup
+    append(engine, store, store.ns.create_file("a.kv", ROOT, 0o600, ""), list(range(5, 23)))
+    data = export(store, "a.kv")
+    used = store.pool.num_used
+    import_(store, "b.kv", data, chunk)
+    assert store.pool.num_used == used  # no page taken: all found by content
+    assert export(store, "b.kv") == data
+    store.check_invariants()
+
+
+def test_an_import_of_unknown_pages_fills_fresh_ones_and_reads_back_the_same(setup):
+    engine, store = setup
+    append(engine, store, store.ns.create_file("a.kv", ROOT, 0o600, ""), list(range(5, 23)))
+    data = export(store, "a.kv")
+    store.unlink("a.kv", ROOT)
+    assert store.index is not None
+    store.index.clear()  # the pages are gone for good
+    assert store.pool.num_used == 0
+    import_(store, "b.kv", data, 1000)
+    assert store.pool.num_used == 5
+    assert export(store, "b.kv") == data
+    store.check_invariants()
+
+
+def test_holes_read_as_zeros_and_writes_out_of_order_or_far_away_are_einval(setup):
+    engine, store = setup
+    append(engine, store, store.ns.create_file("a.kv", ROOT, 0o600, ""), list(range(5, 23)))
+    data = export(store, "a.kv")
+    importer = store.importer()
+    importer.write(0, data[:100])
+    with pytest.raises(StoreError) as info:
+        importer.write(50, data[50:60])
+    assert info.value.errno_name == "EINVAL"
+    far = store.importer()
+    with pytest.raises(StoreError) as info:
+        far.write(1 << 40, b"x")  # `truncate -s 1T` on an import: refused, nothing allocated
+    assert info.value.errno_name == "EINVAL"
+    zeros = store.importer()
+    zeros.write(0, data[: len(data) - 10])
+    zeros.extend_to(len(data))  # cp ending in a hole
+    assert zeros.complete()
+    zeros.abort()
+    importer.abort()
+    store.check_invariants()
