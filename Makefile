@@ -41,6 +41,7 @@ lint: install
 bench: install
 	$(PY) bench/engine.py
 	$(PY) bench/lips.py
+	$(PY) bench/mount.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache .mypy_cache
