@@ -16,9 +16,9 @@ import functools
 import itertools
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pyfuse3
 
@@ -57,6 +57,34 @@ def cred_of(ctx: pyfuse3.RequestContext) -> Cred:
     return Cred(ctx.uid, ctx.gid, groups)
 
 
+def guard_handlers(cls: type[pyfuse3.Operations]) -> type[pyfuse3.Operations]:
+    """Wrap every request handler of `cls`: a store error becomes its errno; anything
+    else is a bug, logged and answered with EIO, so that it never ends the mount (an
+    exception escaping a handler would stop pyfuse3's main loop and the server with it)."""
+    for name, handler in list(vars(cls).items()):
+        if name.startswith("_") or not hasattr(pyfuse3.Operations, name):
+            continue
+        setattr(cls, name, _guarded(handler))
+    return cls
+
+
+def _guarded(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(handler)
+    async def run(*args: Any) -> Any:
+        try:
+            return await handler(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except StoreError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("FUSE handler %s failed", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return run
+
+
+@guard_handlers
 class KVFileSystem(pyfuse3.Operations):
     """The store's namespace as FUSE sees it."""
 
@@ -138,29 +166,27 @@ class KVFileSystem(pyfuse3.Operations):
             return self._attrs(inode)  # `echo CMD > /.sys/ctl` opens with O_TRUNC
         node = self._node_or_sys(inode)
         cred = cred_of(ctx)
-        with errors():
-            if fields.update_mode:
-                Namespace.chmod_node(node, cred, attr.st_mode)
-            if fields.update_uid or fields.update_gid:
-                uid = attr.st_uid if fields.update_uid else None
-                gid = attr.st_gid if fields.update_gid else None
-                Namespace.chown_node(node, cred, uid, gid)
-            importing = self._handles[fh].importer if fh in self._handles else None
-            if fields.update_size and importing is not None and attr.st_size:
-                importing.extend_to(attr.st_size)  # cp ending in a hole
-            elif fields.update_size:
-                if not isinstance(node, KVFile) or attr.st_size != 0:
-                    raise StoreError(
-                        errno.EINVAL,
-                        "a KV file truncates to 0 bytes only; "
-                        "roll back with the user.kv.tokens xattr",
-                    )
-                self.store.truncate_file(node, 0)
-            if fields.update_atime:
-                node.atime_ns = attr.st_atime_ns
-            if fields.update_mtime:
-                node.mtime_ns = attr.st_mtime_ns
-            node.ctime_ns = now_ns()
+        if fields.update_mode:
+            Namespace.chmod_node(node, cred, attr.st_mode)
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else None
+            gid = attr.st_gid if fields.update_gid else None
+            Namespace.chown_node(node, cred, uid, gid)
+        importing = self._handles[fh].importer if fh in self._handles else None
+        if fields.update_size and importing is not None and attr.st_size:
+            importing.extend_to(attr.st_size)  # cp ending in a hole
+        elif fields.update_size:
+            if not isinstance(node, KVFile) or attr.st_size != 0:
+                raise StoreError(
+                    errno.EINVAL,
+                    "a KV file truncates to 0 bytes only; roll back with the user.kv.tokens xattr",
+                )
+            self.store.truncate_file(node, 0)
+        if fields.update_atime:
+            node.atime_ns = attr.st_atime_ns
+        if fields.update_mtime:
+            node.mtime_ns = attr.st_mtime_ns
+        node.ctime_ns = now_ns()
         self.cache.invalidate_attributes()  # a truncate changes what other files share
         return self._attrs(inode)
 
@@ -214,27 +240,21 @@ class KVFileSystem(pyfuse3.Operations):
     def _path(self, parent_inode: int, name: bytes) -> str:
         if is_virtual(parent_inode):
             raise pyfuse3.FUSEError(errno.EPERM)
-        with errors():
-            base = self.store.ns.path_of(parent_inode)
+        base = self.store.ns.path_of(parent_inode)
         return f"{base}/{os.fsdecode(name)}" if base else os.fsdecode(name)
 
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        with errors():
-            node = self.store.ns.mkdir(
-                self._path(parent_inode, name), cred_of(ctx), mode & ~ctx.umask
-            )
+        node = self.store.ns.mkdir(self._path(parent_inode, name), cred_of(ctx), mode & ~ctx.umask)
         return self._attrs(node.inode)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        with errors():
-            self.store.ns.rmdir(self._path(parent_inode, name), cred_of(ctx))
+        self.store.ns.rmdir(self._path(parent_inode, name), cred_of(ctx))
         self._changed()
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        with errors():
-            self.store.unlink(self._path(parent_inode, name), cred_of(ctx))
+        self.store.unlink(self._path(parent_inode, name), cred_of(ctx))
         self._changed()
 
     async def rename(
@@ -248,12 +268,11 @@ class KVFileSystem(pyfuse3.Operations):
     ) -> None:
         if flags:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        with errors():
-            self.store.ns.rename(
-                self._path(parent_inode_old, name_old),
-                self._path(parent_inode_new, name_new),
-                cred_of(ctx),
-            )
+        self.store.ns.rename(
+            self._path(parent_inode_old, name_old),
+            self._path(parent_inode_new, name_new),
+            cred_of(ctx),
+        )
         self._changed()
 
     def _changed(self) -> None:
@@ -268,8 +287,7 @@ class KVFileSystem(pyfuse3.Operations):
         node = self._node_or_sys(inode)
         if not isinstance(node, KVFile):
             raise pyfuse3.FUSEError(errno.EPERM)
-        with errors():
-            self.store.ns.link_node(node, self._path(new_parent_inode, new_name), cred_of(ctx))
+        self.store.ns.link_node(node, self._path(new_parent_inode, new_name), cred_of(ctx))
         return self._attrs(inode)
 
     # xattrs -------------------------------------------------------------------------
@@ -302,9 +320,8 @@ class KVFileSystem(pyfuse3.Operations):
             n = int(value.decode().strip())
         except (UnicodeDecodeError, ValueError):
             raise pyfuse3.FUSEError(errno.EINVAL) from None
-        with errors():
-            self.store.ns.check(node, cred_of(ctx), W_OK, "")
-            self.store.truncate_file(node, n)  # rollback
+        self.store.ns.check(node, cred_of(ctx), W_OK, "")
+        self.store.truncate_file(node, n)  # rollback
         self.cache.invalidate_attributes()
 
     # file bytes ---------------------------------------------------------------------
@@ -318,10 +335,9 @@ class KVFileSystem(pyfuse3.Operations):
         node = self._node(inode)
         if not isinstance(node, KVFile):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        with errors():
-            if flags & os.O_TRUNC and node.num_tokens:
-                self.store.truncate_file(node, 0)  # the kernel checked write permission
-                self.cache.invalidate_attributes()
+        if flags & os.O_TRUNC and node.num_tokens:
+            self.store.truncate_file(node, 0)  # the kernel checked write permission
+            self.cache.invalidate_attributes()
         if writing:
             return self._open_for_import(fh, node)
         pages = list(node.pages)
@@ -363,8 +379,7 @@ class KVFileSystem(pyfuse3.Operations):
             return self.sys.write(handle, buf)
         if handle.importer is None:
             raise pyfuse3.FUSEError(errno.EINVAL)  # KV files are written whole, from empty
-        with errors():
-            handle.importer.write(off, buf)
+        handle.importer.write(off, buf)
         return len(buf)
 
     async def flush(self, fh: int) -> None:
@@ -380,16 +395,14 @@ class KVFileSystem(pyfuse3.Operations):
         if not importer.complete():
             importer.abort()
             raise pyfuse3.FUSEError(errno.EINVAL)
-        with errors():
-            self.store.commit_import(handle.file, importer)
+        self.store.commit_import(handle.file, importer)
         self.cache.invalidate_attributes()
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handles.get(fh)
         if not isinstance(handle, OpenFile) or self.write_through is None:
             return
-        with errors():
-            self.write_through(handle.file)
+        self.write_through(handle.file)
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
@@ -411,23 +424,6 @@ class KVFileSystem(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         cred = cred_of(ctx)
-        with errors():
-            path = self._path(parent_inode, name)
-            node = self.store.ns.create_file(
-                path, cred, mode & ~ctx.umask, self.store.domain_of(cred)
-            )
+        path = self._path(parent_inode, name)
+        node = self.store.ns.create_file(path, cred, mode & ~ctx.umask, self.store.domain_of(cred))
         return self._open_for_import(next(self._next_fh), node), self._attrs(node.inode)
-
-
-@contextmanager
-def errors() -> Iterator[None]:
-    """Map the store's errors to FUSEError; log and answer EIO for anything else."""
-    try:
-        yield
-    except pyfuse3.FUSEError:
-        raise
-    except StoreError as exc:
-        raise pyfuse3.FUSEError(exc.errno) from None
-    except Exception:  # a bug: logged, and the caller gets EIO rather than a hang
-        log.exception("FUSE handler failed")
-        raise pyfuse3.FUSEError(errno.EIO) from None
