@@ -25,43 +25,51 @@ def mounted():
 
 def test_the_shell_scenario(mounted):
     mount, socket = mounted
-    with connect(socket) as lip:
-        lip.mkdir("ctx")
-        kv = lip.kv("ctx/a.kv", create=True)
-        kv.append(list(range(3, 21)))  # 18 tokens: 4 full pages + 2
-        kv.fork("ctx/b.kv")
     path = lambda *p: os.path.join(mount, *p)  # noqa: E731
-    listing = sh("ls", "-l", path("ctx")).stdout
+
+    def step(*argv: str, user: int | None = None, ok: bool = True) -> str:
+        """Run a shell command on the mount; then /.sys/status must hold its invariants."""
+        out = sh(*argv, user=user)
+        assert (out.returncode == 0) == ok, (argv, out.stderr)
+        assert status(mount)["invariants"] == "ok", argv
+        return out.stdout + out.stderr
+
+    step("mkdir", path("ctx"))
+    with connect(socket) as lip:
+        lip.kv("ctx/a.kv", create=True).append(list(range(3, 21)))  # 18 tokens: 4 pages + 2
+    used = status(mount)["pages_used"]
+    step("cp", path("ctx/a.kv"), path("ctx/b.kv"))  # a fork: every page shared
+    assert status(mount)["pages_used"] == used
+    listing = step("ls", "-l", path("ctx"))
     assert "a.kv" in listing and "b.kv" in listing
     assert os.stat(path("ctx/a.kv")).st_size == os.stat(path("ctx/b.kv")).st_size > 0
     # du shows real memory: the fork shares every page, so neither owns a block
-    assert os.stat(path("ctx/b.kv")).st_blocks == 0
+    assert step("du", path("ctx/a.kv"), path("ctx/b.kv")).split()[::2] == ["0", "0"]
     assert int(status(mount)["pages_shared"]) == 5
+    assert '"5"' in step("getfattr", "-n", "user.kv.shared_pages", path("ctx/b.kv"))
     assert os.getxattr(path("ctx/b.kv"), "user.kv.tokens") == b"18"
-    assert sh("getfattr", "-n", "user.kv.shared_pages", path("ctx/b.kv")).stdout.count('"5"') == 1
-    # rollback from the shell
-    assert sh("setfattr", "-n", "user.kv.tokens", "-v", "9", path("ctx/b.kv")).returncode == 0
+    step("setfattr", "-n", "user.kv.tokens", "-v", "9", path("ctx/b.kv"))  # rollback
     with connect(socket) as lip:
         st = lip.kv("ctx/b.kv").stat()
         assert (st["tokens"], st["pages"]) == (9, 3)
         assert lip.kv("ctx/b.kv").forward([5], temperature=0)["tokens"] == 10
-    blocks = os.stat(path("ctx/b.kv")).st_blocks
-    assert blocks > 0  # it wrote into its own copy of the partial page
-    assert sh("mv", path("ctx/b.kv"), path("moved.kv")).returncode == 0
-    assert sh("ln", path("moved.kv"), path("hard.kv")).returncode == 0
+    assert os.stat(path("ctx/b.kv")).st_blocks > 0  # it wrote into its own partial page
+    step("mv", path("ctx/b.kv"), path("moved.kv"))
+    step("ln", path("moved.kv"), path("hard.kv"))
     assert os.stat(path("hard.kv")).st_nlink == 2
-    assert sh("rm", path("moved.kv")).returncode == 0
+    step("rm", path("moved.kv"))
     assert os.getxattr(path("hard.kv"), "user.kv.tokens") == b"10"
     # the mode bits hold for another uid, as the kernel checks them
     assert oct(os.stat(path("hard.kv")).st_mode & 0o777) == "0o600"
-    refused = sh("head", "-c", "8", path("hard.kv"), user=NOBODY)
-    assert refused.returncode != 0 and "Permission denied" in refused.stderr
-    assert sh("chmod", "644", path("hard.kv")).returncode == 0
-    assert sh("head", "-c", "8", path("hard.kv"), user=NOBODY).stdout == "SYMKV\0\0\1"
-    assert sh("truncate", "-s", "0", path("hard.kv")).returncode == 0
+    assert "Permission denied" in step("head", "-c", "8", path("hard.kv"), user=NOBODY, ok=False)
+    # the root is sticky (1777), like /tmp: nobody removes another's file
+    assert "not permitted" in step("rm", "-f", path("hard.kv"), user=NOBODY, ok=False)
+    step("chmod", "644", path("hard.kv"))
+    assert step("head", "-c", "8", path("hard.kv"), user=NOBODY) == "SYMKV\0\0\1"
+    step("truncate", "-s", "0", path("hard.kv"))
     assert os.getxattr(path("hard.kv"), "user.kv.tokens") == b"0"
-    assert sh("rm", path("hard.kv"), path("ctx/a.kv")).returncode == 0
-    assert sh("rmdir", path("ctx")).returncode == 0
+    step("rm", path("hard.kv"), path("ctx/a.kv"))
+    step("rmdir", path("ctx"))
     final = status(mount)
     assert (final["pages_used"], final["files"]) == ("0", "0")
 
