@@ -33,6 +33,9 @@ class KernelCache:
     def __init__(self, store: KVStore) -> None:
         self.store = store
         self.live = False  # only while mounted: the notify calls need the session
+        self._threads = 0  # name invalidations running in worker threads
+        self._idle = trio.Event()
+        self._idle.set()
         store.ns.journal.enabled = True
         store.pool.track_changes()
 
@@ -66,10 +69,25 @@ class KernelCache:
         journal = self.store.ns.journal
         removed, journal.removed = journal.removed, []
         for directory, name in removed:
-            if self.live:
+            if not self.live:
+                return
+            self._threads += 1
+            self._idle = trio.Event()
+            try:
                 await trio.to_thread.run_sync(
                     _quietly, pyfuse3.invalidate_entry, directory, os.fsencode(name)
                 )
+            finally:
+                self._threads -= 1
+                if not self._threads:
+                    self._idle.set()
+
+    async def close(self) -> None:
+        """Before the session goes: no new notification, and the running ones done (a
+        name invalidation waiting on a request nobody will answer now is given 2 s)."""
+        self.live = False
+        with trio.move_on_after(2):
+            await self._idle.wait()
 
 
 def _quietly(notify: Callable[..., None], *args: object) -> None:

@@ -171,10 +171,19 @@ def serve(args: argparse.Namespace) -> int:
             mount=None if args.no_mount else args.mount,
             state=args.state,
         )
+    except ValueError as exc:
+        print(f"lipctl serve: {exc}", file=sys.stderr)
+        return 1
+    hint = " (another mount point: --mount DIR; none: --no-mount)" if config.mount else ""
+    try:
         if config.mount == DEFAULT_MOUNT and not os.path.lexists(DEFAULT_MOUNT):
             os.mkdir(DEFAULT_MOUNT, 0o755)
         if config.mount:
             clean_stale_mount(config.mount)  # refused before minutes of model loading
+    except (StoreError, OSError) as exc:
+        print(f"lipctl serve: {exc}{hint}", file=sys.stderr)
+        return 1
+    try:
         engine_config = EngineConfig(
             num_pages=args.pages, page_size=args.page_size, quant=args.quant
         )
@@ -205,7 +214,6 @@ def serve(args: argparse.Namespace) -> int:
         error = _first(exc)  # trio wraps what a task raised in exception groups
         if not isinstance(error, (OSError, StoreError)):
             raise
-        hint = " (another mount point: --mount DIR; none: --no-mount)" if config.mount else ""
         print(f"lipctl serve: {error}{hint}", file=sys.stderr)
         return 1
     print("symphony: stopped", file=sys.stderr)

@@ -57,7 +57,8 @@ class Mount:
             task_status.started()
             await pyfuse3.main()
         finally:
-            self.cache.live = False
+            with trio.CancelScope(shield=True):
+                await self.cache.close()
             pyfuse3.close(unmount=True)
 
     def open_ctl(self, cred: Cred, pid: int, reading: bool) -> ControlSession:
