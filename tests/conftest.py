@@ -11,6 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from symphony.engine.config import EngineConfig
 from symphony.engine.engine import Engine
+from tests.mount_helpers import mounted_server
 from tests.tiny import tiny_model_files
 
 
@@ -45,3 +46,9 @@ def hf_reference():
     ).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model, tokenizer
+
+
+@pytest.fixture
+def mounted():
+    """(mount point, socket) of a tiny-model server mounted for real (tests/mount_helpers.py)."""
+    yield from mounted_server()

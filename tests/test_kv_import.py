@@ -14,10 +14,12 @@ from tests.test_store import append
 
 
 @pytest.fixture
-def setup():
+def store_and_data() -> tuple[KVStore, bytes]:
+    """A store holding a.kv (18 tokens over 5 pages), and a.kv's bytes."""
     engine = make_tiny_engine(num_pages=32, page_size=4)
     store = KVStore(engine.pool, engine.fingerprint, engine.model_config.vocab_size, 512)
-    return engine, store
+    append(engine, store, store.ns.create_file("a.kv", ROOT, 0o600, ""), list(range(5, 23)))
+    return store, export(store, "a.kv")
 
 
 def export(store: KVStore, path: str) -> bytes:
@@ -43,10 +45,8 @@ def import_(store: KVStore, path: str, data: bytes, chunk: int) -> None:
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 4096, 1 << 20])
-def test_import_of_an_export_shares_every_page_whatever_the_write_sizes(setup, chunk):
-    engine, store = setup
-    append(engine, store, store.ns.create_file("a.kv", ROOT, 0o600, ""), list(range(5, 23)))
-    data = export(store, "a.kv")
+def test_import_of_an_export_shares_every_page_whatever_the_write_sizes(store_and_data, chunk):
+    store, data = store_and_data
     used = store.pool.num_used
     import_(store, "b.kv", data, chunk)
     assert store.pool.num_used == used  # no page taken: all found by content
@@ -54,10 +54,8 @@ def test_import_of_an_export_shares_every_page_whatever_the_write_sizes(setup, c
     store.check_invariants()
 
 
-def test_an_import_of_unknown_pages_fills_fresh_ones_and_reads_back_the_same(setup):
-    engine, store = setup
-    append(engine, store, store.ns.create_file("a.kv", ROOT, 0o600, ""), list(range(5, 23)))
-    data = export(store, "a.kv")
+def test_an_import_of_unknown_pages_fills_fresh_ones_and_reads_back_the_same(store_and_data):
+    store, data = store_and_data
     store.unlink("a.kv", ROOT)
     assert store.index is not None
     store.index.clear()  # the pages are gone for good
@@ -68,10 +66,8 @@ def test_an_import_of_unknown_pages_fills_fresh_ones_and_reads_back_the_same(set
     store.check_invariants()
 
 
-def test_holes_read_as_zeros_and_writes_out_of_order_or_far_away_are_einval(setup):
-    engine, store = setup
-    append(engine, store, store.ns.create_file("a.kv", ROOT, 0o600, ""), list(range(5, 23)))
-    data = export(store, "a.kv")
+def test_holes_read_as_zeros_and_writes_out_of_order_or_far_away_are_einval(store_and_data):
+    store, data = store_and_data
     importer = store.importer()
     importer.write(0, data[:100])
     with pytest.raises(StoreError) as info:

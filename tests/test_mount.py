@@ -12,15 +12,10 @@ import tempfile
 import pytest
 
 from symphony.lipctl import connect
-from tests.mount_helpers import NOBODY, mounted_server, needs_fuse, sh, start, status, stop
+from tests.mount_helpers import NOBODY, needs_fuse, sh, start, status, stop
 from tests.server_helpers import ROOT
 
 pytestmark = needs_fuse
-
-
-@pytest.fixture
-def mounted():
-    yield from mounted_server()
 
 
 def test_the_shell_scenario(mounted):

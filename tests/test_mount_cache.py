@@ -13,14 +13,9 @@ import time
 import pytest
 
 from symphony.lipctl import SymphonyError, connect
-from tests.mount_helpers import mounted_server, needs_fuse, sh, status
+from tests.mount_helpers import needs_fuse, sh, status
 
 pytestmark = needs_fuse
-
-
-@pytest.fixture
-def mounted():
-    yield from mounted_server()
 
 
 def test_names_and_attributes_are_never_stale(mounted):

@@ -5,17 +5,10 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
-
 from symphony.lipctl import connect
-from tests.mount_helpers import NOBODY, mounted_server, needs_fuse, sh
+from tests.mount_helpers import NOBODY, needs_fuse, sh
 
 pytestmark = needs_fuse
-
-
-@pytest.fixture
-def mounted():
-    yield from mounted_server()
 
 
 def ctl(mount: str, *lines: str, user: int | None = None) -> list[str]:
