@@ -81,24 +81,28 @@ class PagePool:
             self.refcounts[page] = 1
         return pages
 
-    def incref(self, pages: Iterable[int]) -> None:
+    def incref(self, pages: Iterable[int], quiet: bool = False) -> None:
+        """One more reference to each page; `quiet` keeps it out of `changed` (a
+        reference that does not change who shares the page)."""
+        track = self.changed is not None and not quiet
         for page in pages:
             if self.refcounts[page] <= 0:
                 raise ValueError(f"incref of free page {page}")
             self.refcounts[page] += 1
-            if self.changed is not None:
-                self.changed.add(page)
+            if track:
+                self.changed.add(page)  # type: ignore[union-attr]
 
-    def decref(self, pages: Iterable[int]) -> list[int]:
+    def decref(self, pages: Iterable[int], quiet: bool = False) -> list[int]:
         """Drop one reference to each page; return the pages that became free."""
+        track = self.changed is not None and not quiet
         freed = []
         for page in pages:
             count = self.refcounts[page]
             if count <= 0:
                 raise ValueError(f"decref of free page {page}")
             self.refcounts[page] = count - 1
-            if self.changed is not None:
-                self.changed.add(page)
+            if track:
+                self.changed.add(page)  # type: ignore[union-attr]
             if count == 1:
                 self._free.append(page)
                 freed.append(page)

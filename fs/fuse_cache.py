@@ -16,6 +16,7 @@ request waiting for this very process may hold: that runs in a worker thread.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from collections.abc import Callable
 
@@ -23,6 +24,8 @@ import pyfuse3
 import trio
 
 from symphony.fs.store import KVStore
+
+log = logging.getLogger(__name__)
 
 ENTRY_TIMEOUT = 60.0  # seconds; changes are invalidated as they happen, this is a backstop
 
@@ -68,19 +71,21 @@ class KernelCache:
         self.invalidate_attributes()
         journal = self.store.ns.journal
         removed, journal.removed = journal.removed, []
-        for directory, name in removed:
-            if not self.live:
-                return
-            self._threads += 1
-            self._idle = trio.Event()
-            try:
-                await trio.to_thread.run_sync(
-                    _quietly, pyfuse3.invalidate_entry, directory, os.fsencode(name)
-                )
-            finally:
-                self._threads -= 1
-                if not self._threads:
-                    self._idle.set()
+        if not removed or not self.live:
+            return
+        self._threads += 1
+        self._idle = trio.Event()
+        try:
+            # shielded: a caller gone meanwhile must not leave a dead name in the kernel
+            with trio.CancelScope(shield=True):
+                for directory, name in removed:
+                    await trio.to_thread.run_sync(
+                        _quietly, pyfuse3.invalidate_entry, directory, os.fsencode(name)
+                    )
+        finally:
+            self._threads -= 1
+            if not self._threads:
+                self._idle.set()
 
     async def close(self) -> None:
         """Before the session goes: no new notification, and the running ones done (a
@@ -91,9 +96,11 @@ class KernelCache:
 
 
 def _quietly(notify: Callable[..., None], *args: object) -> None:
-    """Run a kernel notification; ENOENT (the kernel holds nothing about it) is fine."""
+    """Run a kernel notification. ENOENT (the kernel holds nothing about it) is the
+    common answer; any other failure is logged, never raised: the change it was about
+    has happened, and a notification must not fail the call or the step that made it."""
     try:
         notify(*args)
     except OSError as exc:
         if exc.errno not in (errno.ENOENT, errno.ENOTCONN):
-            raise
+            log.warning("kernel cache notification %s%s failed: %s", notify.__name__, args, exc)

@@ -47,6 +47,7 @@ class OpenFile:
     pages: list[int]
     importer: Importer | None = None  # opened for writing an empty file: an import
     last_page: tuple[int, bytes] | None = None  # (index, bytes) of the page read last
+    domain: str = ""  # the reader's: the pages it reads may be shared with its imports
 
 
 def cred_of(ctx: pyfuse3.RequestContext) -> Cred:
@@ -113,7 +114,7 @@ class KVFileSystem(pyfuse3.Operations):
         return kv_format.layout(self.store.pool, self.store.fingerprint, ids, num_pages).size
 
     def _node(self, inode: int) -> Node:
-        node = self.store.ns.nodes.get(inode)
+        node = self.store.node(inode)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
@@ -338,19 +339,20 @@ class KVFileSystem(pyfuse3.Operations):
         if flags & os.O_TRUNC and node.num_tokens:
             self.store.truncate_file(node, 0)  # the kernel checked write permission
             self.cache.invalidate_attributes()
+        cred = cred_of(ctx)
         if writing:
-            return self._open_for_import(fh, node)
+            return self._open_for_import(fh, node, cred)
         pages = list(node.pages)
         self.store.hold(pages)  # the snapshot's pages outlive a truncate meanwhile
         lay = kv_format.layout(self.store.pool, self.store.fingerprint, node.token_ids, len(pages))
         node.open_count += 1
-        self._handles[fh] = OpenFile(node, lay, pages)
+        self._handles[fh] = OpenFile(node, lay, pages, domain=self.store.domain_of(cred))
         # direct_io: readers see the file as it is now, not a kernel-cached older version
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
-    def _open_for_import(self, fh: int, node: KVFile) -> pyfuse3.FileInfo:
+    def _open_for_import(self, fh: int, node: KVFile, cred: Cred) -> pyfuse3.FileInfo:
         # an empty file takes an import; writing into a non-empty one is refused (EINVAL)
-        importer = self.store.importer() if node.num_tokens == 0 else None
+        importer = self.store.importer(cred) if node.num_tokens == 0 else None
         node.open_count += 1
         self._handles[fh] = OpenFile(node, None, [], importer=importer)
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
@@ -369,7 +371,7 @@ class KVFileSystem(pyfuse3.Operations):
         if handle.last_page is None or handle.last_page[0] != index:
             page = handle.pages[index]
             data = self.store.pool.page_bytes(page)
-            self.store.content.note(page, digest_of(data))
+            self.store.content.note(page, digest_of(data), handle.domain)
             handle.last_page = (index, data)
         return handle.last_page[1]
 
@@ -426,4 +428,4 @@ class KVFileSystem(pyfuse3.Operations):
         cred = cred_of(ctx)
         path = self._path(parent_inode, name)
         node = self.store.ns.create_file(path, cred, mode & ~ctx.umask, self.store.domain_of(cred))
-        return self._open_for_import(next(self._next_fh), node), self._attrs(node.inode)
+        return self._open_for_import(next(self._next_fh), node, cred), self._attrs(node.inode)

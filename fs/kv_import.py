@@ -31,22 +31,26 @@ def einval(message: str) -> StoreError:
 
 
 class ContentIndex:
-    """xxh3 of a page's bytes -> pages holding those bytes, filled as pages are read.
+    """(domain, xxh3 of a page's bytes) -> pages holding those bytes, filled as pages are
+    read and imported.
 
     An entry is a hint: every hit is compared byte for byte before it is trusted, so a
-    page written since it was hashed is never shared by mistake.
+    page written since it was hashed is never shared by mistake. Entries are per domain
+    (uid): a page is shared with an import only if that user read it (so could read it)
+    or imported it; otherwise `du` of an import would tell whether someone else holds
+    the same bytes.
     """
 
     def __init__(self, pool: PagePool) -> None:
         self.pool = pool
-        self._pages: dict[int, set[int]] = {}
+        self._pages: dict[tuple[str, int], set[int]] = {}
 
-    def note(self, page: int, digest: int) -> None:
-        self._pages.setdefault(digest, set()).add(page)
+    def note(self, page: int, digest: int, domain: str) -> None:
+        self._pages.setdefault((domain, digest), set()).add(page)
 
-    def find(self, pieces: list[memoryview], digest: int) -> int | None:
-        """A page holding exactly the bytes of `pieces` (in order), or None."""
-        for page in list(self._pages.get(digest, ())):
+    def find(self, pieces: list[memoryview], digest: int, domain: str) -> int | None:
+        """A page of `domain`'s holding exactly the bytes of `pieces` (in order), or None."""
+        for page in list(self._pages.get((domain, digest), ())):
             if self.pool.refcounts[page] > 0 and _equal(self.pool.page_bytes(page), pieces):
                 return page
         return None
@@ -81,6 +85,8 @@ class Importer:
         fingerprint: str,
         content: ContentIndex,
         max_tokens: int,
+        vocab_size: int,
+        domain: str,
         allocate: Callable[[int], list[int]],
     ) -> None:
         self.pool = pool
@@ -88,11 +94,12 @@ class Importer:
         self.fingerprint = fingerprint
         self.content = content
         self.max_tokens = max_tokens
+        self.vocab_size = vocab_size
+        self.domain = domain  # pages are shared only with those its owner's reads noted
         self.received = 0
         self._pieces: deque[memoryview] = deque()  # received, not yet consumed
         self._pending = 0  # their length
-        pages = -(-max_tokens // pool.page_size)
-        self.max_size = 12 + MAX_HEADER + 4 * max_tokens + pages * pool.bytes_per_page
+        self.size: int | None = None  # the whole file's, once its header is read
         self.header: dict[str, Any] | None = None
         self.token_ids: list[int] | None = None
         self.pages: list[int] = []  # references this import holds
@@ -111,8 +118,10 @@ class Importer:
                 errno.EINVAL,
                 f"KV files are written in order: offset {offset}, expected {self.received}",
             )
-        if offset > self.max_size:
-            raise einval(f"offset {offset} is past the end of any file of this server")
+        if offset > self.received and self.token_ids is None:
+            raise einval("a hole before the header and token ids end")
+        if self.size is not None and offset + len(data) > self.size:
+            raise einval(f"bytes past the end of its {self.size} bytes")
         if offset > self.received:  # a hole (cp skips runs of zeros): it reads as zeros
             self._pieces.append(memoryview(bytes(offset - self.received)))
             self._pending += offset - self.received
@@ -121,7 +130,7 @@ class Importer:
         self.received = offset + len(data)
         try:
             self._consume()
-        except StoreError:
+        except BaseException:  # a refusal, or a bug: either way no page is kept
             self.abort()
             self.failed = True
             raise
@@ -158,13 +167,17 @@ class Importer:
             if self._pending < 12 + length:
                 return
             self.header = self._check_header(b"".join(self._take(12 + length))[12:])
+            n, pages = self.header["num_tokens"], self.header["num_pages"]
+            self.size = 12 + length + 4 * n + pages * self.pool.bytes_per_page
+            if self.received > self.size:
+                raise einval(f"bytes past the end of its {self.size} bytes")
         if self.token_ids is None:
             need = 4 * self.header["num_tokens"]
             if self._pending < need:
                 return
             ids = np.frombuffer(b"".join(self._take(need)), dtype="<i4").tolist()
-            if any(t < 0 for t in ids):
-                raise einval("negative token id")
+            if any(not 0 <= t < self.vocab_size for t in ids):
+                raise einval(f"a token id outside 0..{self.vocab_size - 1}")
             self.token_ids = ids
         page_bytes = self.pool.bytes_per_page
         while self._pending >= page_bytes:
@@ -175,7 +188,7 @@ class Importer:
     def _check_header(self, raw: bytes) -> dict[str, Any]:
         try:
             header = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise einval("header is not JSON") from None
         k = self.pool.k_cache[0]
         want = {
@@ -201,14 +214,15 @@ class Importer:
 
     def _take_page(self, pieces: list[memoryview]) -> None:
         digest = digest_of(pieces)
-        page = self.content.find(pieces, digest)
+        page = self.content.find(pieces, digest, self.domain)
         if page is not None:
             self.pool.incref([page])
+            self.pages.append(page)
         else:
             (page,) = self._allocate(1)
+            self.pages.append(page)  # held (and given back by abort) before it is filled
             self.pool.write_page_bytes(page, b"".join(pieces))
-            self.content.note(page, digest)
-        self.pages.append(page)
+            self.content.note(page, digest, self.domain)
 
     def extend_to(self, size: int) -> None:
         """ftruncate past the end of what was written: the rest is a hole of zeros."""

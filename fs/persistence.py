@@ -21,7 +21,7 @@ from typing import Any
 from symphony.fs import kv_format
 from symphony.fs.errors import StoreError
 from symphony.fs.namespace import ROOT_INODE
-from symphony.fs.nodes import ROOT, Directory, KVFile
+from symphony.fs.nodes import ROOT, Cred, Directory, KVFile
 from symphony.fs.store import KVStore
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class StateDir:
             first_path[f["inode"]] = f["path"]
             file = ns.create_file(f["path"], ROOT, f["mode"], f["domain"])
             _apply_owner(file, f)
-            importer = self.store.importer()
+            importer = self.store.importer(Cred(file.uid, file.gid))  # shares within its owner's
             data = self._file_path(f["inode"]).read_bytes()
             importer.write(0, data)
             if not importer.complete():

@@ -62,7 +62,7 @@ class PrefixIndex:
         """List `page` under `key` (taking a reference) unless either is listed already."""
         if key in self._entries or page in self._hash_of_page:
             return False
-        self._pool.incref([page])
+        self._pool.incref([page], quiet=True)  # the index's own: not sharing
         self._entries[key] = IndexEntry(page, parent, tuple(token_ids))
         self._hash_of_page[page] = key
         return True
@@ -84,13 +84,13 @@ class PrefixIndex:
             if self._pool.refcounts[entry.page] == 1:
                 del self._entries[key]
                 del self._hash_of_page[entry.page]
-                self._pool.decref([entry.page])
+                self._pool.decref([entry.page], quiet=True)
                 freed += 1
         return freed
 
     def clear(self) -> None:
         for entry in self._entries.values():
-            self._pool.decref([entry.page])
+            self._pool.decref([entry.page], quiet=True)
         self._entries.clear()
         self._hash_of_page.clear()
 

@@ -22,7 +22,7 @@ from symphony.engine.page_pool import PagePool
 from symphony.fs.errors import StoreError
 from symphony.fs.kv_import import ContentIndex, Importer
 from symphony.fs.namespace import Namespace
-from symphony.fs.nodes import R_OK, W_OK, Cred, KVFile
+from symphony.fs.nodes import R_OK, W_OK, Cred, KVFile, Node
 from symphony.fs.prefix_index import ROOT_HASH, PrefixIndex, page_hash
 
 
@@ -199,19 +199,27 @@ class KVStore:
         file.touch()
 
     def hold(self, pages: list[int]) -> None:
-        """Keep `pages` alive for a reader of a file's snapshot (the file may change)."""
-        self.pool.incref(pages)
+        """Keep `pages` alive for a reader of a file's snapshot (the file may change).
+        A reader's references are not sharing (num_shared leaves them out)."""
+        self.pool.incref(pages, quiet=True)
         self._held.update(pages)
 
     def unhold(self, pages: list[int]) -> None:
         self._held.subtract(pages)
-        self.pool.decref(pages)
+        self.pool.decref(pages, quiet=True)
 
-    def importer(self) -> Importer:
-        """A new import; its pages count in check_invariants until committed or aborted."""
+    def importer(self, cred: Cred) -> Importer:
+        """A new import by `cred`; its pages count in check_invariants until committed or
+        aborted."""
         self._importers = [i for i in self._importers if i.pages]
         imported = Importer(
-            self.pool, self.fingerprint, self.content, self.max_tokens, self.allocate
+            self.pool,
+            self.fingerprint,
+            self.content,
+            self.max_tokens,
+            self.vocab_size,
+            self.domain_of(cred),
+            self.allocate,
         )
         self._importers.append(imported)
         return imported
@@ -229,6 +237,10 @@ class KVStore:
         file.token_ids = list(imported.token_ids)
         self._hash_full_pages(file, index=False)
         file.touch()
+
+    def node(self, inode: int) -> Node | None:
+        """The node numbered `inode`: named, or a file unlinked but still open."""
+        return self.ns.nodes.get(inode) or self._orphans.get(inode)
 
     def all_files(self) -> list[KVFile]:
         """Every file with a name, and those unlinked but still open."""

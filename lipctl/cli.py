@@ -192,6 +192,9 @@ def serve(args: argparse.Namespace) -> int:
     except (EngineError, StoreError, ValueError, OSError) as exc:
         print(f"lipctl serve: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("lipctl serve: interrupted while loading the model", file=sys.stderr)
+        return 130
     where = config.socket_path + (f" and {config.mount}" if config.mount else "")
 
     async def main() -> None:

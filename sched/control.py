@@ -127,7 +127,12 @@ def format_error(exc: StoreError) -> str:
 
 
 class ControlSession:
-    """One open /.sys/ctl: its lines run one after another, as the opener's process."""
+    """One open /.sys/ctl: its lines run one after another, as the opener's process.
+
+    `waiters` bounds the reads that wait for a reply across all sessions: each holds one
+    of pyfuse3's request tasks until its reply comes (and FUSE reads cannot be
+    interrupted), so past the bound a read that would wait gets EAGAIN.
+    """
 
     def __init__(
         self,
@@ -135,15 +140,18 @@ class ControlSession:
         cred: Cred,
         proc: Proc,
         reading: bool,
+        waiters: trio.CapacityLimiter,
         after_call: Callable[[], Awaitable[None]],
         on_close: Callable[[], None],
     ) -> None:
         self.syscalls = syscalls
         self.reading = reading
         self.call = Call(cred, proc, _discard)
+        self._waiters = waiters
         self._after_call = after_call
-        self._on_close = on_close
+        self._on_close = on_close  # called once, when no line of this session runs any more
         self._partial = b""
+        self._skipping = False  # the rest of an over-long line is thrown away
         self._lines: list[bytes] = []
         self._replies = bytearray()
         self._busy = False
@@ -152,28 +160,39 @@ class ControlSession:
         self._closed = False
 
     def send(self, data: bytes) -> None:
-        self._partial += data
-        if len(self._partial) > MAX_FRAME:
-            self._partial = b""
-            raise StoreError(errno.E2BIG, f"a command line is limited to {MAX_FRAME} bytes")
-        *lines, self._partial = self._partial.split(b"\n")
+        *lines, last = (self._partial + data).split(b"\n")
+        if self._skipping and lines:  # the over-long line ends here
+            self._skipping = False
+            lines = lines[1:]
+        if self._skipping:
+            return
+        self._partial = last
         self._queue(lines)
+        if len(self._partial) > MAX_FRAME:
+            self._partial, self._skipping = b"", True
+            raise StoreError(errno.E2BIG, f"a command line is limited to {MAX_FRAME} bytes")
 
     def _queue(self, lines: list[bytes]) -> None:
         self._lines += [line for line in lines if line.strip()]
-        if self._lines and not self._busy and not self._closed:
+        if self._lines and not self._busy:
             self._busy = True
             self._cancel = trio.CancelScope()
             self.syscalls.nursery.start_soon(self._work, self._cancel)
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     async def _work(self, cancel: trio.CancelScope) -> None:
         with cancel:
             while self._lines:
                 reply = await self._run(self._lines.pop(0))
                 self._replies += reply.encode()
-                self._changed.set()
+                self._wake()
         self._busy = False
-        self._changed.set()
+        self._wake()
+        if self._closed:
+            self._on_close()
 
     async def _run(self, raw: bytes) -> str:
         try:
@@ -196,21 +215,33 @@ class ControlSession:
         if self._partial.strip():  # the writer is reading: a last line without a newline
             line, self._partial = self._partial, b""
             self._queue([line])
-        while not self._replies and self._busy:
-            self._changed = trio.Event()
-            await self._changed.wait()
+        if not self._replies and self._busy:
+            borrower = object()
+            try:
+                self._waiters.acquire_on_behalf_of_nowait(borrower)
+            except trio.WouldBlock:
+                raise StoreError(errno.EAGAIN, "too many reads wait on /.sys/ctl") from None
+            try:
+                while not self._replies and self._busy:
+                    await self._changed.wait()
+            finally:
+                self._waiters.release_on_behalf_of(borrower)
         out = bytes(self._replies[:size])
         del self._replies[:size]
         return out
 
     def close(self) -> None:
         """Opened for reading, the lines not yet answered are dropped, as for a closed
-        connection; opened write-only (`echo CMD > ctl`), they run to the end."""
+        connection; opened write-only (`echo CMD > ctl`), they run to the end, a last
+        line without a newline too."""
+        self._closed = True
         if self.reading:
-            self._closed = True
             self._lines.clear()
             self._cancel.cancel()
-        self._on_close()
+        elif self._partial.strip() and not self._skipping:
+            self._queue([self._partial])
+        if not self._busy:
+            self._on_close()
 
 
 async def _discard(value: Any) -> None:

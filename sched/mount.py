@@ -8,6 +8,7 @@ every engine step and every call.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import subprocess
 import sys
@@ -16,9 +17,13 @@ from typing import TYPE_CHECKING
 import trio
 
 from symphony.fs.errors import StoreError
-from symphony.fs.fuse_cache import KernelCache
 from symphony.fs.nodes import Cred
 from symphony.sched.control import ControlSession
+
+log = logging.getLogger(__name__)
+
+FUSE_TASKS = 128  # pyfuse3 request tasks: each blocked /.sys/ctl read holds one
+CTL_WAITERS = 64  # at most these reads of /.sys/ctl wait at once; more get EAGAIN
 
 if TYPE_CHECKING:
     from symphony.sched.server import Server
@@ -28,9 +33,12 @@ class Mount:
     """The store at `mountpoint` while `run` runs; unmounted however it ends."""
 
     def __init__(self, server: Server, mountpoint: str) -> None:
+        from symphony.fs.fuse_cache import KernelCache  # pyfuse3: only when mounting
+
         self.server = server
         self.mountpoint = mountpoint
         self.cache = KernelCache(server.store)
+        self.ctl_waiters = trio.CapacityLimiter(CTL_WAITERS)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         import pyfuse3
@@ -55,7 +63,14 @@ class Mount:
         self.cache.live = True
         try:
             task_status.started()
-            await pyfuse3.main()
+            await pyfuse3.main(max_tasks=FUSE_TASKS)
+            # main returns when the kernel ends the session: unmounted from outside
+            log.warning("the mount at %s was unmounted from outside", self.mountpoint)
+            print(
+                f"symphony: {self.mountpoint} was unmounted; serving the socket only",
+                file=sys.stderr,
+                flush=True,
+            )
         finally:
             with trio.CancelScope(shield=True):
                 await self.cache.close()
@@ -70,6 +85,7 @@ class Mount:
             cred,
             proc,
             reading,
+            self.ctl_waiters,
             after_call=self.cache.invalidate,
             on_close=lambda: server.detach_client(proc),
         )
@@ -114,6 +130,8 @@ class Mount:
 def clean_stale_mount(mountpoint: str) -> None:
     """Unmount what a killed server left at `mountpoint` (saying so in one line); refuse
     a mount point that is missing, not a directory, or served by a live server."""
+    if not os.path.exists("/dev/fuse"):
+        raise StoreError(errno.ENODEV, "this machine has no /dev/fuse: the store cannot be mounted")
     try:
         os.statvfs(mountpoint)  # asks the server behind a mount: never answered from a cache
     except FileNotFoundError:

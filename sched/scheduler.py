@@ -79,7 +79,8 @@ class Scheduler:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
-            self._reap_cancelled()
+            if self._reap_cancelled():
+                self._changed_files()
             batch = self._pick()
             if not batch:
                 self._wake = trio.Event()
@@ -99,6 +100,7 @@ class Scheduler:
                 for task in tasks:
                     task.in_flight = False
                     self._fail(task, StoreError(errno.EIO, "the engine step failed"))
+                self._changed_files()
                 continue
             step_seconds = time.perf_counter() - t0
             self.busy_seconds += step_seconds
@@ -106,10 +108,15 @@ class Scheduler:
             for task, chunk, output in zip(tasks, chunks, outputs, strict=True):
                 task.in_flight = False
                 self._advance(task, chunk, output)
-            if self.after_step is not None:
-                self.after_step()
+            self._changed_files()
             returned = sum(1 for t in tasks if t.done.is_set() and t.want == "sample")
             await self._gather_returning(returned, step_seconds)
+
+    def _changed_files(self) -> None:
+        """Files changed (appended, given back, reaped): tell the mount, before any
+        caller hears of it."""
+        if self.after_step is not None:
+            self.after_step()
 
     async def _gather_returning(self, returned: int, step_seconds: float) -> None:
         """Give programs that just got a token back a moment to send their next call.
@@ -289,6 +296,9 @@ class Scheduler:
         if task.generate is not None and task.generate.stream is not None:
             task.generate.stream.close()
 
-    def _reap_cancelled(self) -> None:
-        for task in [t for t in self._waiting if t.cancelled and not t.in_flight]:
+    def _reap_cancelled(self) -> bool:
+        """Fail the cancelled tasks no step is using; whether there were any."""
+        cancelled = [t for t in self._waiting if t.cancelled and not t.in_flight]
+        for task in cancelled:
             self._fail(task, StoreError(errno.ECANCELED, "the call was cancelled"))
+        return bool(cancelled)

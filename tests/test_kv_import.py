@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from symphony.fs import kv_format
 from symphony.fs.errors import StoreError
 from symphony.fs.kv_import import digest_of
-from symphony.fs.nodes import ROOT
+from symphony.fs.nodes import ROOT, Cred
 from symphony.fs.store import KVStore
 from tests.conftest import make_tiny_engine
 from tests.test_store import append
@@ -29,7 +31,7 @@ def export(store: KVStore, path: str) -> bytes:
 
     def page_at(i: int) -> bytes:
         data = store.pool.page_bytes(file.pages[i])
-        store.content.note(file.pages[i], digest_of(data))
+        store.content.note(file.pages[i], digest_of(data), store.domain_of(ROOT))
         return data
 
     return kv_format.read_range(lay, 0, lay.size, page_at)
@@ -37,7 +39,7 @@ def export(store: KVStore, path: str) -> bytes:
 
 def import_(store: KVStore, path: str, data: bytes, chunk: int) -> None:
     file = store.ns.create_file(path, ROOT, 0o600, "")
-    importer = store.importer()
+    importer = store.importer(ROOT)
     for off in range(0, len(data), chunk):
         importer.write(off, data[off : off + chunk])
     assert importer.complete()
@@ -68,19 +70,45 @@ def test_an_import_of_unknown_pages_fills_fresh_ones_and_reads_back_the_same(sto
 
 def test_holes_read_as_zeros_and_writes_out_of_order_or_far_away_are_einval(store_and_data):
     store, data = store_and_data
-    importer = store.importer()
+    importer = store.importer(ROOT)
     importer.write(0, data[:100])
     with pytest.raises(StoreError) as info:
         importer.write(50, data[50:60])
     assert info.value.errno_name == "EINVAL"
-    far = store.importer()
+    far = store.importer(ROOT)
     with pytest.raises(StoreError) as info:
         far.write(1 << 40, b"x")  # `truncate -s 1T` on an import: refused, nothing allocated
     assert info.value.errno_name == "EINVAL"
-    zeros = store.importer()
+    zeros = store.importer(ROOT)
     zeros.write(0, data[: len(data) - 10])
     zeros.extend_to(len(data))  # cp ending in a hole
     assert zeros.complete()
     zeros.abort()
+    importer.abort()
+    store.check_invariants()
+
+
+def test_token_ids_outside_the_vocabulary_and_early_holes_are_einval(store_and_data):
+    store, data = store_and_data
+    (length,) = struct.unpack("<I", data[8:12])
+    ids_at = 12 + length
+    bad = data[:ids_at] + struct.pack("<i", store.vocab_size) + data[ids_at + 4 :]
+    for attempt in (lambda i: i.write(0, bad), lambda i: i.write(ids_at - 8, data[ids_at - 8 :])):
+        importer = store.importer(ROOT)
+        with pytest.raises(StoreError) as info:
+            attempt(importer)
+        assert info.value.errno_name == "EINVAL"
+        assert not importer.pages
+    store.check_invariants()
+
+
+def test_pages_are_shared_only_with_imports_of_a_user_who_read_them(store_and_data):
+    store, data = store_and_data  # root read a.kv (the fixture exported it)
+    used = store.pool.num_used
+    other = Cred(1000, 1000)
+    importer = store.importer(other)
+    importer.write(0, data)
+    assert importer.complete()
+    assert store.pool.num_used == used + 5  # fresh pages: nothing learnt about root's
     importer.abort()
     store.check_invariants()

@@ -7,6 +7,9 @@ import json
 import os
 import random
 import struct
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -14,6 +17,7 @@ import pytest
 
 from symphony.lipctl import SymphonyError, connect
 from tests.mount_helpers import needs_fuse, sh, status
+from tests.server_helpers import ROOT
 
 pytestmark = needs_fuse
 
@@ -168,3 +172,49 @@ def test_readers_writers_and_syscalls_on_the_same_files(mounted):
     st = status(mount)
     assert st["invariants"] == "ok"
     assert int(st["pages_used"]) == -(-tokens // 4)  # nothing leaked
+
+
+def test_pages_given_back_by_a_killed_program_show_in_du_at_once(mounted):
+    mount, socket = mounted
+    path = lambda name: os.path.join(mount, name)  # noqa: E731
+    with connect(socket) as lip:
+        lip.kv("a.kv", create=True).append(list(range(3, 13)))
+        lip.kv("a.kv").fork("b.kv")
+    assert os.stat(path("b.kv")).st_blocks == 0  # shares every page with a
+    generating = textwrap.dedent(
+        f"""
+        from symphony.lipctl import connect
+        with connect({socket!r}) as lip:
+            print("go", flush=True)
+            lip.kv("a.kv").generate(max_tokens=1500, temperature=0)
+        """
+    )
+    program = subprocess.Popen(
+        [sys.executable, "-c", generating], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert program.stdout is not None and program.stdout.readline() == "go\n"
+        time.sleep(0.3)  # generating now
+        os.unlink(path("a.kv"))  # busy: its pages stay until the generate ends
+    finally:
+        program.kill()
+        program.wait()
+    # the killed call is reaped, a's pages go, and b owns its pages alone
+    deadline = time.monotonic() + 10  # well within the kernel's 60 s attribute timeout
+    while os.stat(path("b.kv")).st_blocks == 0:
+        assert time.monotonic() < deadline, "du of b.kv still shows shared pages"
+        time.sleep(0.05)
+    assert status(mount)["invariants"] == "ok"
+
+
+def test_an_open_file_outlives_its_name(mounted):
+    mount, socket = mounted
+    with connect(socket) as lip:
+        lip.kv("gone.kv", create=True).append([5, 6, 7, 8, 9])
+    with open(os.path.join(mount, "gone.kv"), "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        os.unlink(os.path.join(mount, "gone.kv"))
+        assert os.fstat(f.fileno()).st_size == size
+        assert parse_kv(f.read(), os.fstat(f.fileno()).st_blksize) == 5
+    assert not os.path.exists(os.path.join(mount, "gone.kv"))
+    assert status(mount)["pages_used"] == "0"
