@@ -89,7 +89,8 @@ def main() -> None:
             os.rename(os.path.join(mount, "fork0.kv"), os.path.join(mount, "fork.kv"))
             results["cat_seconds"] = statistics.median(cats)
             results["cp_fork_seconds"] = statistics.median(forks)
-            results["cp_fork_over_cat"] = [round(f / c, 2) for f, c in zip(forks, cats, strict=True)]
+            pairs = zip(forks, cats, strict=True)
+            results["cp_fork_over_cat"] = [round(f / c, 2) for f, c in pairs]
             saved = os.path.join(folder, "saved.kv")
             timed(["cp", big, saved])
             os.unlink(big)
