@@ -11,7 +11,6 @@ and only when installed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -21,6 +20,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from common import RESULTS, save_results  # bench/common.py
 
 from symphony.engine.batch import SeqChunk
 from symphony.engine.config import EngineConfig
@@ -28,7 +28,6 @@ from symphony.engine.default_model import default_model_path
 from symphony.engine.engine import Engine
 from symphony.engine.model_files import load_model_files
 
-RESULTS = Path(__file__).parent / "results"
 PROMPT_LEN = 512
 BATCHES = (1, 8, 32)
 SEED_TEXT = (
@@ -205,19 +204,16 @@ def main() -> None:
     for name, row in results.items():
         cells = (f"{row[c]:>12.1f}" if c in row else f"{'-':>12}" for c in cols)
         print(f"{name:<20}" + "".join(cells))
-    RESULTS.mkdir(exist_ok=True)
-    meta = {
-        "date": str(date.today()),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "steps": steps,
-        "prompt_len": PROMPT_LEN,
-    }
-    (RESULTS / "engine.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    path = save_results(
+        "engine",
+        results,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        steps=steps,
+        prompt_len=PROMPT_LEN,
+    )
     plot(results, RESULTS / "engine.png")
-    print(f"wrote {RESULTS / 'engine.json'} and {RESULTS / 'engine.png'}")
+    print(f"wrote {path} and {RESULTS / 'engine.png'}")
 
 
 if __name__ == "__main__":

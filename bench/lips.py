@@ -10,11 +10,9 @@ Prints a table, writes bench/results/lips.json and lips.png.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
-import statistics
 import tempfile
 import time
 from datetime import date
@@ -22,12 +20,12 @@ from functools import partial
 from pathlib import Path
 
 import trio
+from common import RESULTS, round_trips, save_results  # bench/common.py
 
 from symphony.lipctl import connect as connect_sync
 from symphony.lipctl.aio import connect
 from symphony.lipctl.launch import start_server, stop_server
 
-RESULTS = Path(__file__).parent / "results"
 WORDS = "the river bends past the mill where farmers bring grain and children race along "
 
 
@@ -37,17 +35,6 @@ def text_tokens(socket: str, n: int, salt: str = "") -> list[int]:
         while len(ids) < n:
             ids += lip.tokenize(salt + WORDS)
         return ids[:n]
-
-
-def round_trips(socket: str, n: int) -> dict[str, float]:
-    with connect_sync(socket) as lip:
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            lip.call("hello")
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return {"median_us": statistics.median(times) * 1e6, "p99_us": times[int(0.99 * n)] * 1e6}
 
 
 async def timed_programs(programs: int, setup, body) -> float:  # type: ignore[no-untyped-def]
@@ -270,16 +257,9 @@ def main() -> None:
     )
     for n, v in results["aggregate_decode"].items():
         print(f"aggregate decode, {n:>2} LIPs: {v:.1f} tok/s")
-    RESULTS.mkdir(exist_ok=True)
-    meta = {
-        "date": str(date.today()),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "quick": quick,
-    }
-    (RESULTS / "lips.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    path = save_results("lips", results, quick=quick)
     plot(results, RESULTS / "lips.png")
-    print(f"wrote {RESULTS / 'lips.json'} and {RESULTS / 'lips.png'}")
+    print(f"wrote {path} and {RESULTS / 'lips.png'}")
 
 
 if __name__ == "__main__":

@@ -10,22 +10,18 @@ bench/results/mount.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import tempfile
 import threading
 import time
-from datetime import date
-from pathlib import Path
+
+from common import round_trips, save_results  # bench/common.py
 
 from symphony.lipctl import connect
 from symphony.lipctl.launch import start_server, stop_server
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def timed(argv: list[str]) -> float:
@@ -36,16 +32,6 @@ def timed(argv: list[str]) -> float:
 
 def used_pages(lip) -> int:  # type: ignore[no-untyped-def]
     return int(lip.status()["pages"]["used"])
-
-
-def round_trip_us(socket: str, n: int) -> float:
-    with connect(socket) as lip:
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            lip.call("hello")
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
 
 
 def main() -> None:
@@ -100,7 +86,7 @@ def main() -> None:
                 results["prefill_seconds"] / results["restore_by_cp_seconds"]
             )
 
-            results["rtt_idle_us"] = round_trip_us(socket, 1000)
+            results["rtt_idle_us"] = round_trips(socket, 1000)["median_us"]
             stop = threading.Event()
 
             def traffic() -> None:
@@ -115,7 +101,7 @@ def main() -> None:
             worker = threading.Thread(target=traffic)
             worker.start()
             try:
-                results["rtt_busy_fs_us"] = round_trip_us(socket, 1000)
+                results["rtt_busy_fs_us"] = round_trips(socket, 1000)["median_us"]
             finally:
                 stop.set()
                 worker.join()
@@ -138,9 +124,7 @@ def main() -> None:
         f"syscall round trip: {r['rtt_idle_us']:.0f} us idle, {r['rtt_busy_fs_us']:.0f} us "
         "under filesystem traffic (medians)"
     )
-    RESULTS.mkdir(exist_ok=True)
-    meta = {"date": str(date.today()), "machine": platform.machine(), "quick": args.quick}
-    (RESULTS / "mount.json").write_text(json.dumps({"meta": meta, "results": r}, indent=1))
+    print(f"wrote {save_results('mount', r, quick=args.quick)}")
 
 
 if __name__ == "__main__":
