@@ -34,6 +34,7 @@ class PagePool:
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.refcounts = [0] * num_pages
+        self.generation = [0] * num_pages  # how many times each page was handed out
         self.bytes_per_page = 2 * num_layers * self.k_cache[0][0].numel() * dtype.itemsize
         # pop() from the end hands out low page numbers first
         self._free = list(range(num_pages - 1, -1, -1))
@@ -79,6 +80,7 @@ class PagePool:
         pages = [self._free.pop() for _ in range(n)]
         for page in pages:
             self.refcounts[page] = 1
+            self.generation[page] += 1
         return pages
 
     def incref(self, pages: Iterable[int], quiet: bool = False) -> None:
@@ -108,14 +110,25 @@ class PagePool:
                 freed.append(page)
         return freed
 
-    def page_bytes(self, page: int) -> bytes:
-        """The page's K then V of layer 0, K then V of layer 1, ..., every slot."""
+    def page_bytes(self, page: int, filled: int | None = None) -> bytes:
+        """The page's K then V of layer 0, K then V of layer 1, ..., every slot; with
+        `filled`, the slots past the first `filled` read as zeros (a page is not cleared
+        when handed out: what a previous owner left there must never be read back)."""
+        if filled is None or filled >= self.page_size:
+            if self._rows is not None:
+                return b"".join(row[page] for row in self._rows)
+            parts = []
+            for k, v in zip(self.k_cache, self.v_cache, strict=True):
+                parts += [k[page].reshape(-1), v[page].reshape(-1)]
+            return bytes(torch.cat(parts).view(torch.uint8).cpu().numpy())
+        slot = self.bytes_per_page // (2 * len(self.k_cache) * self.page_size)
+        keep, blank = filled * slot, bytes((self.page_size - filled) * slot)
         if self._rows is not None:
-            return b"".join(row[page] for row in self._rows)
-        parts = []
-        for k, v in zip(self.k_cache, self.v_cache, strict=True):
-            parts += [k[page].reshape(-1), v[page].reshape(-1)]
-        return bytes(torch.cat(parts).view(torch.uint8).cpu().numpy())
+            return b"".join(p for row in self._rows for p in (row[page][:keep].tobytes(), blank))
+        tensors = [t[page] for pair in zip(self.k_cache, self.v_cache, strict=True) for t in pair]
+        flat = torch.cat([t.view(torch.uint8).reshape(-1)[:keep] for t in tensors]).cpu()
+        rows = flat.numpy().reshape(len(tensors), keep)
+        return b"".join(part for row in rows for part in (row.tobytes(), blank))
 
     def write_page_bytes(self, page: int, data: bytes) -> None:
         """Fill `page` from bytes in the order `page_bytes` gives them."""

@@ -79,6 +79,8 @@ class KernelCache:
             # shielded: a caller gone meanwhile must not leave a dead name in the kernel
             with trio.CancelScope(shield=True):
                 for directory, name in removed:
+                    if not self.live:  # closing: the session may be gone
+                        break
                     await trio.to_thread.run_sync(
                         _quietly, pyfuse3.invalidate_entry, directory, os.fsencode(name)
                     )

@@ -370,8 +370,9 @@ class KVFileSystem(pyfuse3.Operations):
         the last page read is kept. Every page read is noted by content for `cp` back in."""
         if handle.last_page is None or handle.last_page[0] != index:
             page = handle.pages[index]
-            data = self.store.pool.page_bytes(page)
-            self.store.content.note(page, digest_of(data), handle.domain)
+            filled = kv_format.slots_filled(handle.layout, index)
+            data = self.store.pool.page_bytes(page, filled)
+            self.store.content.note(page, filled, digest_of(data), handle.domain)
             handle.last_page = (index, data)
         return handle.last_page[1]
 

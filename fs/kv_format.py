@@ -31,6 +31,8 @@ class Layout:
     head: bytes  # magic, length, header JSON and token ids
     page_bytes: int
     num_pages: int
+    num_tokens: int
+    page_size: int
 
     @property
     def size(self) -> int:
@@ -52,7 +54,14 @@ def layout(pool: PagePool, fingerprint: str, token_ids: list[int], num_pages: in
     }
     body = json.dumps(header, sort_keys=True).encode()
     ids = np.asarray(token_ids, dtype="<i4").tobytes()
-    return Layout(MAGIC + struct.pack("<I", len(body)) + body + ids, pool.bytes_per_page, num_pages)
+    head = MAGIC + struct.pack("<I", len(body)) + body + ids
+    return Layout(head, pool.bytes_per_page, num_pages, len(token_ids), pool.page_size)
+
+
+def slots_filled(lay: Layout | None, index: int) -> int:
+    """How many slots of the file's `index`-th page hold its tokens (the rest read as 0)."""
+    assert lay is not None
+    return min(lay.page_size, lay.num_tokens - index * lay.page_size)
 
 
 def read_range(lay: Layout, offset: int, size: int, page_at: Callable[[int], bytes]) -> bytes:

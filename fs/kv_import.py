@@ -34,26 +34,45 @@ class ContentIndex:
     """(domain, xxh3 of a page's bytes) -> pages holding those bytes, filled as pages are
     read and imported.
 
-    An entry is a hint: every hit is compared byte for byte before it is trusted, so a
-    page written since it was hashed is never shared by mistake. Entries are per domain
-    (uid): a page is shared with an import only if that user read it (so could read it)
-    or imported it; otherwise `du` of an import would tell whether someone else holds
-    the same bytes.
+    An entry is a hint: it holds the page's generation (freed and handed out again, the
+    page is someone else's) and how many of its slots the bytes covered, and every hit is
+    compared byte for byte before it is trusted, so a page written since it was hashed
+    is never shared by mistake. Entries are per domain (uid): a page is shared with an
+    import only if that user read it (so could read it) or imported it; otherwise `du`
+    of an import would tell whether someone else holds the same bytes.
     """
 
     def __init__(self, pool: PagePool) -> None:
         self.pool = pool
-        self._pages: dict[tuple[str, int], set[int]] = {}
+        self._pages: dict[tuple[str, int], set[tuple[int, int, int]]] = {}
+        self._size = 0
 
-    def note(self, page: int, digest: int, domain: str) -> None:
-        self._pages.setdefault((domain, digest), set()).add(page)
+    def note(self, page: int, filled: int, digest: int, domain: str) -> None:
+        """`page`, with its first `filled` slots (the rest zeros), hashes to `digest`."""
+        entries = self._pages.setdefault((domain, digest), set())
+        before = len(entries)
+        entries.add((page, self.pool.generation[page], filled))
+        self._size += len(entries) - before
+        if self._size > 4 * self.pool.num_pages:
+            self._forget_stale()
+
+    def _forget_stale(self) -> None:
+        for key, entries in list(self._pages.items()):
+            entries -= {e for e in entries if not self._live(e[0], e[1])}
+            if not entries:
+                del self._pages[key]
+        self._size = sum(len(e) for e in self._pages.values())
 
     def find(self, pieces: list[memoryview], digest: int, domain: str) -> int | None:
         """A page of `domain`'s holding exactly the bytes of `pieces` (in order), or None."""
-        for page in list(self._pages.get((domain, digest), ())):
-            if self.pool.refcounts[page] > 0 and _equal(self.pool.page_bytes(page), pieces):
+        for page, generation, filled in list(self._pages.get((domain, digest), ())):
+            if self._live(page, generation) and _equal(self.pool.page_bytes(page, filled), pieces):
                 return page
         return None
+
+    def _live(self, page: int, generation: int) -> bool:
+        """Whether `page` is in use and has not been freed since its `generation`."""
+        return bool(self.pool.refcounts[page]) and self.pool.generation[page] == generation
 
 
 def digest_of(pieces: list[memoryview] | bytes) -> int:
@@ -118,8 +137,8 @@ class Importer:
                 errno.EINVAL,
                 f"KV files are written in order: offset {offset}, expected {self.received}",
             )
-        if offset > self.received and self.token_ids is None:
-            raise einval("a hole before the header and token ids end")
+        if offset > self.received and self.size is None:
+            raise einval("a hole before the header ends")
         if self.size is not None and offset + len(data) > self.size:
             raise einval(f"bytes past the end of its {self.size} bytes")
         if offset > self.received:  # a hole (cp skips runs of zeros): it reads as zeros
@@ -222,7 +241,9 @@ class Importer:
             (page,) = self._allocate(1)
             self.pages.append(page)  # held (and given back by abort) before it is filled
             self.pool.write_page_bytes(page, b"".join(pieces))
-            self.content.note(page, digest, self.domain)
+            assert self.header is not None
+            filled = self.header["num_tokens"] - (len(self.pages) - 1) * self.pool.page_size
+            self.content.note(page, min(filled, self.pool.page_size), digest, self.domain)
 
     def extend_to(self, size: int) -> None:
         """ftruncate past the end of what was written: the rest is a hole of zeros."""

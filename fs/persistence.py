@@ -21,10 +21,12 @@ from typing import Any
 from symphony.fs import kv_format
 from symphony.fs.errors import StoreError
 from symphony.fs.namespace import ROOT_INODE
-from symphony.fs.nodes import ROOT, Cred, Directory, KVFile
+from symphony.fs.nodes import ROOT, Directory, KVFile
 from symphony.fs.store import KVStore
 
 log = logging.getLogger(__name__)
+
+RESTORE_DOMAIN = "restore"  # content sharing among restored files only
 
 
 def _write_atomically(path: Path, chunks: list[bytes] | bytes) -> None:
@@ -52,7 +54,9 @@ class StateDir:
     def _write_file(self, file: KVFile) -> None:
         pool = self.store.pool
         lay = kv_format.layout(pool, self.store.fingerprint, file.token_ids, len(file.pages))
-        chunks = [lay.head, *(pool.page_bytes(p) for p in file.pages)]
+        chunks = [lay.head]
+        for i, page in enumerate(file.pages):
+            chunks.append(pool.page_bytes(page, kv_format.slots_filled(lay, i)))
         _write_atomically(self._file_path(file.inode), chunks)
         self._saved.add(file.inode)
 
@@ -124,7 +128,8 @@ class StateDir:
             first_path[f["inode"]] = f["path"]
             file = ns.create_file(f["path"], ROOT, f["mode"], f["domain"])
             _apply_owner(file, f)
-            importer = self.store.importer(Cred(file.uid, file.gid))  # shares within its owner's
+            # one domain for the whole restore: files that shared pages share them again
+            importer = self.store.importer(ROOT, domain=RESTORE_DOMAIN)
             data = self._file_path(f["inode"]).read_bytes()
             importer.write(0, data)
             if not importer.complete():

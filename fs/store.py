@@ -208,9 +208,9 @@ class KVStore:
         self._held.subtract(pages)
         self.pool.decref(pages, quiet=True)
 
-    def importer(self, cred: Cred) -> Importer:
-        """A new import by `cred`; its pages count in check_invariants until committed or
-        aborted."""
+    def importer(self, cred: Cred, domain: str | None = None) -> Importer:
+        """A new import by `cred` (sharing pages noted in `domain`, by default the one of
+        `cred`); its pages count in check_invariants until committed or aborted."""
         self._importers = [i for i in self._importers if i.pages]
         imported = Importer(
             self.pool,
@@ -218,7 +218,7 @@ class KVStore:
             self.content,
             self.max_tokens,
             self.vocab_size,
-            self.domain_of(cred),
+            self.domain_of(cred) if domain is None else domain,
             self.allocate,
         )
         self._importers.append(imported)

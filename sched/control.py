@@ -30,7 +30,6 @@ from symphony.fs.errors import StoreError
 from symphony.fs.nodes import Cred
 from symphony.sched.calls import Call, Syscalls
 from symphony.sched.processes import Proc
-from symphony.sched.protocol import MAX_FRAME
 
 POSITIONAL = {
     "tokenize": ("text",),
@@ -48,6 +47,8 @@ POSITIONAL = {
     "wait": ("pid",),
 }
 log = logging.getLogger(__name__)
+
+MAX_LINE = 1 << 20  # bytes in one command line
 
 STRINGS = {"path", "src", "dst", "text", "name", "program"}  # never read as JSON
 
@@ -129,9 +130,10 @@ def format_error(exc: StoreError) -> str:
 class ControlSession:
     """One open /.sys/ctl: its lines run one after another, as the opener's process.
 
-    `waiters` bounds the reads that wait for a reply across all sessions: each holds one
-    of pyfuse3's request tasks until its reply comes (and FUSE reads cannot be
-    interrupted), so past the bound a read that would wait gets EAGAIN.
+    `waiters` bounds the reads that wait for a reply: each holds one of pyfuse3's
+    request tasks until its reply comes (and FUSE reads cannot be interrupted), so past
+    the bound a read that would wait gets EAGAIN. Writes always succeed; a line too long
+    gets an `error E2BIG` reply in its place.
     """
 
     def __init__(
@@ -140,7 +142,7 @@ class ControlSession:
         cred: Cred,
         proc: Proc,
         reading: bool,
-        waiters: trio.CapacityLimiter,
+        waiters: Waiters,
         after_call: Callable[[], Awaitable[None]],
         on_close: Callable[[], None],
     ) -> None:
@@ -150,9 +152,10 @@ class ControlSession:
         self._waiters = waiters
         self._after_call = after_call
         self._on_close = on_close  # called once, when no line of this session runs any more
-        self._partial = b""
+        self._partial: list[bytes] = []  # a line begun, not ended
+        self._partial_len = 0
         self._skipping = False  # the rest of an over-long line is thrown away
-        self._lines: list[bytes] = []
+        self._lines: list[bytes | StoreError] = []  # to run, or a refusal to answer
         self._replies = bytearray()
         self._busy = False
         self._changed = trio.Event()
@@ -160,20 +163,31 @@ class ControlSession:
         self._closed = False
 
     def send(self, data: bytes) -> None:
-        *lines, last = (self._partial + data).split(b"\n")
-        if self._skipping and lines:  # the over-long line ends here
-            self._skipping = False
-            lines = lines[1:]
         if self._skipping:
-            return
-        self._partial = last
+            end = data.find(b"\n")
+            if end < 0:
+                return
+            self._skipping, data = False, data[end + 1 :]
+        self._partial.append(data)
+        self._partial_len += len(data)
+        lines: list[bytes | StoreError] = []
+        if b"\n" in data:
+            *ended, last = b"".join(self._partial).split(b"\n")
+            self._partial, self._partial_len = [last], len(last)
+            lines += [line if len(line) <= MAX_LINE else _too_long() for line in ended]
+        if self._partial_len > MAX_LINE:  # answer now, skip the rest when it comes
+            self._partial, self._partial_len, self._skipping = [], 0, True
+            lines.append(_too_long())
         self._queue(lines)
-        if len(self._partial) > MAX_FRAME:
-            self._partial, self._skipping = b"", True
-            raise StoreError(errno.E2BIG, f"a command line is limited to {MAX_FRAME} bytes")
 
-    def _queue(self, lines: list[bytes]) -> None:
-        self._lines += [line for line in lines if line.strip()]
+    def _take_partial(self) -> None:
+        """A last line without a newline: the writer is done with it."""
+        line = b"".join(self._partial)
+        self._partial, self._partial_len, self._skipping = [], 0, False
+        self._queue([line])
+
+    def _queue(self, lines: list[bytes | StoreError]) -> None:
+        self._lines += [line for line in lines if not isinstance(line, bytes) or line.strip()]
         if self._lines and not self._busy:
             self._busy = True
             self._cancel = trio.CancelScope()
@@ -184,17 +198,21 @@ class ControlSession:
         self._changed = trio.Event()
 
     async def _work(self, cancel: trio.CancelScope) -> None:
-        with cancel:
-            while self._lines:
-                reply = await self._run(self._lines.pop(0))
-                self._replies += reply.encode()
-                self._wake()
-        self._busy = False
-        self._wake()
-        if self._closed:
-            self._on_close()
+        try:
+            with cancel:
+                while self._lines:
+                    reply = await self._run(self._lines.pop(0))
+                    self._replies += reply.encode()
+                    self._wake()
+        finally:
+            self._busy = False
+            self._wake()
+            if self._closed:
+                self._on_close()
 
-    async def _run(self, raw: bytes) -> str:
+    async def _run(self, raw: bytes | StoreError) -> str:
+        if isinstance(raw, StoreError):
+            return format_error(raw)
         try:
             name, args = parse_command(raw.decode())
             if name == "forward" and "text" in args and "tokens" not in args:
@@ -212,20 +230,16 @@ class ControlSession:
             await self._after_call()
 
     async def receive(self, size: int) -> bytes:
-        if self._partial.strip():  # the writer is reading: a last line without a newline
-            line, self._partial = self._partial, b""
-            self._queue([line])
+        if self._partial_len or self._skipping:  # the writer is reading: its line ended
+            self._take_partial()
         if not self._replies and self._busy:
-            borrower = object()
-            try:
-                self._waiters.acquire_on_behalf_of_nowait(borrower)
-            except trio.WouldBlock:
-                raise StoreError(errno.EAGAIN, "too many reads wait on /.sys/ctl") from None
+            uid = self.call.cred.uid
+            self._waiters.enter(uid)
             try:
                 while not self._replies and self._busy:
                     await self._changed.wait()
             finally:
-                self._waiters.release_on_behalf_of(borrower)
+                self._waiters.leave(uid)
         out = bytes(self._replies[:size])
         del self._replies[:size]
         return out
@@ -238,10 +252,33 @@ class ControlSession:
         if self.reading:
             self._lines.clear()
             self._cancel.cancel()
-        elif self._partial.strip() and not self._skipping:
-            self._queue([self._partial])
+        elif self._partial_len:
+            self._take_partial()
         if not self._busy:
             self._on_close()
+
+
+class Waiters:
+    """How many reads of /.sys/ctl wait for a reply, in all and for each uid."""
+
+    def __init__(self, total: int, per_uid: int) -> None:
+        self.total, self.per_uid = total, per_uid
+        self._by_uid: dict[int, int] = {}
+
+    def enter(self, uid: int) -> None:
+        """Raises: StoreError EAGAIN past either bound."""
+        if sum(self._by_uid.values()) >= self.total or self._by_uid.get(uid, 0) >= self.per_uid:
+            raise StoreError(errno.EAGAIN, "too many reads wait on /.sys/ctl")
+        self._by_uid[uid] = self._by_uid.get(uid, 0) + 1
+
+    def leave(self, uid: int) -> None:
+        self._by_uid[uid] -= 1
+        if not self._by_uid[uid]:
+            del self._by_uid[uid]
+
+
+def _too_long() -> StoreError:
+    return StoreError(errno.E2BIG, f"a command line is limited to {MAX_LINE} bytes")
 
 
 async def _discard(value: Any) -> None:

@@ -8,7 +8,7 @@ every engine step and every call.
 from __future__ import annotations
 
 import errno
-import logging
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,12 +18,11 @@ import trio
 
 from symphony.fs.errors import StoreError
 from symphony.fs.nodes import Cred
-from symphony.sched.control import ControlSession
-
-log = logging.getLogger(__name__)
+from symphony.sched.control import ControlSession, Waiters
 
 FUSE_TASKS = 128  # pyfuse3 request tasks: each blocked /.sys/ctl read holds one
 CTL_WAITERS = 64  # at most these reads of /.sys/ctl wait at once; more get EAGAIN
+CTL_WAITERS_PER_UID = 16
 
 if TYPE_CHECKING:
     from symphony.sched.server import Server
@@ -38,7 +37,7 @@ class Mount:
         self.server = server
         self.mountpoint = mountpoint
         self.cache = KernelCache(server.store)
-        self.ctl_waiters = trio.CapacityLimiter(CTL_WAITERS)
+        self.ctl_waiters = Waiters(CTL_WAITERS, CTL_WAITERS_PER_UID)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         import pyfuse3
@@ -65,7 +64,6 @@ class Mount:
             task_status.started()
             await pyfuse3.main(max_tasks=FUSE_TASKS)
             # main returns when the kernel ends the session: unmounted from outside
-            log.warning("the mount at %s was unmounted from outside", self.mountpoint)
             print(
                 f"symphony: {self.mountpoint} was unmounted; serving the socket only",
                 file=sys.stderr,
@@ -130,6 +128,8 @@ class Mount:
 def clean_stale_mount(mountpoint: str) -> None:
     """Unmount what a killed server left at `mountpoint` (saying so in one line); refuse
     a mount point that is missing, not a directory, or served by a live server."""
+    if importlib.util.find_spec("pyfuse3") is None:
+        raise StoreError(errno.ENOSYS, "pyfuse3 is not installed: the store cannot be mounted")
     if not os.path.exists("/dev/fuse"):
         raise StoreError(errno.ENODEV, "this machine has no /dev/fuse: the store cannot be mounted")
     try:

@@ -56,8 +56,11 @@ def test_ctl_write_only_runs_the_command_and_checks_the_opener(mounted):
     with connect(socket) as lip:
         lip.kv("mine.kv", create=True, mode=0o600).append([5, 6, 7])
     assert sh("sh", "-c", f"echo 'kv_fork mine.kv copy.kv' > {mount}/.sys/ctl").returncode == 0
+    # a last line without a newline runs too
+    assert sh("sh", "-c", f"printf 'kv_fork mine.kv copy2.kv' > {mount}/.sys/ctl").returncode == 0
     with connect(socket) as lip:
         assert lip.kv("copy.kv").stat()["tokens"] == 3
+        assert lip.kv("copy2.kv").stat()["tokens"] == 3
     # another uid's lines run with that uid's rights
     (reply,) = ctl(mount, "kv_fork mine.kv stolen.kv", user=NOBODY)
     assert reply.startswith("error EACCES ")
@@ -86,3 +89,17 @@ def test_text_views_mirror_the_tree_with_its_permissions(mounted):
     refused = sh("cat", os.path.join(view, "closed.kv"), user=NOBODY)
     assert refused.returncode != 0 and "Permission denied" in refused.stderr
     assert sh("touch", os.path.join(view, "new.kv")).returncode != 0  # read-only
+
+
+def test_a_line_too_long_is_answered_e2big_and_the_next_one_runs(mounted):
+    mount, _ = mounted
+    with open(os.path.join(mount, ".sys", "ctl"), "r+b", buffering=0) as ctl:
+        ctl.write(b"tokenize " + b"x" * (1 << 20))  # over the limit, not yet ended
+        ctl.write(b"x" * 1000 + b"\nmkdir after\n")
+        out = b""
+        while chunk := ctl.read(4096):  # replies until none is pending: EOF
+            out += chunk
+    replies = out.decode().splitlines()
+    assert len(replies) == 2 and replies[0].startswith("error E2BIG ")
+    assert replies[1] == "ok null"
+    assert os.path.isdir(os.path.join(mount, "after"))
