@@ -64,6 +64,8 @@ class Mount:
             task_status.started()
             await pyfuse3.main(max_tasks=FUSE_TASKS)
             # main returns when the kernel ends the session: unmounted from outside
+            if state is not None:
+                state.save_all()  # an unmount writes every file, as a shutdown does
             print(
                 f"symphony: {self.mountpoint} was unmounted; serving the socket only",
                 file=sys.stderr,

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -241,6 +242,30 @@ def test_files_persist_across_restart_and_fsynced_ones_across_sigkill(tmp_path):
         with connect(socket) as lip:
             assert lip.kv("d/kept.kv").stat()["tokens"] == 11
             assert lip.listdir("d") == ["kept.kv"]
+    finally:
+        stop(server, mount)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_an_unmount_from_outside_writes_every_file_and_the_socket_stays(tmp_path):
+    folder = tempfile.mkdtemp(prefix="symphony-state-")
+    state = str(tmp_path / "state")
+    server, mount, socket = start(folder, state)
+    try:
+        with connect(socket) as lip:
+            lip.kv("kept.kv", create=True).append([3, 4, 5, 6])  # never fsynced
+        assert sh("fusermount3", "-u", mount).returncode == 0
+        saved = os.path.join(state, "namespace.json")  # written after the files
+        deadline = time.monotonic() + 10
+        while not os.path.exists(saved):
+            assert time.monotonic() < deadline, "the unmount wrote nothing"
+            time.sleep(0.05)
+        with connect(socket) as lip:  # still serving
+            assert lip.kv("kept.kv").stat()["tokens"] == 4
+        stop(server, mount, kill=True)  # a SIGKILL now loses nothing
+        server, mount, socket = start(folder, state)
+        with connect(socket) as lip:
+            assert lip.kv("kept.kv").stat()["tokens"] == 4
     finally:
         stop(server, mount)
         shutil.rmtree(folder, ignore_errors=True)
