@@ -63,10 +63,10 @@ class ContentIndex:
                 del self._pages[key]
         self._size = sum(len(e) for e in self._pages.values())
 
-    def find(self, pieces: list[memoryview], digest: int, domain: str) -> int | None:
-        """A page of `domain`'s holding exactly the bytes of `pieces` (in order), or None."""
+    def find(self, data: bytes, digest: int, domain: str) -> int | None:
+        """A page of `domain`'s holding exactly `data`, or None."""
         for page, generation, filled in list(self._pages.get((domain, digest), ())):
-            if self._live(page, generation) and _equal(self.pool.page_bytes(page, filled), pieces):
+            if self._live(page, generation) and self.pool.page_bytes(page, filled) == data:
                 return page
         return None
 
@@ -75,24 +75,9 @@ class ContentIndex:
         return bool(self.pool.refcounts[page]) and self.pool.generation[page] == generation
 
 
-def digest_of(pieces: list[memoryview] | bytes) -> int:
-    if isinstance(pieces, bytes):
-        return xxhash.xxh3_64_intdigest(pieces)
-    h = xxhash.xxh3_64()
-    for piece in pieces:
-        h.update(piece)
-    return h.intdigest()
-
-
-def _equal(data: bytes, pieces: list[memoryview]) -> bool:
-    """Whether `data` is the pieces joined (compared without joining them)."""
-    start = 0
-    for piece in pieces:
-        held = np.frombuffer(data, np.uint8, len(piece), start)
-        if not np.array_equal(held, np.frombuffer(piece, np.uint8)):
-            return False
-        start += len(piece)
-    return start == len(data)
+def digest_of(data: bytes) -> int:
+    """The content key of a page's bytes."""
+    return xxhash.xxh3_64_intdigest(data)
 
 
 class Importer:
@@ -232,15 +217,16 @@ class Importer:
         return header
 
     def _take_page(self, pieces: list[memoryview]) -> None:
-        digest = digest_of(pieces)
-        page = self.content.find(pieces, digest, self.domain)
+        data = b"".join(pieces)
+        digest = digest_of(data)
+        page = self.content.find(data, digest, self.domain)
         if page is not None:
             self.pool.incref([page])
             self.pages.append(page)
         else:
             (page,) = self._allocate(1)
             self.pages.append(page)  # held (and given back by abort) before it is filled
-            self.pool.write_page_bytes(page, b"".join(pieces))
+            self.pool.write_page_bytes(page, data)
             assert self.header is not None
             filled = self.header["num_tokens"] - (len(self.pages) - 1) * self.pool.page_size
             self.content.note(page, min(filled, self.pool.page_size), digest, self.domain)
