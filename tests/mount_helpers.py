@@ -90,3 +90,22 @@ def status(mount: str) -> dict[str, str]:
     pages = [int(pairs[f"pages_{k}"]) for k in ("used", "cached", "free")]
     assert sum(pages) == int(pairs["pages_total"])
     return pairs
+
+
+class StatefulServer:
+    """A tiny-model server with --state, to stop (or SIGKILL) and start again."""
+
+    def __init__(self, state: str) -> None:
+        self.folder = tempfile.mkdtemp(prefix="symphony-state-")
+        self.state = state
+        self.start()
+
+    def start(self) -> None:
+        self.server, self.mount, self.socket = start(self.folder, self.state)
+
+    def stop(self, kill: bool = False) -> None:
+        stop(self.server, self.mount, kill)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 
 from symphony.lipctl import connect
-from tests.mount_helpers import NOBODY, needs_fuse, sh, start, status, stop
+from tests.mount_helpers import NOBODY, StatefulServer, needs_fuse, sh, status
 from tests.server_helpers import ROOT
 
 pytestmark = needs_fuse
@@ -210,62 +208,55 @@ def test_the_mount_example_lip(mounted):
     assert lines["left"].strip() == "[]"
 
 
-def test_files_persist_across_restart_and_fsynced_ones_across_sigkill(tmp_path):
-    folder = tempfile.mkdtemp(prefix="symphony-state-")
-    state = str(tmp_path / "state")
-    server, mount, socket = start(folder, state)
-    try:
-        with connect(socket) as lip:
-            lip.mkdir("d", mode=0o750)
-            kv = lip.kv("d/kept.kv", create=True, mode=0o640)
-            kv.append(list(range(3, 12)))
-            before = kv.fork("d/probe.kv").generate(max_tokens=5, temperature=0)
-            lip.kv("d/probe.kv").unlink()
-        stop(server, mount)  # a clean stop writes everything
-        server, mount, socket = start(folder, state)
-        with connect(socket) as lip:
-            kv = lip.kv("d/kept.kv")
-            st = kv.stat()
-            assert (st["tokens"], st["mode"] & 0o777) == (9, 0o640)
-            assert oct(os.stat(os.path.join(mount, "d")).st_mode & 0o777) == "0o750"
-            assert kv.fork("d/probe.kv").generate(max_tokens=5, temperature=0) == before
-            lip.kv("d/probe.kv").unlink()
-            # fsync writes one file through; later appends and other files are not
-            kv.append([20, 21])
-            fd = os.open(os.path.join(mount, "d/kept.kv"), os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-            kv.append([22, 23, 24])
-            lip.kv("d/lost.kv", create=True).append([1, 2, 3])
-        stop(server, mount, kill=True)  # SIGKILL: the mount is left stale
-        server, mount, socket = start(folder, state)
-        with connect(socket) as lip:
-            assert lip.kv("d/kept.kv").stat()["tokens"] == 11
-            assert lip.listdir("d") == ["kept.kv"]
-    finally:
-        stop(server, mount)
-        shutil.rmtree(folder, ignore_errors=True)
+@pytest.fixture
+def stateful(tmp_path):
+    server = StatefulServer(str(tmp_path / "state"))
+    yield server
+    server.close()
 
 
-def test_an_unmount_from_outside_writes_every_file_and_the_socket_stays(tmp_path):
-    folder = tempfile.mkdtemp(prefix="symphony-state-")
-    state = str(tmp_path / "state")
-    server, mount, socket = start(folder, state)
-    try:
-        with connect(socket) as lip:
-            lip.kv("kept.kv", create=True).append([3, 4, 5, 6])  # never fsynced
-        assert sh("fusermount3", "-u", mount).returncode == 0
-        saved = os.path.join(state, "namespace.json")  # written after the files
-        deadline = time.monotonic() + 10
-        while not os.path.exists(saved):
-            assert time.monotonic() < deadline, "the unmount wrote nothing"
-            time.sleep(0.05)
-        with connect(socket) as lip:  # still serving
-            assert lip.kv("kept.kv").stat()["tokens"] == 4
-        stop(server, mount, kill=True)  # a SIGKILL now loses nothing
-        server, mount, socket = start(folder, state)
-        with connect(socket) as lip:
-            assert lip.kv("kept.kv").stat()["tokens"] == 4
-    finally:
-        stop(server, mount)
-        shutil.rmtree(folder, ignore_errors=True)
+def test_files_persist_across_restart_and_fsynced_ones_across_sigkill(stateful):
+    with connect(stateful.socket) as lip:
+        lip.mkdir("d", mode=0o750)
+        kv = lip.kv("d/kept.kv", create=True, mode=0o640)
+        kv.append(list(range(3, 12)))
+        before = kv.fork("d/probe.kv").generate(max_tokens=5, temperature=0)
+        lip.kv("d/probe.kv").unlink()
+    stateful.stop()  # a clean stop writes everything
+    stateful.start()
+    with connect(stateful.socket) as lip:
+        kv = lip.kv("d/kept.kv")
+        st = kv.stat()
+        assert (st["tokens"], st["mode"] & 0o777) == (9, 0o640)
+        assert oct(os.stat(os.path.join(stateful.mount, "d")).st_mode & 0o777) == "0o750"
+        assert kv.fork("d/probe.kv").generate(max_tokens=5, temperature=0) == before
+        lip.kv("d/probe.kv").unlink()
+        # fsync writes one file through; later appends and other files are not
+        kv.append([20, 21])
+        fd = os.open(os.path.join(stateful.mount, "d/kept.kv"), os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        kv.append([22, 23, 24])
+        lip.kv("d/lost.kv", create=True).append([1, 2, 3])
+    stateful.stop(kill=True)  # SIGKILL: the mount is left stale
+    stateful.start()
+    with connect(stateful.socket) as lip:
+        assert lip.kv("d/kept.kv").stat()["tokens"] == 11
+        assert lip.listdir("d") == ["kept.kv"]
+
+
+def test_an_unmount_from_outside_writes_every_file_and_the_socket_stays(stateful):
+    with connect(stateful.socket) as lip:
+        lip.kv("kept.kv", create=True).append([3, 4, 5, 6])  # never fsynced
+    assert sh("fusermount3", "-u", stateful.mount).returncode == 0
+    saved = os.path.join(stateful.state, "namespace.json")  # written after the files
+    deadline = time.monotonic() + 10
+    while not os.path.exists(saved):
+        assert time.monotonic() < deadline, "the unmount wrote nothing"
+        time.sleep(0.05)
+    with connect(stateful.socket) as lip:  # still serving
+        assert lip.kv("kept.kv").stat()["tokens"] == 4
+    stateful.stop(kill=True)  # a SIGKILL now loses nothing
+    stateful.start()
+    with connect(stateful.socket) as lip:
+        assert lip.kv("kept.kv").stat()["tokens"] == 4
