@@ -46,9 +46,7 @@ class PagePool:
         self._rows: list[np.ndarray] | None = None
         if self.k_cache[0].device.type == "cpu":
             self._rows = [
-                t.view(torch.uint8).reshape(num_pages, -1).numpy()
-                for pair in zip(self.k_cache, self.v_cache, strict=True)
-                for t in pair
+                t.view(torch.uint8).reshape(num_pages, -1).numpy() for t in self._tensors()
             ]
 
     def track_changes(self) -> None:
@@ -110,43 +108,39 @@ class PagePool:
                 freed.append(page)
         return freed
 
+    def _tensors(self) -> list[torch.Tensor]:
+        """K and V of every layer, in file order: K0, V0, K1, V1, ..."""
+        return [t for pair in zip(self.k_cache, self.v_cache, strict=True) for t in pair]
+
+    def _page_rows(self, page: int) -> list[np.ndarray]:
+        """The page's bytes as one row per tensor of `_tensors` (on the CPU, views)."""
+        if self._rows is not None:
+            return [row[page] for row in self._rows]
+        flat = torch.stack([t[page].reshape(-1).view(torch.uint8) for t in self._tensors()])
+        return list(flat.cpu().numpy())
+
     def page_bytes(self, page: int, filled: int | None = None) -> bytes:
         """The page's K then V of layer 0, K then V of layer 1, ..., every slot; with
         `filled`, the slots past the first `filled` read as zeros (a page is not cleared
         when handed out: what a previous owner left there must never be read back)."""
+        rows = self._page_rows(page)
         if filled is None or filled >= self.page_size:
-            if self._rows is not None:
-                return b"".join(row[page] for row in self._rows)
-            parts = []
-            for k, v in zip(self.k_cache, self.v_cache, strict=True):
-                parts += [k[page].reshape(-1), v[page].reshape(-1)]
-            return bytes(torch.cat(parts).view(torch.uint8).cpu().numpy())
-        slot = self.bytes_per_page // (2 * len(self.k_cache) * self.page_size)
-        keep, blank = filled * slot, bytes((self.page_size - filled) * slot)
-        if self._rows is not None:
-            return b"".join(p for row in self._rows for p in (row[page][:keep].tobytes(), blank))
-        tensors = [t[page] for pair in zip(self.k_cache, self.v_cache, strict=True) for t in pair]
-        flat = torch.cat([t.view(torch.uint8).reshape(-1)[:keep] for t in tensors]).cpu()
-        rows = flat.numpy().reshape(len(tensors), keep)
-        return b"".join(part for row in rows for part in (row.tobytes(), blank))
+            return b"".join(row.data for row in rows)
+        keep = filled * (len(rows[0]) // self.page_size)
+        blank = bytes(len(rows[0]) - keep)
+        return b"".join(part for row in rows for part in (row[:keep].data, blank))
 
     def write_page_bytes(self, page: int, data: bytes) -> None:
         """Fill `page` from bytes in the order `page_bytes` gives them."""
         if len(data) != self.bytes_per_page:
             raise ValueError(f"a page is {self.bytes_per_page} bytes, not {len(data)}")
-        raw = np.frombuffer(data, dtype=np.uint8)
+        parts = np.frombuffer(data, dtype=np.uint8).reshape(2 * len(self.k_cache), -1)
         if self._rows is not None:
-            start = 0
-            for row in self._rows:
-                n = row.shape[1]
-                row[page] = raw[start : start + n]
-                start += n
+            for row, part in zip(self._rows, parts, strict=True):
+                row[page] = part
             return
-        flat = torch.from_numpy(raw.copy()).view(self.k_cache[0].dtype)
-        per = self.k_cache[0][0].numel()
-        for i, (k, v) in enumerate(zip(self.k_cache, self.v_cache, strict=True)):
-            k[page].copy_(flat[2 * i * per : (2 * i + 1) * per].view_as(k[page]))
-            v[page].copy_(flat[(2 * i + 1) * per : (2 * i + 2) * per].view_as(v[page]))
+        for t, part in zip(self._tensors(), parts, strict=True):
+            t[page].view(-1).view(torch.uint8).copy_(torch.from_numpy(part.copy()))
 
     def copy_page(self, src: int, dst: int, num_tokens: int | None = None) -> None:
         """Copy the K/V of the first `num_tokens` slots (all by default) of `src` into `dst`."""

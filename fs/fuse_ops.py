@@ -110,8 +110,7 @@ class KVFileSystem(pyfuse3.Operations):
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (one filesystem object per mount)
     def _size(self, num_tokens: int, num_pages: int) -> int:
         """A KV file's byte length (cached: `ls -l` of many files asks it often)."""
-        ids = [0] * num_tokens
-        return kv_format.layout(self.store.pool, self.store.fingerprint, ids, num_pages).size
+        return kv_format.size(self.store.pool, self.store.fingerprint, num_tokens, num_pages)
 
     def _node(self, inode: int) -> Node:
         node = self.store.node(inode)
@@ -370,7 +369,9 @@ class KVFileSystem(pyfuse3.Operations):
         the last page read is kept. Every page read is noted by content for `cp` back in."""
         if handle.last_page is None or handle.last_page[0] != index:
             page = handle.pages[index]
-            filled = kv_format.slots_filled(handle.layout, index)
+            assert handle.layout is not None
+            lay = handle.layout
+            filled = kv_format.slots_filled(lay.num_tokens, lay.page_size, index)
             data = self.store.pool.page_bytes(page, filled)
             self.store.content.note(page, filled, digest_of(data), handle.domain)
             handle.last_page = (index, data)

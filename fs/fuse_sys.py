@@ -91,21 +91,31 @@ class SysTree:
     # names and attributes -------------------------------------------------------------
 
     def lookup(self, parent: int, name: bytes) -> int:
-        for inode, child in self.entries(parent):
-            if child == name:
-                return inode
-        raise pyfuse3.FUSEError(errno.ENOENT)
+        if parent == SYS_DIR:
+            found = next((i for i, n in self.entries(SYS_DIR) if n == name), None)
+        else:
+            view, directory = self._view_dir(parent)
+            child = directory.children.get(os.fsdecode(name))
+            found = None if child is None else view_base(view) + child
+        if found is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return found
 
     def entries(self, inode: int) -> list[tuple[int, bytes]]:
         if inode == SYS_DIR:
             names = [*SYS_FILES, *VIEWS] if self.open_ctl else [*SYS_FILES[:-1], *VIEWS]
             return [(self._top_inode(n), n.encode()) for n in names]
+        view, directory = self._view_dir(inode)
+        base = view_base(view)
+        return [(base + i, os.fsencode(n)) for n, i in sorted(directory.children.items())]
+
+    def _view_dir(self, inode: int) -> tuple[int, Directory]:
+        """(view index, the store's directory) of a view directory's inode."""
         view, real = split_view(inode)
         node = self._real(real)
         if not isinstance(node, Directory):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        base = view_base(view)
-        return [(base + i, name.encode()) for name, i in sorted(node.children.items())]
+        return view, node
 
     @staticmethod
     def _top_inode(name: str) -> int:

@@ -39,9 +39,10 @@ class Layout:
         return len(self.head) + self.page_bytes * self.num_pages
 
 
-def layout(pool: PagePool, fingerprint: str, token_ids: list[int], num_pages: int) -> Layout:
+def geometry(pool: PagePool, fingerprint: str) -> dict[str, object]:
+    """The header fields a file must share with this server to be imported here."""
     k = pool.k_cache[0]
-    header = {
+    return {
         "version": VERSION,
         "model": fingerprint,
         "dtype": str(k.dtype).removeprefix("torch."),
@@ -49,19 +50,35 @@ def layout(pool: PagePool, fingerprint: str, token_ids: list[int], num_pages: in
         "num_layers": len(pool.k_cache),
         "num_kv_heads": k.shape[2],
         "head_dim": k.shape[3],
-        "num_tokens": len(token_ids),
-        "num_pages": num_pages,
     }
-    body = json.dumps(header, sort_keys=True).encode()
+
+
+def _header(pool: PagePool, fingerprint: str, num_tokens: int, num_pages: int) -> bytes:
+    fields = {**geometry(pool, fingerprint), "num_tokens": num_tokens, "num_pages": num_pages}
+    return json.dumps(fields, sort_keys=True).encode()
+
+
+def file_size(header_len: int, num_tokens: int, num_pages: int, page_bytes: int) -> int:
+    """Magic, length, header, int32 ids, pages."""
+    return len(MAGIC) + 4 + header_len + 4 * num_tokens + num_pages * page_bytes
+
+
+def size(pool: PagePool, fingerprint: str, num_tokens: int, num_pages: int) -> int:
+    """The byte length of a file of `num_tokens` tokens over `num_pages` pages."""
+    header_len = len(_header(pool, fingerprint, num_tokens, num_pages))
+    return file_size(header_len, num_tokens, num_pages, pool.bytes_per_page)
+
+
+def layout(pool: PagePool, fingerprint: str, token_ids: list[int], num_pages: int) -> Layout:
+    body = _header(pool, fingerprint, len(token_ids), num_pages)
     ids = np.asarray(token_ids, dtype="<i4").tobytes()
     head = MAGIC + struct.pack("<I", len(body)) + body + ids
     return Layout(head, pool.bytes_per_page, num_pages, len(token_ids), pool.page_size)
 
 
-def slots_filled(lay: Layout | None, index: int) -> int:
-    """How many slots of the file's `index`-th page hold its tokens (the rest read as 0)."""
-    assert lay is not None
-    return min(lay.page_size, lay.num_tokens - index * lay.page_size)
+def slots_filled(num_tokens: int, page_size: int, index: int) -> int:
+    """How many slots of a file's `index`-th page hold its tokens (the rest read as 0)."""
+    return min(page_size, num_tokens - index * page_size)
 
 
 def read_range(lay: Layout, offset: int, size: int, page_at: Callable[[int], bytes]) -> bytes:

@@ -172,7 +172,7 @@ class Importer:
                 return
             self.header = self._check_header(b"".join(self._take(12 + length))[12:])
             n, pages = self.header["num_tokens"], self.header["num_pages"]
-            self.size = 12 + length + 4 * n + pages * self.pool.bytes_per_page
+            self.size = kv_format.file_size(length, n, pages, self.pool.bytes_per_page)
             if self.received > self.size:
                 raise einval(f"bytes past the end of its {self.size} bytes")
         if self.token_ids is None:
@@ -194,19 +194,9 @@ class Importer:
             header = json.loads(raw)
         except (ValueError, RecursionError):
             raise einval("header is not JSON") from None
-        k = self.pool.k_cache[0]
-        want = {
-            "version": kv_format.VERSION,
-            "model": self.fingerprint,
-            "dtype": str(k.dtype).removeprefix("torch."),
-            "page_size": self.pool.page_size,
-            "num_layers": len(self.pool.k_cache),
-            "num_kv_heads": k.shape[2],
-            "head_dim": k.shape[3],
-        }
         if not isinstance(header, dict):
             raise einval("header is not a map")
-        for key, value in want.items():
+        for key, value in kv_format.geometry(self.pool, self.fingerprint).items():
             if header.get(key) != value:
                 raise einval(f"{key} is {header.get(key)!r}, this server has {value!r}")
         n, pages = header.get("num_tokens"), header.get("num_pages")
@@ -228,8 +218,9 @@ class Importer:
             self.pages.append(page)  # held (and given back by abort) before it is filled
             self.pool.write_page_bytes(page, data)
             assert self.header is not None
-            filled = self.header["num_tokens"] - (len(self.pages) - 1) * self.pool.page_size
-            self.content.note(page, min(filled, self.pool.page_size), digest, self.domain)
+            ps, index = self.pool.page_size, len(self.pages) - 1
+            filled = kv_format.slots_filled(self.header["num_tokens"], ps, index)
+            self.content.note(page, filled, digest, self.domain)
 
     def extend_to(self, size: int) -> None:
         """ftruncate past the end of what was written: the rest is a hole of zeros."""

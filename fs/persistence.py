@@ -54,9 +54,10 @@ class StateDir:
     def _write_file(self, file: KVFile) -> None:
         pool = self.store.pool
         lay = kv_format.layout(pool, self.store.fingerprint, file.token_ids, len(file.pages))
+        ps = pool.page_size
         chunks = [lay.head]
         for i, page in enumerate(file.pages):
-            chunks.append(pool.page_bytes(page, kv_format.slots_filled(lay, i)))
+            chunks.append(pool.page_bytes(page, kv_format.slots_filled(lay.num_tokens, ps, i)))
         _write_atomically(self._file_path(file.inode), chunks)
         self._saved.add(file.inode)
 

@@ -88,9 +88,6 @@ class KVStore:
 
     def allocate(self, n: int) -> list[int]:
         """`n` free pages, evicting cached ones if needed. Raises StoreError(ENOSPC)."""
-        return self._allocate(n)
-
-    def _allocate(self, n: int) -> list[int]:
         short = n - self.pool.num_free
         if short > 0 and self.index is not None:
             self.index.evict(short)
@@ -287,7 +284,7 @@ class KVStore:
             end = start + len(ids)
             missing = -(-end // ps) - len(plan.block_table)
             if missing > 0:
-                new = self._allocate(missing)
+                new = self.allocate(missing)
                 plan.owned += new
                 plan.block_table += new
                 plan.num_allocated += missing
@@ -314,14 +311,7 @@ class KVStore:
             raise StoreError(errno.EBUSY, "an append to this file is in flight")
         n = file.num_tokens
         plan = AppendPlan(file, [file.token_ids[-1]], n - 1, 0, list(file.pages), recompute=True)
-        last = plan.block_table[-1]
-        if self.pool.refcounts[last] > 1:
-            (copy,) = self._allocate(1)
-            self.pool.copy_page(last, copy, (n - 1) % self.page_size)
-            plan.owned.append(copy)
-            plan.num_allocated = 1
-            plan.block_table[-1] = copy
-            plan.replaced = last
+        self._own_last_page(plan, (n - 1) % self.page_size)
         file.busy = True
         self._plans.append(plan)
         return plan
@@ -346,12 +336,16 @@ class KVStore:
 
     def _copy_shared_partial_page(self, plan: AppendPlan) -> None:
         filled = plan.start_pos % self.page_size
-        if not filled or plan.num_reused:
-            return
+        if filled and not plan.num_reused:
+            self._own_last_page(plan, filled)
+
+    def _own_last_page(self, plan: AppendPlan, filled: int) -> None:
+        """Make the plan's last page one it may write into: that page itself if the file
+        alone holds it, else a copy of its first `filled` slots."""
         last = plan.block_table[-1]
         if self.pool.refcounts[last] == 1:
             return  # this file's alone: write in place
-        (copy,) = self._allocate(1)
+        (copy,) = self.allocate(1)
         plan.owned.append(copy)
         plan.num_allocated += 1
         self.pool.copy_page(last, copy, filled)

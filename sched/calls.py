@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ from symphony.sched.processes import Limits, Proc, ProcessTable
 from symphony.sched.protocol import MAX_FRAME, PROTOCOL_VERSION
 from symphony.sched.scheduler import Scheduler
 from symphony.sched.tasks import GenerateState, Task
+
+log = logging.getLogger(__name__)
 
 MAX_GENERATE = 8192
 
@@ -70,6 +73,20 @@ class Syscalls:
             raise A.einval("args must be a map")
         call.proc.syscalls += 1
         return await handler(self, call, args)
+
+    async def answer(self, call: Call, name: Any, args: Any) -> Any:
+        """The call's result, or the StoreError it ends with; a bug is logged and ends
+        with EIO. A peer gone while results stream to it (trio's resource errors) is
+        raised, as nobody is left to answer."""
+        try:
+            return await self.dispatch(call, name, args)
+        except StoreError as exc:
+            return exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise
+        except Exception:  # a bug must not take the server down
+            log.exception("call %r failed", name)
+            return StoreError(errno.EIO, "internal error; the server logged it")
 
     def status(self) -> dict[str, Any]:
         s = self.scheduler

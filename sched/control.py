@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import re
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -46,8 +45,6 @@ POSITIONAL = {
     "kill": ("pid",),
     "wait": ("pid",),
 }
-log = logging.getLogger(__name__)
-
 MAX_LINE = 1 << 20  # bytes in one command line
 
 STRINGS = {"path", "src", "dst", "text", "name", "program"}  # never read as JSON
@@ -215,19 +212,17 @@ class ControlSession:
             return format_error(raw)
         try:
             name, args = parse_command(raw.decode())
-            if name == "forward" and "text" in args and "tokens" not in args:
-                args["tokens"] = self.syscalls.engine.tokenizer.encode(str(args.pop("text")))
-            result = await self.syscalls.dispatch(self.call, name, args)
-            return format_reply(result)
         except UnicodeDecodeError:
             return format_error(StoreError(errno.EINVAL, "a command line must be UTF-8"))
         except StoreError as exc:
             return format_error(exc)
-        except Exception:  # a bug must not take the server down: log it, answer EIO
-            log.exception("control line %r failed", raw[:200])
-            return format_error(StoreError(errno.EIO, "internal error; the server logged it"))
+        if name == "forward" and "text" in args and "tokens" not in args:
+            args["tokens"] = self.syscalls.engine.tokenizer.encode(str(args.pop("text")))
+        try:
+            outcome = await self.syscalls.answer(self.call, name, args)
         finally:
             await self._after_call()
+        return format_error(outcome) if isinstance(outcome, StoreError) else format_reply(outcome)
 
     async def receive(self, size: int) -> bytes:
         if self._partial_len or self._skipping:  # the writer is reading: its line ended

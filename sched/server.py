@@ -204,17 +204,13 @@ class Server:
 
         call = Call(cred, proc, stream)
         try:
-            result = await self.syscalls.dispatch(
-                call, request.get("call"), request.get("args", {})
-            )
-            reply = ok_reply(rid, result)
-        except StoreError as exc:
-            reply = error_reply(rid, exc.errno_name, exc.args[0])
+            outcome = await self.syscalls.answer(call, request.get("call"), request.get("args", {}))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
-        except Exception:  # a bug must not take the server down: log it, answer EIO
-            log.exception("call %r failed", request.get("call"))
-            reply = error_reply(rid, "EIO", "internal error; the server logged it")
+        if isinstance(outcome, StoreError):
+            reply = error_reply(rid, outcome.errno_name, outcome.args[0])
+        else:
+            reply = ok_reply(rid, outcome)
         await self.after_call()
         try:
             await send(reply)

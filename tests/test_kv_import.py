@@ -30,7 +30,7 @@ def export(store: KVStore, path: str) -> bytes:
     lay = kv_format.layout(store.pool, store.fingerprint, file.token_ids, len(file.pages))
 
     def page_at(i: int) -> bytes:
-        filled = kv_format.slots_filled(lay, i)
+        filled = kv_format.slots_filled(lay.num_tokens, lay.page_size, i)
         data = store.pool.page_bytes(file.pages[i], filled)
         store.content.note(file.pages[i], filled, digest_of(data), store.domain_of(ROOT))
         return data
