@@ -46,7 +46,7 @@ class _PrefillPlan:
 @dataclass
 class _SdpaPlan:
     decode_rows: torch.Tensor | None  # [B] flat token rows of the decode sequences
-    decode_pages: torch.Tensor | None  # [B * max_pages] long, padded with page 0
+    decode_pages: torch.Tensor | None  # [B * max_pages] long, padded with own last page
     decode_mask: torch.Tensor | None  # [B, 1, 1, L] bool; None when B == 1 (no padding)
     decode_len: int  # L: keys per decode sequence after the gather
     all_decode: bool  # every token of the step is a decode token, in order
@@ -77,8 +77,10 @@ class SdpaAttention:
             max_pages = -(-max(lens) // self.page_size)
             pages = []
             for i in ids:
+                # padded with the sequence's own last page, never another's: a masked
+                # key still poisons the softmax if it holds a NaN
                 table = meta.block_tables[i][:max_pages]
-                pages += table + [0] * (max_pages - len(table))
+                pages += table + [table[-1]] * (max_pages - len(table))
             plan.decode_len = max_pages * self.page_size
             plan.decode_rows = torch.tensor([meta.query_starts[i] for i in ids], device=device)
             plan.decode_pages = torch.tensor(pages, dtype=torch.long, device=device)

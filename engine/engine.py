@@ -142,5 +142,6 @@ class Engine:
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
-    ) -> list[int]:
+    ) -> list[int | None]:
+        """One token per row; None where the row's logits are not finite."""
         return sample(logits, params, generators)

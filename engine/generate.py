@@ -65,6 +65,8 @@ class BatchGenerator:
 
     def _next_token(self, gen: Generation, logits: torch.Tensor, max_tokens: int) -> None:
         token = self.engine.sample(logits, [gen.params], [gen.generator])[0]
+        if token is None:
+            raise ValueError("the logits are not finite: the model's weights or K/V are broken")
         gen.output_ids.append(token)
         if token in self.engine.tokenizer.stop_token_ids or len(gen.output_ids) >= max_tokens:
             gen.done = True

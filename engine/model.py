@@ -74,7 +74,11 @@ class DecoderLayer(nn.Module):
         qk = apply_rope(qkv[:, : (nh + nkv) * d].view(t, nh + nkv, d), cos, sin)
         q, k = qk[:, :nh], qk[:, nh:]
         v = qkv[:, (nh + nkv) * d :].view(t, nkv, d)
-        # write this step's K/V into their pages, then attend over the pages
+        # write this step's K/V into their pages, then attend over the pages. A row gone
+        # non-finite fails its own call (the scheduler checks logits), but what it writes
+        # is made finite: other sequences' attention masks its slots, and a masked NaN
+        # still poisons a softmax
+        k, v = torch.nan_to_num(k, 0.0, 0.0, 0.0), torch.nan_to_num(v, 0.0, 0.0, 0.0)
         k_cache.view(-1, nkv, d).index_copy_(0, slot_mapping, k)
         v_cache.view(-1, nkv, d).index_copy_(0, slot_mapping, v)
         attn = attention(q, k_cache, v_cache, plan)  # [num_tokens, num_heads, head_dim]

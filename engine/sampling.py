@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+MAX_BIAS = 100.0  # |logit_bias| at most, as OpenAI's API allows
 
 
 @dataclass(frozen=True)
@@ -22,14 +25,23 @@ class SamplingParams:
     blocked_token_ids: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        # comparisons are False for NaN: each check is written so that NaN fails it
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in 0..2**64-1, got {self.seed}")
+        for token, bias in self.logit_bias.items():
+            if not -MAX_BIAS <= bias <= MAX_BIAS:
+                raise ValueError(
+                    f"logit_bias of token {token} must be in [-{MAX_BIAS:g}, {MAX_BIAS:g}], "
+                    f"got {bias}"
+                )
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             raise ValueError("allowed_token_ids is empty: no token could be chosen")
 
@@ -45,6 +57,8 @@ class SamplingParams:
             raise ValueError(f"token id {bad[0]} outside the vocabulary (0..{vocab_size - 1})")
         if self.allowed_token_ids is not None and self.allowed_token_ids <= self.blocked_token_ids:
             raise ValueError("every allowed token is also blocked: no token could be chosen")
+        if len(self.blocked_token_ids) >= vocab_size:
+            raise ValueError("blocked lists every token: no token could be chosen")
 
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -77,7 +91,10 @@ def _constrain(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def filtered_probs(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution a non-greedy request samples from: [vocab] probabilities."""
-    logits = _constrain(row.float(), params) / params.temperature
+    logits = _constrain(row.float(), params)
+    # shifted so the best is 0 before dividing: a tiny temperature then sends the others
+    # to -inf (the greedy limit) instead of every logit to +-inf (NaN after softmax)
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -92,26 +109,36 @@ def filtered_probs(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs / probs.sum()
 
 
+def finite_rows(logits: torch.Tensor) -> list[bool]:
+    """Whether each row of `logits` [num_rows, vocab] is finite throughout."""
+    return torch.isfinite(logits).all(dim=-1).tolist()
+
+
 def sample(
     logits: torch.Tensor,  # [num_rows, vocab]
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
-) -> list[int]:
-    """One token per row. Each row's result depends only on its own logits, params and
-    generator, never on the other rows of the batch."""
-    out = [0] * logits.shape[0]
-    greedy_rows = [i for i, p in enumerate(params) if p.greedy]
-    plain = [i for i in greedy_rows if params[i] == GREEDY]  # argmax together
+) -> list[int | None]:
+    """One token per row, or None for a row whose logits are not finite (its context's
+    K/V are out of range): that row fails alone. Each row's result depends only on its
+    own logits, params and generator, never on the other rows of the batch."""
+    ok = finite_rows(logits)
+    out: list[int | None] = [None] * logits.shape[0]
+    rows = [i for i in range(len(params)) if ok[i]]
+    plain = [i for i in rows if params[i] == GREEDY]  # argmax together
     in_plain = set(plain)
     if plain:
         ids = logits[plain].argmax(dim=-1).tolist()
         for i, token in zip(plain, ids, strict=True):
             out[i] = token
-    for i, p in enumerate(params):
+    for i in rows:
+        p = params[i]
         if p.greedy and i not in in_plain:
             out[i] = int(_constrain(logits[i].float(), p).argmax())
         elif not p.greedy:
             probs = filtered_probs(logits[i], p)
+            if not bool(torch.isfinite(probs).all()):  # checked at the boundary; kept safe
+                continue
             out[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
     return out
 

@@ -231,23 +231,24 @@ async def _listdir(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
 
 @syscall("forward")
 async def _forward(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    sampler, mask = args.get("sampler"), args.get("mask")
+    num_logprobs = A.get(args, "logprobs", int, 0)
     # appending needs w; anything returned about what follows reveals the file: r too
-    reveals = any(args.get(k) for k in ("sampler", "logprobs", "mask"))
+    reveals = sampler is not None or mask is not None or num_logprobs != 0
     file = sys.store.ns.lookup_file(_path(args), call.cred, W_OK | (R_OK if reveals else 0))
     tokens = A.int_list(args, "tokens")
     vocab = sys.engine.model_config.vocab_size
-    sampler = args.get("sampler")
-    num_logprobs = A.get(args, "logprobs", int, 0)
     if not 0 <= num_logprobs <= 100:
         raise A.einval("logprobs must be in 0..100")
-    mask = args.get("mask")
+    if sampler is not None and not isinstance(sampler, dict):
+        raise A.einval("sampler must be a map")
     if mask is not None:  # a token mask narrows the sampler: allowed ids
         sampler = {**(sampler or {"temperature": 0.0}), "allowed": mask}
     params = A.sampling_params(sampler, vocab) if sampler is not None else None
     want = "sample" if params is not None else ("logits" if num_logprobs else "none")
     generator = None
     if params is not None and params.seed is not None:
-        generator = make_generator(params.seed, sys.engine.config.device)
+        generator = call.proc.account.stream(params.seed, sys.engine.config.device)
     task = Task(call.proc.account, file, tokens, want, params, generator, num_logprobs)
     return await sys.run_task(task)
 

@@ -19,7 +19,7 @@ import trio
 
 from symphony.engine.batch import SeqChunk
 from symphony.engine.engine import Engine
-from symphony.engine.sampling import GREEDY, sample, top_logprobs
+from symphony.engine.sampling import GREEDY, finite_rows, sample, top_logprobs
 from symphony.fs.errors import StoreError
 from symphony.fs.store import KVStore
 from symphony.sched.tasks import Task
@@ -27,6 +27,12 @@ from symphony.sched.tasks import Task
 log = logging.getLogger(__name__)
 
 MAX_GATHER = 0.02  # seconds the loop may wait for returning per-token programs
+
+
+def _not_finite() -> StoreError:
+    return StoreError(
+        errno.EINVAL, "the logits after this context are not finite: its K/V are out of range"
+    )
 
 
 class Scheduler:
@@ -160,7 +166,12 @@ class Scheduler:
         logits = self.engine.step(chunks)
         outputs: list[Any] = [None] * len(tasks)
         rows = [i for i, c in enumerate(chunks) if c.num_logits]
-        sampled = [i for i in rows if tasks[i].want == "sample"]
+        # a row whose logits are not finite fails its own call, never its neighbours'
+        finite = finite_rows(logits) if rows else []
+        for row, i in enumerate(rows):
+            if not finite[row]:
+                outputs[i] = _not_finite()
+        sampled = [i for row, i in enumerate(rows) if finite[row] and tasks[i].want == "sample"]
         if sampled:
             picks = [rows.index(i) for i in sampled]
             tokens = sample(
@@ -169,9 +180,9 @@ class Scheduler:
                 [tasks[i].generator for i in sampled],
             )
             for i, token in zip(sampled, tokens, strict=True):
-                outputs[i] = {"token": token}
+                outputs[i] = _not_finite() if token is None else {"token": token}
         for row, i in enumerate(rows):
-            if tasks[i].num_logprobs:
+            if tasks[i].num_logprobs and finite[row]:
                 out = outputs[i] or {}
                 out["logprobs"] = top_logprobs(logits[row], tasks[i].num_logprobs)
                 outputs[i] = out
@@ -208,6 +219,9 @@ class Scheduler:
         self.num_tokens += chunk.num_tokens
         if task.cancelled or task.remaining:
             return  # more chunks to go, or the reaper's
+        if isinstance(output, StoreError):  # the file stays as it was before this append
+            self._fail(task, output)
+            return
         assert task.plan is not None
         self.store.finish_append(task.plan)
         task.plan = None

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import trio
 
-from symphony.engine.sampling import SamplingParams
+from symphony.engine.sampling import SamplingParams, make_generator
 from symphony.engine.tokenizer import StreamDecoder
 from symphony.fs.errors import StoreError
 from symphony.fs.nodes import KVFile
 from symphony.fs.store import AppendPlan
 
 _arrivals = itertools.count()
+
+MAX_STREAMS = 256  # seeded random streams a program keeps (least recently used go)
 
 
 @dataclass
@@ -28,6 +31,18 @@ class Account:
     page_quota: int | None = None
     token_quota: int | None = None
     pages_allocated: int = 0
+    streams: OrderedDict[int, torch.Generator] = field(default_factory=OrderedDict)
+
+    def stream(self, seed: int, device: str | torch.device) -> torch.Generator:
+        """The program's random stream named `seed`: made on first use, then advancing
+        with each draw, so a per-token program with one seed gets a fresh draw each call."""
+        generator = self.streams.get(seed)
+        if generator is None:
+            generator = self.streams[seed] = make_generator(seed, device)
+            if len(self.streams) > MAX_STREAMS:
+                self.streams.popitem(last=False)
+        self.streams.move_to_end(seed)
+        return generator
 
 
 @dataclass

@@ -49,6 +49,18 @@ def hf_reference():
 
 
 @pytest.fixture
+def tiny_server(tmp_path):
+    """A tiny-model syscall server in a thread (tests/server_helpers.py), 128 pages of 4."""
+    from tests.server_helpers import ServerThread
+
+    thread = ServerThread(make_tiny_engine(num_pages=128, page_size=4), str(tmp_path / "s.sock"))
+    thread.start()
+    yield thread
+    thread.stop()
+    assert thread.error is None
+
+
+@pytest.fixture
 def mounted():
     """(mount point, socket) of a tiny-model server mounted for real (tests/mount_helpers.py)."""
     yield from mounted_server()

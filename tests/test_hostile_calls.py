@@ -1,0 +1,63 @@
+"""Smaller isolation defects of the syscalls, each played by another uid or a LIP."""
+
+from __future__ import annotations
+
+import trio
+
+from symphony.fs.errors import StoreError
+from symphony.fs.nodes import Cred
+from symphony.lipctl import connect
+from symphony.sched.calls import Call
+
+OTHER = Cred(65534, 65534)
+
+
+def call_as(server, cred: Cred, name: str, **args):  # type: ignore[no-untyped-def]
+    """Run one syscall inside the server as `cred`; its result or its StoreError."""
+    srv = server.server
+
+    async def run():  # type: ignore[no-untyped-def]
+        proc = srv.procs.attach(4_000_000 + cred.uid, cred)
+
+        async def stream(_: object) -> None:
+            pass
+
+        return await srv.syscalls.answer(Call(cred, proc, stream), name, args)
+
+    return trio.from_thread.run(run, trio_token=server._token)
+
+
+def test_anything_that_reveals_content_needs_read(tiny_server):
+    server = tiny_server
+    with connect(server.server.config.socket_path) as lip:
+        kv = lip.kv("drop.kv", create=True, mode=0o622)  # others may write, not read
+        kv.append(lip.tokenize("secret"))
+    for extra in [{"sampler": {}}, {"sampler": {"temperature": 0}}, {"logprobs": 1}, {"mask": [3]}]:
+        got = call_as(server, OTHER, "forward", path="drop.kv", tokens=[5], **extra)
+        assert isinstance(got, StoreError) and got.errno_name == "EACCES", extra
+    # a blind append is what w allows
+    got = call_as(server, OTHER, "forward", path="drop.kv", tokens=[5])
+    assert got == {"tokens": 7}
+    server.run_sync(server.server.store.check_invariants)
+
+
+def test_a_seed_names_a_stream_that_advances(tiny_server):
+    server = tiny_server
+    """A per-token LIP with one seed gets fresh draws; the same seed again in a new
+    program starts the same stream."""
+
+    def draws() -> list[int]:
+        with connect(server.server.config.socket_path) as lip:
+            kv = lip.kv("seeded.kv", create=True)
+            kv.truncate(0)
+            kv.append([1, 2, 3])
+            out = []
+            for _ in range(12):  # the same context each time: only the draw can differ
+                kv.truncate(3)
+                token = kv.forward([4], temperature=5.0, seed=11)["token"]
+                out.append(token)
+            return out
+
+    first = draws()
+    assert len(set(first)) > 1  # at temperature 5 over 259 tokens, 12 equal draws: no stream
+    assert draws() == first
