@@ -148,6 +148,19 @@ class PagePool:
         for cache in (*self.k_cache, *self.v_cache):
             cache[dst, :n].copy_(cache[src, :n])
 
+    def max_abs_diff(self, pages_a: list[int], pages_b: list[int], num_tokens: int) -> float:
+        """The largest |a - b| over the K/V of the first `num_tokens` slots of two page
+        lists holding the same tokens (the slots past them are not compared)."""
+        a = torch.tensor(pages_a, dtype=torch.long, device=self.k_cache[0].device)
+        b = torch.tensor(pages_b, dtype=torch.long, device=self.k_cache[0].device)
+        worst = 0.0
+        for cache in (*self.k_cache, *self.v_cache):
+            # [num_pages, page_size, heads, head_dim] -> [tokens, heads * head_dim]
+            x = cache.index_select(0, a).flatten(0, 1)[:num_tokens].float()
+            y = cache.index_select(0, b).flatten(0, 1)[:num_tokens].float()
+            worst = max(worst, (x - y).abs().max().item() if num_tokens else 0.0)
+        return worst
+
     def check_invariants(self) -> None:
         """Raise AssertionError if free list and refcounts disagree."""
         free = set(self._free)

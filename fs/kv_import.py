@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 import xxhash
 
 from symphony.engine.page_pool import PagePool
@@ -24,6 +25,10 @@ from symphony.fs import kv_format
 from symphony.fs.errors import StoreError
 
 MAX_HEADER = 4096
+# The largest K/V magnitude an import may hold: the largest half-precision value. Real
+# K/V stay far below it; past it a crafted page could overflow the engine's sums.
+MAX_KV_VALUE = 65504.0
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
 
 
 def einval(message: str) -> StoreError:
@@ -92,8 +97,10 @@ class Importer:
         vocab_size: int,
         domain: str,
         allocate: Callable[[int], list[int]],
+        uid: int = 0,
     ) -> None:
         self.pool = pool
+        self.uid = uid  # who imports: the file's origin
         self._allocate = allocate
         self.fingerprint = fingerprint
         self.content = content
@@ -208,6 +215,7 @@ class Importer:
 
     def _take_page(self, pieces: list[memoryview]) -> None:
         data = b"".join(pieces)
+        self._check_values(data)
         digest = digest_of(data)
         page = self.content.find(data, digest, self.domain)
         if page is not None:
@@ -221,6 +229,19 @@ class Importer:
             ps, index = self.pool.page_size, len(self.pages) - 1
             filled = kv_format.slots_filled(self.header["num_tokens"], ps, index)
             self.content.note(page, filled, digest, self.domain)
+
+    def _check_values(self, data: bytes) -> None:
+        """Refuse a page holding a NaN, an infinity or a value past MAX_KV_VALUE."""
+        dtype = self.pool.k_cache[0].dtype
+        if dtype == torch.bfloat16:  # numpy has no bfloat16: its bits are a float32's top half
+            values = (np.frombuffer(data, np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            values = np.frombuffer(data, dtype=_NUMPY_DTYPES[dtype])
+        # a NaN makes the max NaN, which compares False: one pass finds all three
+        if values.size and not np.abs(values).max() <= MAX_KV_VALUE:
+            raise einval(
+                f"page {len(self.pages)} holds a value that is not finite or past {MAX_KV_VALUE:g}"
+            )
 
     def extend_to(self, size: int) -> None:
         """ftruncate past the end of what was written: the rest is a hole of zeros."""

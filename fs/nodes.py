@@ -28,6 +28,13 @@ class Cred:
 
 
 ROOT = Cred(0, 0)
+COMPUTED = "computed"
+
+
+def imported_by(uid: int) -> str:
+    return f"imported by uid {uid}"
+
+
 R_OK, W_OK, X_OK = 4, 2, 1
 
 
@@ -102,6 +109,10 @@ class KVFile(Node):
     """A KV context: token ids, the pages holding their K/V, the hash of each full page."""
 
     domain: str = ""  # prefix-cache domain its pages are indexed under
+    # "computed" (every K/V computed by this engine) or "imported by uid N": pages whose
+    # K/V depend on imported bytes (the file's own, and all computed after them) are
+    # never indexed; forks carry the origin
+    origin: str = COMPUTED
     token_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     page_hashes: list[int] = field(default_factory=list)  # one per full page, chained

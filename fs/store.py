@@ -22,7 +22,7 @@ from symphony.engine.page_pool import PagePool
 from symphony.fs.errors import StoreError
 from symphony.fs.kv_import import ContentIndex, Importer
 from symphony.fs.namespace import Namespace
-from symphony.fs.nodes import R_OK, W_OK, Cred, KVFile, Node
+from symphony.fs.nodes import COMPUTED, R_OK, W_OK, Cred, KVFile, Node, imported_by
 from symphony.fs.prefix_index import ROOT_HASH, PrefixIndex, page_hash
 
 
@@ -151,6 +151,7 @@ class KVStore:
             "gid": file.gid,
             "nlink": file.nlink,
             "mtime_ns": file.mtime_ns,
+            "origin": file.origin,
         }
 
     def num_shared(self, file: KVFile) -> int:
@@ -170,6 +171,7 @@ class KVStore:
         self.pool.incref(source.pages)
         copy.pages = list(source.pages)
         copy.token_ids = list(source.token_ids)
+        copy.origin = source.origin
         if copy.domain == source.domain:
             copy.page_hashes = list(source.page_hashes)
         else:  # the copy's prefixes are looked up in its owner's domain, not the source's
@@ -193,6 +195,8 @@ class KVStore:
         del file.pages[keep:]
         del file.page_hashes[num_tokens // self.page_size :]
         del file.token_ids[num_tokens:]
+        if not num_tokens:  # nothing imported is left
+            file.origin = COMPUTED
         file.touch()
 
     def hold(self, pages: list[int]) -> None:
@@ -217,6 +221,7 @@ class KVStore:
             self.vocab_size,
             self.domain_of(cred) if domain is None else domain,
             self.allocate,
+            cred.uid,
         )
         self._importers.append(imported)
         return imported
@@ -232,7 +237,29 @@ class KVStore:
         assert imported.token_ids is not None
         file.pages, imported.pages = imported.pages, []
         file.token_ids = list(imported.token_ids)
-        self._hash_full_pages(file, index=False)
+        file.origin = imported_by(imported.uid)
+        self._hash_full_pages(file)
+        file.touch()
+
+    def scratch_file(self, domain: str) -> KVFile:
+        """A nameless file, open once, for work such as a verification's recomputation;
+        `close` it and its pages go."""
+        file = KVFile(self.ns._new_inode(), 0o100600, 0, 0, nlink=0, domain=domain)
+        file.open_count = 1
+        self._orphans[file.inode] = file
+        return file
+
+    def adopt_pages(self, file: KVFile, computed: KVFile) -> None:
+        """Make `file` hold the pages of `computed`, the same tokens computed here: its
+        K/V are now this engine's own, so it is computed (and its pages indexed)."""
+        if file.busy or file.token_ids != computed.token_ids:
+            raise StoreError(errno.EBUSY, "the file changed during its verification")
+        self.pool.incref(computed.pages)
+        self.pool.decref(file.pages)
+        file.pages = list(computed.pages)
+        file.page_hashes = []
+        file.origin = COMPUTED
+        self._hash_full_pages(file)
         file.touch()
 
     def node(self, inode: int) -> Node | None:
@@ -376,7 +403,9 @@ class KVStore:
         self._maybe_reap(plan.file)
 
     def _hash_full_pages(self, file: KVFile, index: bool = True) -> None:
-        """Extend the file's hash chain over its full pages, listing them in the index."""
+        """Extend the file's hash chain over its full pages, listing them in the index if
+        every K/V of the file was computed here (nothing derived from imported bytes)."""
+        index = index and file.origin == COMPUTED
         ps = self.page_size
         for i in range(len(file.page_hashes), file.num_tokens // ps):
             parent = file.page_hashes[-1] if file.page_hashes else ROOT_HASH

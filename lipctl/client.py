@@ -278,6 +278,11 @@ class KV:
     def unlink(self) -> None:
         self.lip.call("kv_unlink", path=self.path)
 
+    def kv_verify(self) -> dict[str, Any]:
+        """Recompute the file: `max_abs_diff` from the engine's K/V, `match`, `origin`
+        (a match makes an imported file computed)."""
+        return dict(self.lip.call("kv_verify", path=self.path))
+
 
 def connect(path: str | None = None) -> Lip:
     """Connect to the server at `path`, else $SYMPHONY_SOCKET, else /tmp/symphony.sock."""

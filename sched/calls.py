@@ -21,6 +21,7 @@ from symphony.sched.processes import Limits, Proc, ProcessTable
 from symphony.sched.protocol import MAX_FRAME, PROTOCOL_VERSION
 from symphony.sched.scheduler import Scheduler
 from symphony.sched.tasks import GenerateState, Task
+from symphony.sched.verify import verify_file
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,16 @@ async def _kv_fork(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
 async def _kv_truncate(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
     sys.store.truncate(_path(args), A.get(args, "n", int), call.cred)
     return sys.store.stat(_path(args), call.cred)
+
+
+@syscall("kv_verify")
+async def _kv_verify(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+    file = sys.store.ns.lookup_file(_path(args), call.cred, R_OK)
+    file.open_count += 1  # unlinked meanwhile, it stays until the report
+    try:
+        return await verify_file(sys.engine, sys.store, sys.scheduler, call.proc.account, file)
+    finally:
+        sys.store.close(file)
 
 
 @syscall("kv_unlink")

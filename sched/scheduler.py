@@ -47,7 +47,7 @@ class Scheduler:
         self.store = store
         self.max_step_tokens = max_step_tokens
         self.max_step_seqs = max_step_seqs
-        self._limiter = trio.CapacityLimiter(1)
+        self.limiter = trio.CapacityLimiter(1)  # the engine thread: one step at a time
         self._waiting: list[Task] = []
         self._wake = trio.Event()
         self.after_step: Callable[[], None] | None = None  # the mount's cache invalidation
@@ -99,7 +99,7 @@ class Scheduler:
             t0 = time.perf_counter()
             try:
                 outputs = await trio.to_thread.run_sync(
-                    self._compute, tasks, chunks, limiter=self._limiter
+                    self._compute, tasks, chunks, limiter=self.limiter
                 )
             except Exception:  # a failed step fails its tasks, never the server
                 log.exception("engine step failed")

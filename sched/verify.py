@@ -1,0 +1,62 @@
+"""kv_verify: recompute a KV file and say how far its K/V are from the engine's own.
+
+An imported file's K/V are whatever its bytes said. Verifying recomputes its tokens in a
+nameless scratch file, compares every filled slot of every layer, and when the largest
+deviation is within the engine's tolerance the file takes the recomputed pages: it is
+then "computed", bit for bit this engine's, and its full pages may enter the index.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import trio
+
+from symphony.engine.engine import Engine
+from symphony.fs.nodes import COMPUTED, KVFile
+from symphony.fs.store import KVStore
+from symphony.sched.scheduler import Scheduler
+from symphony.sched.tasks import Account, Task
+
+
+def tolerance(engine: Engine) -> float:
+    """How far a recomputation of the same tokens may drift (chunking, batch shapes)."""
+    return 1e-3 if engine.config.torch_dtype == torch.float32 else 3e-2
+
+
+async def verify_file(
+    engine: Engine, store: KVStore, scheduler: Scheduler, account: Account, file: KVFile
+) -> dict[str, Any]:
+    """Recompute `file` and report; adopt the recomputed pages when they match.
+
+    Raises:
+        StoreError: ENOSPC when the pool cannot hold the recomputation, EBUSY when the
+            file changed meanwhile, a quota's error.
+    """
+    num_tokens = file.num_tokens
+    report: dict[str, Any] = {"tokens": num_tokens, "tolerance": tolerance(engine)}
+    if not num_tokens:
+        return {**report, "max_abs_diff": 0.0, "match": True, "origin": file.origin}
+    scratch = store.scratch_file(file.domain)
+    pages = list(file.pages)
+    store.hold(pages)  # the file may be rolled back meanwhile: its pages stay readable
+    try:
+        task = Task(account, scratch, list(file.token_ids), "none")
+        scheduler.submit(task)
+        try:
+            await task.done.wait()
+        finally:
+            scheduler.cancel(task)
+        if task.error is not None:
+            raise task.error
+        diff = await trio.to_thread.run_sync(
+            engine.pool.max_abs_diff, pages, scratch.pages, num_tokens, limiter=scheduler.limiter
+        )
+        match = diff <= report["tolerance"]
+        if match and file.origin != COMPUTED:
+            store.adopt_pages(file, scratch)
+    finally:
+        store.unhold(pages)
+        store.close(scratch)
+    return {**report, "max_abs_diff": diff, "match": match, "origin": file.origin}
