@@ -3,8 +3,8 @@
 Handlers only touch the store's metadata and the pool's tensors; they never wait on
 the engine. Every store error maps to its errno; nothing else escapes a handler.
 It serves the namespace (lookup, readdir, mkdir, rmdir, unlink, rename, link, chmod,
-chown, utimens, statfs), the xattrs, KV files in their byte format (read: export; write
-from empty: import, sharing pages the store already holds), and hands /.sys to
+chown, utimens, statfs) with names of UTF-8 up to NAME_MAX bytes, and the xattrs;
+KV files in their byte format come from `FileHandles` (fuse_files.py), /.sys from
 `SysTree`. Names and attributes are cached by the kernel; `KernelCache` invalidates
 what the store changes behind its back.
 """
@@ -13,97 +13,26 @@ from __future__ import annotations
 
 import errno
 import functools
-import itertools
-import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
 
 import pyfuse3
 
 from symphony.fs import kv_format
 from symphony.fs.errors import StoreError
-from symphony.fs.fuse_cache import ENTRY_TIMEOUT, KernelCache
+from symphony.fs.fuse_cache import ENTRY_TIMEOUT
+from symphony.fs.fuse_files import FileHandles, cred_of, guard_handlers
 from symphony.fs.fuse_sys import CTL as SYS_CTL
-from symphony.fs.fuse_sys import SYS_DIR, SysHandle, SysTree, is_virtual
-from symphony.fs.kv_import import Importer, digest_of
-from symphony.fs.namespace import ROOT_INODE, Namespace
-from symphony.fs.nodes import W_OK, Cred, Directory, KVFile, Node, now_ns
-from symphony.fs.store import KVStore
-
-log = logging.getLogger(__name__)
+from symphony.fs.fuse_sys import SYS_DIR, is_virtual
+from symphony.fs.namespace import ROOT_INODE, Namespace, decode_name
+from symphony.fs.nodes import W_OK, Directory, KVFile, Node, now_ns
 
 XATTRS = (b"user.kv.tokens", b"user.kv.pages", b"user.kv.shared_pages", b"user.kv.model")
 
 
-@dataclass
-class OpenFile:
-    """A KV file opened: for reading, a snapshot of its bytes, its pages held; for
-    writing from empty, an import."""
-
-    file: KVFile
-    layout: kv_format.Layout | None
-    pages: list[int]
-    importer: Importer | None = None  # opened for writing an empty file: an import
-    last_page: tuple[int, bytes] | None = None  # (index, bytes) of the page read last
-    domain: str = ""  # the reader's: the pages it reads may be shared with its imports
-
-
-def cred_of(ctx: pyfuse3.RequestContext) -> Cred:
-    try:
-        groups = frozenset(pyfuse3.get_sup_groups(ctx.pid))
-    except (OSError, ValueError):
-        groups = frozenset()
-    return Cred(ctx.uid, ctx.gid, groups)
-
-
-def guard_handlers(cls: type[pyfuse3.Operations]) -> type[pyfuse3.Operations]:
-    """Wrap every request handler of `cls`: a store error becomes its errno; anything
-    else is a bug, logged and answered with EIO, so that it never ends the mount (an
-    exception escaping a handler would stop pyfuse3's main loop and the server with it)."""
-    for name, handler in list(vars(cls).items()):
-        if name.startswith("_") or not hasattr(pyfuse3.Operations, name):
-            continue
-        setattr(cls, name, _guarded(handler))
-    return cls
-
-
-def _guarded(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    @functools.wraps(handler)
-    async def run(*args: Any) -> Any:
-        try:
-            return await handler(*args)
-        except pyfuse3.FUSEError:
-            raise
-        except StoreError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except Exception:
-            log.exception("FUSE handler %s failed", handler.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return run
-
-
 @guard_handlers
-class KVFileSystem(pyfuse3.Operations):
-    """The store's namespace as FUSE sees it."""
-
-    def __init__(
-        self,
-        store: KVStore,
-        sys_tree: SysTree,
-        cache: KernelCache,
-        write_through: Callable[[KVFile], None] | None = None,
-    ) -> None:
-        super().__init__()
-        self.store = store
-        self.sys = sys_tree
-        self.cache = cache
-        self.write_through = write_through  # fsync: persist one file (--state)
-        self._handles: dict[int, OpenFile | SysHandle] = {}
-        self._next_fh = itertools.count(1)
-        self._dirs: dict[int, list[tuple[bytes, int]]] = {}
+class KVFileSystem(FileHandles):
+    """The store's namespace as FUSE sees it (open files and their bytes: FileHandles)."""
 
     # attributes ---------------------------------------------------------------------
 
@@ -111,12 +40,6 @@ class KVFileSystem(pyfuse3.Operations):
     def _size(self, num_tokens: int, num_pages: int) -> int:
         """A KV file's byte length (cached: `ls -l` of many files asks it often)."""
         return kv_format.size(self.store.pool, self.store.fingerprint, num_tokens, num_pages)
-
-    def _node(self, inode: int) -> Node:
-        node = self.store.node(inode)
-        if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return node
 
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -142,6 +65,12 @@ class KVFileSystem(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        try:
+            text = decode_name(name)
+        except StoreError as exc:  # a name that is not UTF-8 names nothing here
+            raise pyfuse3.FUSEError(
+                errno.ENOENT if exc.errno == errno.EINVAL else exc.errno
+            ) from None
         if is_virtual(parent_inode):
             return self._attrs(self.sys.lookup(parent_inode, name))
         if parent_inode == ROOT_INODE and name == b".sys":
@@ -149,7 +78,7 @@ class KVFileSystem(pyfuse3.Operations):
         parent = self._node(parent_inode)
         if not isinstance(parent, Directory):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        child = parent.children.get(os.fsdecode(name))
+        child = parent.children.get(text)
         if child is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attrs(child)
@@ -240,8 +169,9 @@ class KVFileSystem(pyfuse3.Operations):
     def _path(self, parent_inode: int, name: bytes) -> str:
         if is_virtual(parent_inode):
             raise pyfuse3.FUSEError(errno.EPERM)
+        text = decode_name(name)
         base = self.store.ns.path_of(parent_inode)
-        return f"{base}/{os.fsdecode(name)}" if base else os.fsdecode(name)
+        return f"{base}/{text}" if base else text
 
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
@@ -293,13 +223,13 @@ class KVFileSystem(pyfuse3.Operations):
     # xattrs -------------------------------------------------------------------------
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        return list(XATTRS) if isinstance(self.store.ns.nodes.get(inode), KVFile) else []
+        return list(XATTRS) if isinstance(self.store.node(inode), KVFile) else []
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if not name.startswith(b"user."):
             # no security labels or ACLs here: saying so once spares `ls -l` asking per file
             raise pyfuse3.FUSEError(errno.ENOTSUP)
-        node = self.store.ns.nodes.get(inode)
+        node = self.store.node(inode)  # an open file unlinked answers as before
         if not isinstance(node, KVFile) or name not in XATTRS:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         value = {
@@ -313,7 +243,7 @@ class KVFileSystem(pyfuse3.Operations):
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        node = self.store.ns.nodes.get(inode)
+        node = self.store.node(inode)
         if not isinstance(node, KVFile) or name != b"user.kv.tokens":
             raise pyfuse3.FUSEError(errno.EPERM if name in XATTRS else errno.ENOTSUP)
         try:
@@ -324,100 +254,7 @@ class KVFileSystem(pyfuse3.Operations):
         self.store.truncate_file(node, n)  # rollback
         self.cache.invalidate_attributes()
 
-    # file bytes ---------------------------------------------------------------------
-
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        writing = flags & os.O_ACCMODE != os.O_RDONLY
-        fh = next(self._next_fh)
-        if is_virtual(inode):
-            self._handles[fh] = self.sys.open(inode, flags, ctx, cred_of(ctx))
-            return pyfuse3.FileInfo(fh=fh, direct_io=True, nonseekable=inode == SYS_CTL)
-        node = self._node(inode)
-        if not isinstance(node, KVFile):
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        if flags & os.O_TRUNC and node.num_tokens:
-            self.store.truncate_file(node, 0)  # the kernel checked write permission
-            self.cache.invalidate_attributes()
-        cred = cred_of(ctx)
-        if writing:
-            return self._open_for_import(fh, node, cred)
-        pages = list(node.pages)
-        self.store.hold(pages)  # the snapshot's pages outlive a truncate meanwhile
-        lay = kv_format.layout(self.store.pool, self.store.fingerprint, node.token_ids, len(pages))
-        node.open_count += 1
-        self._handles[fh] = OpenFile(node, lay, pages, domain=self.store.domain_of(cred))
-        # direct_io: readers see the file as it is now, not a kernel-cached older version
-        return pyfuse3.FileInfo(fh=fh, direct_io=True)
-
-    def _open_for_import(self, fh: int, node: KVFile, cred: Cred) -> pyfuse3.FileInfo:
-        # an empty file takes an import; writing into a non-empty one is refused (EINVAL)
-        importer = self.store.importer(cred) if node.num_tokens == 0 else None
-        node.open_count += 1
-        self._handles[fh] = OpenFile(node, None, [], importer=importer)
-        return pyfuse3.FileInfo(fh=fh, direct_io=True)
-
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        handle = self._handles[fh]
-        if isinstance(handle, SysHandle):
-            return await self.sys.read(handle, off, size)
-        if handle.layout is None:
-            raise pyfuse3.FUSEError(errno.EBADF)  # opened for writing only
-        return kv_format.read_range(handle.layout, off, size, functools.partial(self._page, handle))
-
-    def _page(self, handle: OpenFile, index: int) -> bytes:
-        """The bytes of the handle's `index`-th page; reads come in pieces of a page, so
-        the last page read is kept. Every page read is noted by content for `cp` back in."""
-        if handle.last_page is None or handle.last_page[0] != index:
-            page = handle.pages[index]
-            assert handle.layout is not None
-            lay = handle.layout
-            filled = kv_format.slots_filled(lay.num_tokens, lay.page_size, index)
-            data = self.store.pool.page_bytes(page, filled)
-            self.store.content.note(page, filled, digest_of(data), handle.domain)
-            handle.last_page = (index, data)
-        return handle.last_page[1]
-
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        handle = self._handles[fh]
-        if isinstance(handle, SysHandle):
-            return self.sys.write(handle, buf)
-        if handle.importer is None:
-            raise pyfuse3.FUSEError(errno.EINVAL)  # KV files are written whole, from empty
-        handle.importer.write(off, buf)
-        return len(buf)
-
-    async def flush(self, fh: int) -> None:
-        """close(): a whole import is committed here, before close returns (release
-        comes later); one that is neither empty nor whole fails, with EINVAL."""
-        handle = self._handles.get(fh)
-        if not isinstance(handle, OpenFile) or handle.importer is None:
-            return
-        importer = handle.importer
-        if not importer.received:
-            return  # nothing written yet (a copy of the descriptor closed, say)
-        handle.importer = None
-        if not importer.complete():
-            importer.abort()
-            raise pyfuse3.FUSEError(errno.EINVAL)
-        self.store.commit_import(handle.file, importer)
-        self.cache.invalidate_attributes()
-
-    async def fsync(self, fh: int, datasync: bool) -> None:
-        handle = self._handles.get(fh)
-        if not isinstance(handle, OpenFile) or self.write_through is None:
-            return
-        self.write_through(handle.file)
-
-    async def release(self, fh: int) -> None:
-        handle = self._handles.pop(fh)
-        if isinstance(handle, SysHandle):
-            self.sys.release(handle)
-            return
-        self.store.unhold(handle.pages)
-        if handle.importer is not None:  # written to without a close (flush) seen
-            handle.importer.abort()
-        self.store.close(handle.file)
-        self.cache.invalidate_attributes()  # an unlinked file's pages may go now
+    # files and the node types the store has not -------------------------------------
 
     async def create(
         self,
@@ -431,3 +268,16 @@ class KVFileSystem(pyfuse3.Operations):
         path = self._path(parent_inode, name)
         node = self.store.ns.create_file(path, cred, mode & ~ctx.umask, self.store.domain_of(cred))
         return self._open_for_import(next(self._next_fh), node, cred), self._attrs(node.inode)
+
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        decode_name(name)  # a name too long is that first, as elsewhere
+        raise StoreError(errno.EPERM, "the store holds no symbolic links")
+
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        # EPERM, as Linux answers for a filesystem without them (FIFOs, devices, sockets)
+        decode_name(name)
+        raise StoreError(errno.EPERM, "the store holds KV files and directories only")

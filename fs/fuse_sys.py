@@ -9,7 +9,8 @@
 
 The views mirror the namespace with the owner, group and mode of each node (write
 bits cleared), so the kernel lets exactly those who may read a KV file read its text.
-Everything but ctl is read-only. Files are made when opened, so reads see a snapshot.
+Everything but ctl is read-only. Files are made when opened, so reads see a snapshot;
+a stat gives the length last made (reads are direct_io: they see what open made).
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def _is_sys_file(inode: int) -> bool:
 class ControlChannel(Protocol):
     """One open /.sys/ctl: commands written in, replies read out (made by the server)."""
 
-    def send(self, data: bytes) -> None: ...
+    async def send(self, data: bytes) -> None:
+        """Take written bytes; waits while too many of the opener's lines are queued."""
+        ...
 
     async def receive(self, size: int) -> bytes:
         """Up to `size` bytes of reply, waiting for a command in flight; b'' when idle."""
@@ -87,6 +90,9 @@ class SysTree:
         self.tokenizer = tokenizer
         self.sys_text = sys_text  # the text of /.sys/NAME, made when it is read
         self.open_ctl = open_ctl  # None: the server offers no control file
+        # the length of each /.sys file as last made: a stat must not make the text (the
+        # status runs the store's whole check); reads are direct_io, so they see it all
+        self._sizes: dict[int, int] = {}
 
     # names and attributes -------------------------------------------------------------
 
@@ -138,8 +144,7 @@ class SysTree:
             a.st_mode, a.st_nlink = stat.S_IFDIR | 0o555, 2 + len(VIEWS)
         elif _is_sys_file(inode):
             a.st_mode, a.st_nlink = stat.S_IFREG | (0o666 if inode == CTL else 0o444), 1
-            if inode != CTL:
-                a.st_size = len(self._sys_bytes(inode))
+            a.st_size = self._sizes.get(inode, 0)
         else:
             node = self._real(split_view(inode)[1])
             a.st_mode = node.mode & ~0o222
@@ -149,7 +154,9 @@ class SysTree:
             a.st_ctime_ns = node.ctime_ns
 
     def _sys_bytes(self, inode: int) -> bytes:
-        return self.sys_text(SYS_FILES[inode - SYS_DIR - 1]).encode()
+        text = self.sys_text(SYS_FILES[inode - SYS_DIR - 1]).encode()
+        self._sizes[inode] = len(text)
+        return text
 
     # file handles ---------------------------------------------------------------------
 
@@ -185,10 +192,10 @@ class SysTree:
             return await handle.ctl.receive(size)
         return handle.text[off : off + size]
 
-    def write(self, handle: SysHandle, buf: bytes) -> int:
+    async def write(self, handle: SysHandle, buf: bytes) -> int:
         if handle.ctl is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        handle.ctl.send(buf)
+        await handle.ctl.send(buf)
         return len(buf)
 
     def release(self, handle: SysHandle) -> None:

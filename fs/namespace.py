@@ -23,11 +23,30 @@ def split_path(path: str) -> list[str]:
     for part in parts:
         if part in (".", ".."):
             raise StoreError(errno.EINVAL, f"path {path!r} may not contain '.' or '..'")
-        if len(part.encode()) > NAME_MAX:
+        try:
+            encoded = part.encode()
+        except UnicodeEncodeError:  # a name decoded with surrogateescape: not UTF-8
+            raise StoreError(errno.EINVAL, f"names are UTF-8; {path!r} is not") from None
+        if len(encoded) > NAME_MAX:
             raise StoreError(errno.ENAMETOOLONG, f"name longer than {NAME_MAX} bytes in {path!r}")
         if "\0" in part:
             raise StoreError(errno.EINVAL, "path contains a NUL byte")
     return parts
+
+
+def decode_name(raw: bytes) -> str:
+    """One name as the kernel hands it (bytes) as the namespace keeps it (text).
+
+    Raises:
+        StoreError: ENAMETOOLONG past NAME_MAX bytes, EINVAL for a name that is not
+            UTF-8 (names are text for the syscalls too, so only UTF-8 ones are stored).
+    """
+    if len(raw) > NAME_MAX:
+        raise StoreError(errno.ENAMETOOLONG, f"a name is at most {NAME_MAX} bytes")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise StoreError(errno.EINVAL, f"names on the mount are UTF-8; {raw!r} is not") from None
 
 
 class Namespace:
@@ -106,6 +125,36 @@ class Namespace:
 
     def mkdir(self, path: str, cred: Cred, mode: int = 0o755) -> Directory:
         parent, name = self.parent_of(path, cred)
+        return self._mkdir_in(parent, name, cred, mode, path)
+
+    def makedirs(self, path: str, cred: Cred, mode: int = 0o755) -> Directory:
+        """`mkdir -p`: make every missing directory of `path` in one walk from the root.
+
+        Directories that exist already are fine (they need search permission, a new one
+        write permission on its parent, as for mkdir).
+
+        Raises:
+            StoreError: ENOTDIR if a component on the way is a file, EEXIST if the last
+                one is, EACCES.
+        """
+        parts = split_path(path)
+        node: Node = self.root
+        for depth, part in enumerate(parts):
+            if not isinstance(node, Directory):
+                raise StoreError(errno.ENOTDIR, f"not a directory: {'/'.join(parts[:depth])}")
+            self.check(node, cred, X_OK, path)
+            child = node.children.get(part)
+            if child is None:
+                node = self._mkdir_in(node, part, cred, mode, path)
+            else:
+                node = self.nodes[child]
+        if not isinstance(node, Directory):
+            raise StoreError(errno.EEXIST, f"file exists: {path}")
+        return node
+
+    def _mkdir_in(
+        self, parent: Directory, name: str, cred: Cred, mode: int, path: str
+    ) -> Directory:
         gid = parent.gid if parent.mode & stat.S_ISGID else cred.gid
         node = Directory(
             self._new_inode(),
@@ -199,13 +248,15 @@ class Namespace:
         node.touch(modified=False)
 
     def _is_within(self, node: Directory, ancestor: Directory) -> bool:
-        """Whether `node` is `ancestor` or lies below it."""
-        if node is ancestor:
-            return True
-        return any(
-            isinstance(child := self.nodes[i], Directory) and self._is_within(node, child)
-            for i in ancestor.children.values()
-        )
+        """Whether `node` is `ancestor` or lies below it: a walk up from `node` (its
+        depth, never a recursion over what lies below `ancestor`)."""
+        while node is not ancestor:
+            if node.inode == ROOT_INODE:
+                return False
+            parent = self.nodes[node.parent]
+            assert isinstance(parent, Directory)
+            node = parent
+        return True
 
     def chmod(self, path: str, cred: Cred, mode: int) -> None:
         self.chmod_node(self.lookup(path, cred), cred, mode, path)

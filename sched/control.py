@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import json
 import re
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -46,6 +47,7 @@ POSITIONAL = {
     "wait": ("pid",),
 }
 MAX_LINE = 1 << 20  # bytes in one command line
+MAX_QUEUED = 64  # lines of one opener waiting to run before its writes wait (backpressure)
 
 STRINGS = {"path", "src", "dst", "text", "name", "program"}  # never read as JSON
 
@@ -129,8 +131,11 @@ class ControlSession:
 
     `waiters` bounds the reads that wait for a reply: each holds one of pyfuse3's
     request tasks until its reply comes (and FUSE reads cannot be interrupted), so past
-    the bound a read that would wait gets EAGAIN. Writes always succeed; a line too long
-    gets an `error E2BIG` reply in its place.
+    the bound a read that would wait gets EAGAIN. A write that leaves more than
+    MAX_QUEUED lines to run waits until they are down to it, and the lines run one at a
+    time with a checkpoint between them: a flood of lines through one opener neither
+    grows without end nor keeps the trio loop from the socket and the mount. Writes
+    always succeed; a line too long gets an `error E2BIG` reply in its place.
     """
 
     def __init__(
@@ -152,14 +157,21 @@ class ControlSession:
         self._partial: list[bytes] = []  # a line begun, not ended
         self._partial_len = 0
         self._skipping = False  # the rest of an over-long line is thrown away
-        self._lines: list[bytes | StoreError] = []  # to run, or a refusal to answer
+        self._lines: deque[bytes | StoreError] = deque()  # to run, or a refusal to answer
         self._replies = bytearray()
         self._busy = False
         self._changed = trio.Event()
         self._cancel = trio.CancelScope()
         self._closed = False
 
-    def send(self, data: bytes) -> None:
+    async def send(self, data: bytes) -> None:
+        """Take written bytes; returns once at most MAX_QUEUED of this opener's lines wait
+        to run (a write of many lines is taken whole, then waited on)."""
+        self._take(data)
+        while len(self._lines) > MAX_QUEUED and not self._closed:
+            await self._changed.wait()
+
+    def _take(self, data: bytes) -> None:
         if self._skipping:
             end = data.find(b"\n")
             if end < 0:
@@ -198,9 +210,13 @@ class ControlSession:
         try:
             with cancel:
                 while self._lines:
-                    reply = await self._run(self._lines.pop(0))
-                    self._replies += reply.encode()
+                    reply = await self._run(self._lines.popleft())
+                    if self.reading:  # nobody reads a write-only opener's replies
+                        self._replies += reply.encode()
                     self._wake()
+                    # a call may never yield (status, kv_stat): without this, a flood of
+                    # lines would keep every other task of the loop waiting
+                    await trio.sleep(0)
         finally:
             self._busy = False
             self._wake()

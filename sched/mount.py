@@ -7,6 +7,7 @@ every engine step and every call.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib.util
 import os
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from symphony.fs.errors import StoreError
-from symphony.fs.nodes import Cred
+from symphony.fs.nodes import Cred, KVFile
 from symphony.sched.control import ControlSession, Waiters
 
 FUSE_TASKS = 128  # pyfuse3 request tasks: each blocked /.sys/ctl read holds one
@@ -38,6 +39,7 @@ class Mount:
         self.mountpoint = mountpoint
         self.cache = KernelCache(server.store)
         self.ctl_waiters = Waiters(CTL_WAITERS, CTL_WAITERS_PER_UID)
+        self._disk = trio.CapacityLimiter(1)  # one write to the state directory at a time
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         import pyfuse3
@@ -50,7 +52,7 @@ class Mount:
         tree = SysTree(server.store, server.engine.tokenizer, self.sys_text, self.open_ctl)
         state = server.state
         ops = KVFileSystem(
-            server.store, tree, self.cache, state.save_file if state is not None else None
+            server.store, tree, self.cache, self.save_file if state is not None else None
         )
         options = {"fsname=symphony", "subtype=kv", "default_permissions"}
         if os.getuid() == 0:
@@ -63,7 +65,9 @@ class Mount:
         try:
             task_status.started()
             await pyfuse3.main(max_tasks=FUSE_TASKS)
-            # main returns when the kernel ends the session: unmounted from outside
+            # main returns when the kernel ends the session: unmounted from outside, and
+            # no release comes for the files still open through the mount
+            ops.close_all()
             if state is not None:
                 state.save_all()  # an unmount writes every file, as a shutdown does
             print(
@@ -75,6 +79,26 @@ class Mount:
             with trio.CancelScope(shield=True):
                 await self.cache.close()
             pyfuse3.close(unmount=True)
+            ops.close_all()  # what the session left open holds pages no longer
+
+    async def save_file(self, file: KVFile) -> None:
+        """fsync: write `file` through (--state) in a worker thread, from a snapshot taken
+        here: its token ids and pages as they are now, the pages held so that they are
+        neither freed nor written (a held page is shared: an append copies it first)."""
+        store, state = self.server.store, self.server.state
+        assert state is not None
+        snapshot = dataclasses.replace(
+            file,
+            token_ids=list(file.token_ids),
+            pages=list(file.pages),
+            page_hashes=list(file.page_hashes),
+            journal=None,
+        )
+        store.hold(snapshot.pages)
+        try:
+            await trio.to_thread.run_sync(state.save_file, snapshot, limiter=self._disk)
+        finally:
+            store.unhold(snapshot.pages)
 
     def open_ctl(self, cred: Cred, pid: int, reading: bool) -> ControlSession:
         server = self.server
