@@ -7,11 +7,9 @@ import errno
 import logging
 import math
 import os
-import resource
+import secrets
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,52 +19,17 @@ import trio
 
 from symphony.fs.errors import StoreError
 from symphony.fs.nodes import Cred
+from symphony.sched.limits import Limits, ProcessCaps, safe_name
+from symphony.sched.lipregistry import WORKDIR_PREFIX, LipRegistry
+from symphony.sched.proctree import TOKEN_VAR, ancestors, kill_tree, read_stat, token_of
+from symphony.sched.spawner import SpawnedChild, spawn_error, start_child
 from symphony.sched.tasks import Account
+
+__all__ = ["Limits", "Proc", "ProcessCaps", "ProcessTable"]
 
 log = logging.getLogger(__name__)
 
 MAX_OUTPUT = 4 * 1024 * 1024  # bytes of a program's output kept for `wait`
-
-
-@dataclass(frozen=True)
-class Limits:
-    """rlimits and scheduling limits of one LIP."""
-
-    cpu_seconds: int = 3600
-    wall_seconds: int | None = None  # killed when it runs longer
-    tokens: int | None = None  # tokens the scheduler computes for it, at most
-    address_space: int = 4 << 30
-    open_files: int = 256
-    pages: int | None = None
-    priority: int = 0
-
-    @classmethod
-    def from_args(cls, args: dict[str, Any]) -> Limits:
-        known = {
-            "cpu_seconds",
-            "wall_seconds",
-            "tokens",
-            "address_space",
-            "open_files",
-            "pages",
-            "priority",
-        }
-        bad = set(args) - known
-        if bad:
-            raise StoreError(errno.EINVAL, f"unknown limit {sorted(bad)[0]!r}")
-        for key, value in args.items():
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-                raise StoreError(errno.EINVAL, f"limit {key} must be an integer")
-        limits = cls(**args)
-        too_small = (
-            limits.cpu_seconds < 1
-            or limits.open_files < 16
-            or limits.address_space < 1 << 26
-            or (limits.wall_seconds is not None and limits.wall_seconds < 1)
-        )
-        if too_small:
-            raise StoreError(errno.EINVAL, "limits too small to start a program")
-        return limits
 
 
 @dataclass
@@ -86,8 +49,14 @@ class Proc:
     output: list[tuple[int, bytes]] = field(default_factory=list)  # (fd, data) in order
     output_bytes: int = 0
     changed: trio.Event = field(default_factory=trio.Event)
-    process: trio.Process | None = None
+    child: SpawnedChild | None = None
     workdir: str | None = None
+    token: str | None = None  # in the environment of the LIP's whole tree
+    limits: Limits | None = None  # as capped by the server
+    lip: int | None = None  # an outside process of a LIP's tree: the LIP it counts for
+
+    def __post_init__(self) -> None:
+        self.name = safe_name(self.name)  # one field of one /.sys/procs line
 
     def notify(self) -> None:
         self.changed.set()
@@ -107,45 +76,71 @@ class Proc:
             "syscalls": self.syscalls,
             "exit_status": self.exit_status,
             "seconds": round(time.time() - self.started, 3),
+            "lip": self.lip if not self.spawned else self.pid,
+            "limits": self.limits.row() if self.limits is not None else None,
         }
 
 
-def _drop_privileges(cred: Cred, limits: Limits) -> Any:
-    def preexec() -> None:  # runs in the child between fork and exec
-        os.setsid()
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
-        resource.setrlimit(resource.RLIMIT_AS, (limits.address_space, limits.address_space))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-        if os.getuid() == 0:
-            os.setgroups([])
-            os.setgid(cred.gid)
-            os.setuid(cred.uid)
-
-    return preexec
-
-
 class ProcessTable:
-    """Who is connected and what the server runs; spawn, kill, wait."""
+    """Who is connected and what the server runs; spawn, kill, wait.
 
-    def __init__(self, socket_path: str, mount: str | None = None) -> None:
+    Args:
+        socket_path: told to programs as SYMPHONY_SOCKET.
+        mount: told to programs as SYMPHONY_MOUNT.
+        caps: the most any LIP gets, and how many LIPs one uid may run.
+        registry: the file naming this server's LIPs (default: SOCKET.lips beside the
+            socket); LIPs and workdirs an earlier server left there are ended here.
+    """
+
+    def __init__(
+        self,
+        socket_path: str,
+        mount: str | None = None,
+        caps: ProcessCaps | None = None,
+        registry: str | None = None,
+    ) -> None:
         self.socket_path = socket_path
-        self.mount = mount  # told to programs as SYMPHONY_MOUNT
+        self.mount = mount
+        self.caps = caps if caps is not None else ProcessCaps()
         self.procs: dict[int, Proc] = {}
+        self._by_token: dict[str, Proc] = {}
+        self.registry = LipRegistry(registry if registry is not None else socket_path + ".lips")
+        self.registry.end_leftovers()
 
     def attach(self, pid: int, cred: Cred) -> Proc:
-        """The process a new connection belongs to: a spawned LIP, or an outside program."""
+        """The process a new connection belongs to: a spawned LIP, or an outside program.
+
+        A process of a LIP's tree (its forked child, or one that left its session) gets
+        its own row sharing the LIP's Account, so the LIP's quotas cover it.
+        """
         proc = self.procs.get(pid)
         if proc is None or proc.state != "running":
-            name = _process_name(pid)
-            proc = Proc(pid, cred.uid, cred.gid, name, Account(pid), spawned=False)
+            lip = self._lip_of(pid, cred)
+            account = lip.account if lip is not None else Account(pid)
+            proc = Proc(pid, cred.uid, cred.gid, _process_name(pid), account, spawned=False)
+            proc.lip = lip.pid if lip is not None else None
             self.procs[pid] = proc
         return proc
+
+    def _lip_of(self, pid: int, cred: Cred) -> Proc | None:
+        """The running LIP whose tree `pid` is in (by parent links, else by its token),
+        if it runs as the same uid."""
+        candidates = [self.procs.get(p) for p in ancestors(pid)]
+        token = token_of(pid)
+        candidates.append(self._by_token.get(token) if token else None)
+        for lip in candidates:
+            if lip is not None and lip.spawned and lip.state == "running" and lip.uid == cred.uid:
+                return lip
+        return None
 
     def detach(self, proc: Proc) -> None:
         """An outside program's last connection closed: it leaves the table."""
         if not proc.spawned:
             proc.state = "exited"
             self.procs.pop(proc.pid, None)
+
+    def running_lips(self, uid: int) -> int:
+        return sum(p.spawned and p.state == "running" and p.uid == uid for p in self.procs.values())
 
     async def spawn(
         self,
@@ -159,22 +154,30 @@ class ProcessTable:
     ) -> Proc:
         """Start `program` (Python source) as `cred`'s uid and gid, output captured.
 
+        rlimits are lowered to the server's caps. The program runs in its own session,
+        through sched/launcher.py (no `preexec_fn`), and dies with the server.
+
         Raises:
             StoreError: EPERM when the server cannot take on that uid (it is not root
-                and the caller is another user); EAGAIN when the program cannot start.
+                and the caller is another user); EAGAIN when the uid runs its most LIPs
+                or the machine cannot start one; EMFILE when the server is out of file
+                descriptors; EINVAL when the launcher refuses the limits.
         """
         if os.getuid() != 0 and cred.uid != os.getuid():
             raise StoreError(
                 errno.EPERM,
                 "this server does not run as root: it runs programs of its own user only",
             )
-        workdir = tempfile.mkdtemp(prefix="symphony-lip-")
-        path = os.path.join(workdir, "program.py")
-        with open(path, "w") as f:
-            f.write(program)
-        if os.getuid() == 0:
-            os.chown(workdir, cred.uid, cred.gid)
-            os.chown(path, cred.uid, cred.gid)
+        most = self.caps.max_lips_per_uid
+        if not cred.is_root and self.running_lips(cred.uid) >= most:
+            raise StoreError(
+                errno.EAGAIN,
+                f"uid {cred.uid} already runs {most} programs, the most this server allows "
+                "one user (lipctl serve --max-lips-per-uid); wait for one to end",
+            )
+        limits = limits.capped(self.caps)
+        token = secrets.token_hex(16)
+        workdir = self._make_workdir(cred, program, token)
         child_env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": workdir,
@@ -183,54 +186,74 @@ class ProcessTable:
             "SYMPHONY_SOCKET": self.socket_path,
             **({"SYMPHONY_MOUNT": self.mount} if self.mount else {}),
             "PYTHONUNBUFFERED": "1",
+            TOKEN_VAR: token,
         }
         try:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, path, *args],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=workdir,
-                env=child_env,
-                preexec_fn=_drop_privileges(cred, limits),
+            child = await start_child(
+                [os.path.join(workdir, "program.py"), *args],
+                cred,
+                workdir,
+                child_env,
+                limits.rlimits(self.caps),
             )
-        except OSError as exc:
+        except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
-            raise StoreError(errno.EAGAIN, f"cannot start the program: {exc}") from None
-        account = Account(
-            process.pid, limits.priority, page_quota=limits.pages, token_quota=limits.tokens
-        )
-        proc = Proc(
-            process.pid,
-            cred.uid,
-            cred.gid,
-            name,
-            account,
-            spawned=True,
-            process=process,
-            workdir=workdir,
-        )
-        self.procs[proc.pid] = proc
+            self.registry.remove(token)
+            raise
+        pid = child.popen.pid
+        st = read_stat(pid)
+        self.registry.started(token, pid, st.start_time if st is not None else 0)
+        account = Account(pid, limits.priority, page_quota=limits.pages, token_quota=limits.tokens)
+        proc = Proc(pid, cred.uid, cred.gid, name, account, spawned=True, child=child)
+        proc.workdir, proc.token, proc.limits = workdir, token, limits
+        self.procs[pid] = proc
+        self._by_token[token] = proc
         nursery.start_soon(self._supervise, proc, limits.wall_seconds)
         return proc
 
+    def _make_workdir(self, cred: Cred, program: str, token: str) -> str:
+        """A fresh folder owned by the caller, holding program.py; recorded first."""
+        try:
+            workdir = tempfile.mkdtemp(prefix=WORKDIR_PREFIX)
+        except OSError as exc:
+            raise spawn_error(exc) from None
+        self.registry.add(token, workdir)
+        try:
+            path = os.path.join(workdir, "program.py")
+            with open(path, "w") as f:
+                f.write(program)
+            if os.getuid() == 0:
+                os.chown(workdir, cred.uid, cred.gid)
+                os.chown(path, cred.uid, cred.gid)
+        except OSError as exc:
+            shutil.rmtree(workdir, ignore_errors=True)
+            self.registry.remove(token)
+            raise spawn_error(exc) from None
+        return workdir
+
     async def _supervise(self, proc: Proc, wall_seconds: int | None) -> None:
-        process = proc.process
-        assert process is not None and process.stdout is not None and process.stderr is not None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump, proc, 1, process.stdout)
-            nursery.start_soon(self._pump, proc, 2, process.stderr)
-            with trio.move_on_after(wall_seconds if wall_seconds is not None else math.inf):
-                await process.wait()
-            if process.returncode is None:  # over its wall-time limit
-                log.warning("pid %d (%s) ran past %s s: killed", proc.pid, proc.name, wall_seconds)
-                self.kill(proc.pid, Cred(0, 0))
-            status = await process.wait()
+        child = proc.child
+        assert child is not None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, proc, 1, child.stdout)
+                nursery.start_soon(self._pump, proc, 2, child.stderr)
+                with trio.move_on_after(wall_seconds if wall_seconds is not None else math.inf):
+                    await child.wait()
+                if child.popen.returncode is None:  # over its wall-time limit
+                    log.warning(
+                        "pid %d (%s) ran past %s s: killed", proc.pid, proc.name, wall_seconds
+                    )
+                    self.kill(proc.pid, Cred(0, 0))
+                status = await child.wait()
+                # what its tree left running goes too (then its pipes close)
+                self._end_tree(proc)
+        finally:
+            child.close()  # cancelled (the server stops): kill_all ends the rest
         proc.exit_status = status
         if proc.state == "running":
             proc.state = "killed" if status < 0 else "exited"
-        if proc.workdir:
-            shutil.rmtree(proc.workdir, ignore_errors=True)
+        self._cleanup(proc)
         log.info("pid %d (%s) %s with status %d", proc.pid, proc.name, proc.state, status)
         proc.notify()
 
@@ -243,15 +266,38 @@ class ProcessTable:
                 proc.notify()
 
     def kill(self, pid: int, cred: Cred) -> Proc:
+        """SIGKILL a spawned program and its whole tree.
+
+        Raises:
+            StoreError: ESRCH for a pid this server did not spawn, EPERM for another
+                user's program.
+        """
         proc = self.procs.get(pid)
         if proc is None or not proc.spawned:
             raise StoreError(errno.ESRCH, f"no program {pid} run by this server")
         if not cred.is_root and cred.uid != proc.uid:
             raise StoreError(errno.EPERM, f"program {pid} belongs to uid {proc.uid}")
-        if proc.state == "running" and proc.process is not None:
+        if proc.state == "running":
             proc.state = "killed"
-            _kill_session(proc.pid)
+            self._end_tree(proc)
         return proc
+
+    def _end_tree(self, proc: Proc) -> None:
+        """SIGKILL the LIP (unless reaped already) and every process of its tree."""
+        if proc.child is None or proc.token is None:
+            return
+        root = None
+        if proc.child.popen.returncode is None:  # unreaped, so its pid is still its own
+            st = read_stat(proc.pid)
+            root = (proc.pid, st.start_time) if st is not None else None
+        kill_tree(root, frozenset([proc.token]))
+
+    def _cleanup(self, proc: Proc) -> None:
+        if proc.workdir:
+            shutil.rmtree(proc.workdir, ignore_errors=True)
+        if proc.token:
+            self._by_token.pop(proc.token, None)
+            self.registry.remove(proc.token)
 
     def reap_finished(self, keep: int = 100) -> None:
         """Forget the oldest finished programs beyond `keep`."""
@@ -260,15 +306,15 @@ class ProcessTable:
             del self.procs[proc.pid]
 
     def kill_all(self) -> None:
+        """The server stops: end every running LIP's tree, reap it, remove its workdir."""
         for proc in self.procs.values():
             if proc.spawned and proc.state == "running":
-                _kill_session(proc.pid)
-
-
-def _kill_session(pid: int) -> None:
-    """SIGKILL a spawned program and anything it started (its own session)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
+                proc.state = "killed"
+                self._end_tree(proc)
+                if proc.child is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.exit_status = proc.child.popen.wait(timeout=5)
+                self._cleanup(proc)
 
 
 def _process_name(pid: int) -> str:

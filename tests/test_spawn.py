@@ -1,0 +1,216 @@
+"""Spawning LIPs: the launcher (no preexec_fn), whole-tree kills, caps and per-uid limits."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import tempfile
+import textwrap
+import threading
+
+import pytest
+import trio
+
+from symphony.fs.errors import StoreError
+from symphony.fs.nodes import Cred
+from symphony.sched.limits import ProcessCaps
+from symphony.sched.processes import Limits, Proc, ProcessTable
+from tests.spawn_helpers import gone, lines_of, reachable_by_others, stdout, wait_exit
+
+ROOT_CRED = Cred(0, 0)
+NOBODY = Cred(65534, 65534)
+needs_root = pytest.mark.skipif(os.getuid() != 0, reason="needs root to run LIPs as others")
+
+# forks; the child leaves the session and forks again; the grandchild tells its pid
+TREE = textwrap.dedent(
+    """
+    import os, sys, time
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            print("grandchild", os.getpid(), flush=True)
+            time.sleep(60)
+        os._exit(0)
+    time.sleep(60)
+    """
+)
+
+
+@pytest.fixture
+async def table(tmp_path):
+    procs = ProcessTable(str(tmp_path / "s.sock"))
+    async with trio.open_nursery() as nursery:
+        try:
+            yield procs, nursery
+        finally:
+            procs.kill_all()
+            nursery.cancel_scope.cancel()
+
+
+async def spawn(
+    procs: ProcessTable, nursery: trio.Nursery, program: str, cred: Cred = ROOT_CRED, **limits
+) -> Proc:
+    return await procs.spawn(nursery, cred, program, [], "t.py", {}, Limits(**limits))
+
+
+async def grandchild(proc: Proc) -> int:
+    line = (await lines_of(proc, 1))[0]
+    assert line.startswith("grandchild ")
+    return int(line.split()[1])
+
+
+async def test_spawn_passes_no_preexec_fn_and_works_beside_threads(table, monkeypatch):
+    procs, nursery = table
+    seen: list[dict] = []
+    real = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    stop = threading.Event()
+    busy = threading.Thread(target=stop.wait, daemon=True)  # this process has threads
+    busy.start()
+    try:
+        proc = await spawn(procs, nursery, "print('hi')")
+        assert await wait_exit(proc) == 0
+    finally:
+        stop.set()
+    assert stdout(proc) == b"hi\n"
+    assert seen and all(kw.get("preexec_fn") is None for kw in seen)
+    assert proc.workdir is not None and not os.path.exists(proc.workdir)
+
+
+async def test_kill_ends_a_setsid_grandchild(table):
+    procs, nursery = table
+    proc = await spawn(procs, nursery, TREE)
+    pid = await grandchild(proc)
+    procs.kill(proc.pid, ROOT_CRED)
+    assert await wait_exit(proc) < 0
+    assert await gone(pid)
+    assert proc.state == "killed"
+
+
+async def test_wall_time_ends_a_setsid_grandchild(table):
+    procs, nursery = table
+    proc = await spawn(procs, nursery, TREE, wall_seconds=1)
+    pid = await grandchild(proc)
+    assert await wait_exit(proc, timeout=20) < 0
+    assert await gone(pid)
+
+
+async def test_what_a_lip_leaves_running_ends_with_it(table):
+    procs, nursery = table
+    program = textwrap.dedent(
+        """
+        import os, time
+        r, w = os.pipe()
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                print("grandchild", os.getpid(), flush=True)
+                os.write(w, b"x")
+                time.sleep(60)
+            os._exit(0)
+        os.read(r, 1)  # the LIP ends once its grandchild runs
+        """
+    )
+    proc = await spawn(procs, nursery, program)
+    assert await wait_exit(proc) == 0
+    assert await gone(await grandchild(proc))
+
+
+async def test_a_child_of_a_lip_shares_its_account(table):
+    procs, nursery = table
+    proc = await spawn(procs, nursery, TREE, tokens=5)
+    pid = await grandchild(proc)
+    row = procs.attach(pid, ROOT_CRED)
+    assert row.account is proc.account and row.lip == proc.pid and not row.spawned
+    assert row.row()["lip"] == proc.pid
+    assert procs.attach(os.getpid(), ROOT_CRED).account is not proc.account
+    other = procs.attach(pid + 10**7, NOBODY)  # no such process: an outside program
+    assert other.account is not proc.account
+
+
+async def test_rlimits_are_capped_and_shown(table):
+    procs, nursery = table
+    program = "import resource; print(resource.getrlimit(resource.RLIMIT_AS)[0])"
+    limits = Limits.from_args({"address_space": 1 << 40, "open_files": 1 << 20})
+    proc = await procs.spawn(nursery, ROOT_CRED, program, [], "as.py", {}, limits)
+    assert await wait_exit(proc) == 0
+    cap = ProcessCaps()
+    assert stdout(proc) == f"{cap.max_address_space}\n".encode()
+    row = proc.row()["limits"]
+    assert (row["address_space"], row["open_files"]) == (8 << 30, cap.max_open_files)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"open_files": True},
+        {"cpu_seconds": -1},
+        {"address_space": 1 << 64},
+        {"address_space": 1 << 63},
+        {"pages": -1},
+        {"tokens": 2.5},
+        {"wall_seconds": 0},
+        {"priority": -(1 << 70)},
+        {"bogus": 1},
+        {1: 2},
+    ],
+)
+def test_bad_limits_are_einval(limits):
+    with pytest.raises(StoreError) as info:
+        Limits.from_args(limits)
+    assert info.value.errno == errno.EINVAL
+
+
+def test_none_means_the_default():
+    assert Limits.from_args({"cpu_seconds": None, "pages": None}) == Limits()
+
+
+@needs_root
+async def test_the_17th_lip_of_a_uid_is_eagain_while_roots_start(table):
+    procs, nursery = table
+    with reachable_by_others():
+        started = [await spawn(procs, nursery, "import time; time.sleep(30)", NOBODY)]
+        started += [await spawn(procs, nursery, "import time; time.sleep(30)", NOBODY)]
+        for _ in range(14):
+            started.append(await spawn(procs, nursery, "import time; time.sleep(30)", NOBODY))
+        with pytest.raises(StoreError) as info:
+            await spawn(procs, nursery, "import time; time.sleep(30)", NOBODY)
+        assert info.value.errno == errno.EAGAIN and "16" in str(info.value)
+        mine = [await spawn(procs, nursery, "print(1)") for _ in range(2)]
+        assert [await wait_exit(p) for p in mine] == [0, 0]
+        assert all(p.uid == NOBODY.uid for p in started)
+        procs.kill(started[0].pid, ROOT_CRED)
+        await wait_exit(started[0])
+        again = await spawn(procs, nursery, "print(2)", NOBODY)  # a slot freed
+        assert await wait_exit(again) == 0 and stdout(again) == b"2\n"
+
+
+async def test_a_name_with_a_newline_forges_no_line(table):
+    procs, nursery = table
+    name = "evil.py\n1 0 running 0 0 0 forged\u2028x\x1b[2J"
+    proc = await procs.spawn(nursery, ROOT_CRED, "pass", [], name, {}, Limits())
+    assert await wait_exit(proc) == 0
+    shown = proc.row()["name"]
+    assert shown.splitlines() == [shown] and "\x1b" not in shown
+    assert shown.startswith("evil.py\\n1 0 running")
+
+
+async def test_out_of_fds_is_emfile_and_leaves_no_workdir(table, monkeypatch):
+    procs, nursery = table
+    before = set(os.listdir(tempfile.gettempdir()))
+
+    def no_pipe():
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "pipe", no_pipe)
+    with pytest.raises(StoreError) as info:
+        await spawn(procs, nursery, "print(1)")
+    assert info.value.errno == errno.EMFILE
+    assert set(os.listdir(tempfile.gettempdir())) - before == set()
+    assert not os.path.exists(procs.registry.path or "")
