@@ -30,6 +30,7 @@ __all__ = ["Limits", "Proc", "ProcessCaps", "ProcessTable"]
 log = logging.getLogger(__name__)
 
 MAX_OUTPUT = 4 * 1024 * 1024  # bytes of a program's output kept for `wait`
+OUTPUT_GRACE = 5.0  # seconds to read what an ended LIP's pipes still hold
 
 
 @dataclass
@@ -246,8 +247,10 @@ class ProcessTable:
                     )
                     self.kill(proc.pid, Cred(0, 0))
                 status = await child.wait()
-                # what its tree left running goes too (then its pipes close)
+                # what its tree left running goes too (then its pipes close); one that
+                # escaped the tree may hold them open: its output is not waited for long
                 self._end_tree(proc)
+                nursery.cancel_scope.deadline = trio.current_time() + OUTPUT_GRACE
         finally:
             child.close()  # cancelled (the server stops): kill_all ends the rest
         proc.exit_status = status

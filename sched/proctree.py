@@ -116,13 +116,14 @@ def kill_tree(root: tuple[int, int] | None, tokens: frozenset[str]) -> int:
             stats = all_stats()
             fresh = members(root, tokens, stats) - stopped.keys()
             for pid in fresh:
+                fd = _pidfd(pid, stats[pid].start_time)
+                if fd is None:  # gone, or no fd left: signal by pid, checked just before
+                    if _same(pid, stats[pid].start_time):
+                        with contextlib.suppress(OSError):
+                            os.kill(pid, signal.SIGKILL)
+                    continue
+                stopped[pid] = fd
                 with contextlib.suppress(OSError):
-                    fd = os.pidfd_open(pid)
-                    now = read_stat(pid)
-                    if now is None or now.start_time != stats[pid].start_time:
-                        os.close(fd)
-                        continue
-                    stopped[pid] = fd
                     signal.pidfd_send_signal(fd, signal.SIGSTOP)
             if not fresh and all(_halted(pid) for pid in stopped):
                 break
@@ -134,6 +135,23 @@ def kill_tree(root: tuple[int, int] | None, tokens: frozenset[str]) -> int:
         for fd in stopped.values():
             os.close(fd)
     return len(stopped)
+
+
+def _pidfd(pid: int, start_time: int) -> int | None:
+    """A pidfd of the process `pid` started at `start_time`, if it still runs."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    if _same(pid, start_time):  # checked after opening: the fd is that very process
+        return fd
+    os.close(fd)
+    return None
+
+
+def _same(pid: int, start_time: int) -> bool:
+    now = read_stat(pid)
+    return now is not None and now.start_time == start_time
 
 
 def _halted(pid: int) -> bool:

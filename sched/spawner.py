@@ -83,6 +83,9 @@ async def start_child(
     except OSError as exc:
         _close([out_r, err_r, status_r])
         raise spawn_error(exc) from None
+    except ValueError as exc:  # a NUL in an argument, a bad environment variable name
+        _close([out_r, err_r, status_r])
+        raise StoreError(errno.EINVAL, f"cannot start the program: {exc}") from None
     except subprocess.SubprocessError as exc:
         _close([out_r, err_r, status_r])
         raise StoreError(errno.EAGAIN, f"cannot start the program: {exc}") from None

@@ -201,9 +201,22 @@ async def test_a_name_with_a_newline_forges_no_line(table):
     assert shown.startswith("evil.py\\n1 0 running")
 
 
-async def test_out_of_fds_is_emfile_and_leaves_no_workdir(table, monkeypatch):
+@pytest.fixture
+def workdirs(monkeypatch) -> list[str]:
+    """The folders tempfile.mkdtemp makes while the test runs."""
+    made: list[str] = []
+    real = tempfile.mkdtemp
+
+    def mkdtemp(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    return made
+
+
+async def test_out_of_fds_is_emfile_and_leaves_no_workdir(table, monkeypatch, workdirs):
     procs, nursery = table
-    before = set(os.listdir(tempfile.gettempdir()))
 
     def no_pipe():
         raise OSError(errno.EMFILE, "Too many open files")
@@ -212,5 +225,18 @@ async def test_out_of_fds_is_emfile_and_leaves_no_workdir(table, monkeypatch):
     with pytest.raises(StoreError) as info:
         await spawn(procs, nursery, "print(1)")
     assert info.value.errno == errno.EMFILE
-    assert set(os.listdir(tempfile.gettempdir())) - before == set()
+    assert workdirs and not any(os.path.exists(w) for w in workdirs)
     assert not os.path.exists(procs.registry.path or "")
+
+
+async def test_a_launch_failure_is_its_errno_and_leaves_no_workdir(table, monkeypatch, workdirs):
+    procs, nursery = table
+    with pytest.raises(StoreError) as info:
+        await procs.spawn(nursery, ROOT_CRED, "pass", [], "t.py", {"A": "x\0y"}, Limits())
+    assert info.value.errno == errno.EINVAL
+    monkeypatch.setattr(Limits, "rlimits", lambda self, caps: "bogus=1")
+    with pytest.raises(StoreError) as info:
+        await spawn(procs, nursery, "pass")
+    assert info.value.errno == errno.EINVAL and "rlimit bogus=1" in str(info.value)
+    assert len(workdirs) == 2 and not any(os.path.exists(w) for w in workdirs)
+    assert not any(p.spawned and p.state == "running" for p in procs.procs.values())
