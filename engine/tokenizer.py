@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -98,6 +99,9 @@ class Tokenizer:
             self._tok = HFTokenizer.from_str(tokenizer_json)
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise LoadError(f"bad tokenizer.json: {exc}") from exc
+        # the same tokenizer reading control tokens' text as plain text (chat content)
+        self._plain = HFTokenizer.from_str(tokenizer_json)
+        self._plain.encode_special_tokens = True
         self.chat_template = chat_template
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
@@ -108,9 +112,11 @@ class Tokenizer:
         self.stop_token_ids = frozenset(i for i in stops if i is not None)
         self._template: Any = None
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; control tokens written in the text are recognised."""
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of `text`; control tokens written in the text are recognised, or
+        with `special=False` read as the plain text they are."""
+        tok = self._tok if special else self._plain
+        return list(tok.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=skip_special))
@@ -143,9 +149,37 @@ class Tokenizer:
         )
 
     def apply_chat_template(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        special: bool = False,
     ) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt))
+        """Token ids of the rendered chat. Control tokens come from the template only:
+        written in a message's content they stay text (no role spoofing), unless
+        `special` is asked for.
+
+        Raises:
+            ValueError: the template fails, or (without `special`) rewrites contents so
+                they cannot be told apart from the template's own text.
+        """
+        if special:
+            return self.encode(self.render_chat(messages, add_generation_prompt))
+        # each content becomes a marker no content holds; the text around the markers
+        # is the template's (control tokens recognised), the contents are read as text
+        marker = f"\ue000{secrets.token_hex(8)}\ue001"
+        marked = [{**m, "content": f"{marker}{i}{marker}"} for i, m in enumerate(messages)]
+        pieces = self.render_chat(marked, add_generation_prompt).split(marker)
+        if len(pieces) != 2 * len(messages) + 1:
+            raise ValueError("the chat template rewrites message contents: ask for special")
+        ids: list[int] = []
+        for j, piece in enumerate(pieces):
+            if j % 2 == 0:
+                ids += self.encode(piece)
+            elif piece != str((j - 1) // 2):
+                raise ValueError("the chat template reorders message contents: ask for special")
+            else:
+                ids += self.encode(messages[(j - 1) // 2]["content"], special=False)
+        return ids
 
     def _token_or_empty(self, token_id: int | None) -> str:
         if token_id is None:

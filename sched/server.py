@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
+import select
 import socket
 import stat
 import struct
@@ -22,13 +24,21 @@ from symphony.fs.store import KVStore
 from symphony.sched.calls import Call, Syscalls
 from symphony.sched.mount import Mount
 from symphony.sched.processes import Proc, ProcessTable
-from symphony.sched.protocol import FrameBuffer, FrameError, encode, error_reply, ok_reply
+from symphony.sched.protocol import (
+    MAX_ARRAY,
+    FrameBuffer,
+    FrameError,
+    encode,
+    error_reply,
+    ok_reply,
+)
 from symphony.sched.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "/tmp/symphony.sock"
 _PEERCRED = struct.Struct("3i")
+FRAME_SECONDS = 30.0  # a frame begun must be whole within this, or the connection ends
 
 
 def default_socket() -> str:
@@ -45,6 +55,10 @@ class ServerConfig:
     prefix_cache: bool = True
     mount: str | None = None  # where to mount the store with FUSE; None: no mount
     state: str | None = None  # where KV files persist across restarts; None: they do not
+    # per connection: requests running at once (then the server stops reading it)
+    max_in_flight: int = 64
+    # per uid but root's: connections open at once
+    max_connections: int = 64
 
     def __post_init__(self) -> None:
         if not self.socket_path:
@@ -53,6 +67,8 @@ class ServerConfig:
             raise ValueError(f"socket path too long for a unix socket: {self.socket_path}")
         if self.max_step_tokens < 1:
             raise ValueError("max_step_tokens must be at least 1")
+        if self.max_in_flight < 1 or self.max_connections < 1:
+            raise ValueError("max_in_flight and max_connections must be at least 1")
 
 
 def peer_cred(sock: trio.socket.SocketType) -> tuple[int, Cred]:
@@ -97,6 +113,7 @@ class Server:
             restored = self.state.restore()
             log.info("restored %d KV files from %s", restored, config.state)
         self._connections: dict[int, int] = {}  # pid -> open connections
+        self._uid_connections: dict[int, int] = {}  # uid -> open connections
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; spawned programs are killed and the socket removed after."""
@@ -155,6 +172,14 @@ class Server:
     async def _handle(self, stream: trio.SocketStream) -> None:
         assert self.syscalls is not None
         pid, cred = peer_cred(stream.socket)
+        uid_count = self._uid_connections.get(cred.uid, 0)
+        if uid_count >= self.config.max_connections and not cred.is_root:
+            message = f"uid {cred.uid} has {uid_count} connections open, the most allowed"
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(encode(error_reply(None, "EAGAIN", message)))
+            await stream.aclose()
+            return
+        self._uid_connections[cred.uid] = uid_count + 1
         proc = self.attach_client(pid, cred)
         lock = trio.Lock()
 
@@ -164,33 +189,69 @@ class Server:
 
         try:
             async with trio.open_nursery() as nursery:
-                await self._read_requests(stream, send, nursery, cred, proc)
-                # the peer is gone (or spoke nonsense): cancel its calls
-                nursery.cancel_scope.cancel()
+                half_closed = await self._read_requests(stream, send, nursery, cred, proc)
+                # a peer that only shut its writing side still reads: its calls finish
+                # and answer; a peer gone (or that spoke nonsense) has them cancelled
+                if not half_closed or _peer_gone(stream.socket):
+                    nursery.cancel_scope.cancel()
         except Exception:  # one connection's trouble must never end the server
             log.exception("connection of pid %d failed", pid)
         finally:
+            self._uid_connections[cred.uid] -= 1
+            if not self._uid_connections[cred.uid]:
+                del self._uid_connections[cred.uid]
             self.detach_client(proc)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
     async def _read_requests(
         self, stream: trio.SocketStream, send: Any, nursery: trio.Nursery, cred: Cred, proc: Any
-    ) -> None:
-        """Start a task per request until the peer closes or sends something unreadable."""
-        frames = FrameBuffer()
+    ) -> bool:
+        """Start a task per request until the peer stops sending; True if it ended its
+        side cleanly (end of file), False if it sent something unreadable or was reset.
+
+        At most `max_in_flight` requests run at once: past that the server stops reading
+        (the socket's buffers push back on the client). A frame begun must be whole
+        within FRAME_SECONDS: a half-sent frame pins memory.
+        """
+        frames = FrameBuffer(max_array=MAX_ARRAY)
+        in_flight = trio.Semaphore(self.config.max_in_flight)
+        deadline = math.inf
         try:
-            while data := await stream.receive_some(65536):
+            while True:
+                data = b""
+                with trio.move_on_at(deadline) as waiting:
+                    data = await stream.receive_some(65536)
+                if waiting.cancelled_caught:
+                    message = f"a frame was not completed within {FRAME_SECONDS:g} s"
+                    await send(error_reply(None, "ETIMEDOUT", message))
+                    return False
+                if not data:
+                    return True
+                was_partial = frames.partial
                 frames.feed(data)
                 try:
                     requests = frames.frames()
                 except FrameError as exc:
                     await send(error_reply(None, "EPROTO", str(exc)))
-                    return  # the stream is unusable: close the connection
+                    return False  # the stream is unusable: close the connection
+                if not frames.partial:
+                    deadline = math.inf
+                elif not was_partial or requests:  # a new frame begins
+                    deadline = trio.current_time() + FRAME_SECONDS
                 for request in requests:
-                    nursery.start_soon(self._serve_call, request, cred, proc, send)
+                    await in_flight.acquire()
+                    nursery.start_soon(self._serve_one, in_flight, request, cred, proc, send)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return  # reset by the peer
+            return False  # reset by the peer
+
+    async def _serve_one(
+        self, in_flight: trio.Semaphore, request: dict[str, Any], cred: Cred, proc: Any, send: Any
+    ) -> None:
+        try:
+            await self._serve_call(request, cred, proc, send)
+        finally:
+            in_flight.release()
 
     async def _serve_call(self, request: dict[str, Any], cred: Cred, proc: Any, send: Any) -> None:
         assert self.syscalls is not None
@@ -223,6 +284,13 @@ class Server:
 async def _send_quietly(send: Any, message: dict[str, Any]) -> None:
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await send(message)
+
+
+def _peer_gone(sock: trio.socket.SocketType) -> bool:
+    """Whether the peer closed its socket (POLLHUP), not just its writing side."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
 def _remove_socket(path: str) -> None:

@@ -1,0 +1,161 @@
+"""No single client freezes or floods the syscall server: bounded frames, requests in
+flight, connections per uid, work off the loop; half-closed clients still get answers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import msgpack
+import pytest
+
+from symphony.lipctl import SymphonyError, connect
+from symphony.sched import server as server_module
+from symphony.sched.calls import MAX_TEXT
+from symphony.sched.protocol import HEADER, MAX_ARRAY, FrameBuffer, encode
+from tests.conftest import make_tiny_engine
+from tests.server_helpers import ServerThread
+
+
+def raw(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(path)
+    return sock
+
+
+def replies(sock: socket.socket, n: int) -> list[dict]:
+    frames, out = FrameBuffer(), []
+    while len(out) < n:
+        data = sock.recv(65536)
+        if not data:
+            break
+        frames.feed(data)
+        out += frames.frames()
+    return out
+
+
+def request(rid: int, call: str, **args: object) -> bytes:
+    return encode({"id": rid, "call": call, "args": args})
+
+
+def test_a_half_closed_connection_gets_its_replies(tiny_server):
+    sock = raw(tiny_server.server.config.socket_path)
+    sock.sendall(request(1, "hello") + request(2, "tokenize", text="hello"))
+    sock.shutdown(socket.SHUT_WR)
+    got = replies(sock, 2)
+    assert sorted(r["id"] for r in got) == [1, 2] and all(r["ok"] for r in got)
+    sock.close()
+
+
+def test_a_half_sent_frame_times_out(tiny_server, monkeypatch):
+    monkeypatch.setattr(server_module, "FRAME_SECONDS", 0.3)
+    sock = raw(tiny_server.server.config.socket_path)
+    sock.sendall(HEADER.pack(1000) + b"\x80" * 10)  # 10 of 1,000 bytes, then silence
+    t0 = time.monotonic()
+    (reply,) = replies(sock, 1)
+    assert reply["errno"] == "ETIMEDOUT"
+    assert sock.recv(10) == b""  # and the connection is closed
+    assert time.monotonic() - t0 < 5
+    with connect(tiny_server.server.config.socket_path) as lip:  # others are served
+        assert lip.info["protocol"] == 1
+
+
+def test_oversized_arrays_and_texts_are_refused(tiny_server):
+    path = tiny_server.server.config.socket_path
+    sock = raw(path)
+    body = msgpack.packb({"id": 1, "call": "detokenize", "args": {"ids": [1] * (MAX_ARRAY + 1)}})
+    sock.sendall(HEADER.pack(len(body)) + body)
+    (reply,) = replies(sock, 1)
+    assert reply["errno"] == "EPROTO"
+    with connect(path) as lip:
+        with pytest.raises(SymphonyError) as info:
+            lip.tokenize("a" * (MAX_TEXT + 1))
+        assert info.value.errno == "E2BIG"
+        with pytest.raises(SymphonyError) as info:
+            lip.call("detokenize", ids=[1, True])
+        assert info.value.errno == "EINVAL"
+
+
+def test_a_connection_runs_a_bounded_number_of_requests(tmp_path):
+    """Past max_in_flight the server stops reading: the other requests wait in the socket,
+    not in the server's memory or its scheduler."""
+    engine = make_tiny_engine(num_pages=128, page_size=4)
+    thread = ServerThread(engine, str(tmp_path / "s.sock"), max_in_flight=2).start()
+    try:
+        path = thread.server.config.socket_path
+        with connect(path) as lip:
+            for i in range(6):
+                lip.kv(f"f{i}.kv", create=True).append([1, 2, 3])
+        flood = raw(path)
+        for i in range(6):
+            flood.sendall(
+                request(i, "generate", path=f"f{i}.kv", max_tokens=200, sampler={"temperature": 0})
+            )
+        seen = 0
+        with connect(path) as lip:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                seen = max(seen, lip.status()["waiting"])
+                if seen == 2:
+                    break
+            for _ in range(20):
+                assert lip.status()["waiting"] <= 2
+        assert seen == 2
+        assert len(replies(flood, 6)) == 6  # all answered in the end
+        flood.close()
+        thread.run_sync(thread.server.store.check_invariants)
+    finally:
+        thread.stop()
+
+
+PROBE = """
+import socket, struct, sys
+path, n = sys.argv[1], int(sys.argv[2])
+socks, refused = [], 0
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(path)
+    socks.append(s)
+for s in socks:  # a refused connection gets one EAGAIN frame, then end of file
+    s.settimeout(0.5)
+    try:
+        data = s.recv(4096)
+    except socket.timeout:
+        continue
+    refused += b"EAGAIN" in data
+print(refused)
+"""
+
+
+def test_connections_per_uid_are_bounded_but_not_roots(tmp_path):
+    folder = tempfile.mkdtemp(prefix="symphony-test-")
+    os.chmod(folder, 0o755)
+    path = os.path.join(folder, "s.sock")
+    engine = make_tiny_engine(num_pages=32, page_size=4)
+    thread = ServerThread(engine, path, max_connections=5).start()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", PROBE, path, "8"],
+            user=65534,
+            group=65534,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert out.stdout.strip() == "3"  # 5 kept, 3 refused
+        socks = [raw(path) for _ in range(8)]  # root is not bounded
+        with connect(path) as lip:
+            assert lip.info["uid"] == 0
+        for s in socks:
+            s.close()
+    finally:
+        thread.stop()
+        os.unlink(path) if os.path.exists(path) else None
+        os.rmdir(folder)
