@@ -1,6 +1,6 @@
 """Starts one LIP: parent-death signal, subreaper, rlimits, then exec of the program.
 
-Run by the server as `python -I -S launcher.py SERVER_PID STATUS_FD LIMITS -- ARGV...`
+Run by the server as `python -I -S launcher.py SERVER_PID STATUS_FD GO_FD LIMITS -- ARGV...`
 after subprocess has set the uid, gid, groups and session. It is a script with only
 the standard library (never imported by the package) so that nothing but a bare
 interpreter runs between the fork and the LIP's exec: the server itself runs torch and
@@ -9,6 +9,8 @@ trio threads, where `preexec_fn` may deadlock the child.
 LIMITS is `name=value,...` over `cpu`, `as`, `nofile` and `nproc` (soft = hard).
 STATUS_FD is the write end of a pipe: it closes on exec (the LIP runs) or carries
 `ERRNO_NAME sentence` when the launch failed, and the launcher exits with 127.
+GO_FD is the read end of a pipe: the launcher execs once it reads a byte there (the
+server has put it in its cgroup and written it down), and exits if it reads EOF.
 """
 
 from __future__ import annotations
@@ -46,10 +48,10 @@ def prctl(libc: ctypes.CDLL, option: int, value: int) -> int:
 
 
 def main(argv: list[str]) -> NoReturn:
-    server_pid, status_fd, limits, separator, *program = argv
+    server_pid, status_fd, go_fd, limits, separator, *program = argv
     fd = int(status_fd)
     if separator != "--" or not program:
-        fail(fd, errno.EINVAL, "usage: launcher.py SERVER_PID STATUS_FD LIMITS -- ARGV...")
+        fail(fd, errno.EINVAL, "usage: launcher.py SERVER_PID STATUS_FD GO_FD LIMITS -- ARGV")
     libc = ctypes.CDLL(None, use_errno=True)
     # The kernel sends the signal when the *thread* that forked us ends, not the
     # process: the server forks from its trio thread, which lives as long as the server
@@ -70,6 +72,13 @@ def main(argv: list[str]) -> NoReturn:
             resource.setrlimit(RLIMITS[key], (int(value), int(value)))
         except (KeyError, ValueError, OSError) as exc:
             fail(fd, errno.EINVAL, f"cannot set the rlimit {item}: {exc}")
+    try:
+        go = os.read(int(go_fd), 1)
+    except OSError as exc:
+        fail(fd, exc.errno or errno.EIO, "cannot read the server's go")
+    if not go:  # the server gave up on this launch, or died
+        os._exit(137)
+    os.close(int(go_fd))
     os.set_inheritable(fd, False)  # close-on-exec: EOF tells the server the exec worked
     try:
         os.execv(program[0], program)

@@ -1,8 +1,9 @@
-"""A file of the LIPs a server runs, so that the next server ends what a killed one left.
+"""What a LIP is made of beyond its process, and the file where a server writes them
+down, so that the next server ends what a killed one left.
 
-One JSON map `token -> {"workdir", "pid", "start_time"}`, rewritten whole (a new file
-renamed over the old one) whenever a LIP starts or ends. A workdir is written down
-before its program starts, so a server killed mid-spawn leaves nothing unrecorded.
+The file is one JSON map `token -> LipTree`, rewritten whole (a new file renamed over
+the old one) whenever a LIP starts or ends. A LIP's workdir and cgroup are written
+down before its program runs, so a server killed mid-spawn leaves nothing unrecorded.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import os
 import shutil
 import stat
 import tempfile
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from symphony.sched.cgroups import CGROUP_PREFIX, Cgroups
 from symphony.sched.proctree import kill_tree
 
 log = logging.getLogger(__name__)
@@ -23,48 +26,79 @@ log = logging.getLogger(__name__)
 WORKDIR_PREFIX = "symphony-lip-"
 
 
+@dataclass
+class LipTree:
+    """One LIP's token (in its tree's environment), workdir, cgroup, pid and start time."""
+
+    token: str
+    workdir: str
+    cgroup: str | None = None
+    pid: int | None = None
+    start_time: int | None = None  # of pid, in clock ticks after boot
+
+    def end(self, main_alive: bool = True) -> int:
+        """SIGKILL every process of the tree (the LIP too, if `main_alive` and its pid
+        still names the process that started at start_time); returns how many."""
+        if self.cgroup is not None:
+            Cgroups.kill(self.cgroup)
+        root = None
+        if main_alive and self.pid is not None and self.start_time is not None:
+            root = (self.pid, self.start_time)
+        return kill_tree(root, frozenset([self.token]))
+
+    def remove(self) -> bool:
+        """Remove the workdir and the cgroup; False while the cgroup stays busy."""
+        if _named(self.workdir, WORKDIR_PREFIX):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.cgroup is not None and _named(self.cgroup, CGROUP_PREFIX):
+            return Cgroups.remove(self.cgroup)
+        return True
+
+    @classmethod
+    def from_json(cls, token: str, data: Any) -> LipTree | None:
+        if not isinstance(data, dict) or not isinstance(data.get("workdir"), str):
+            return None
+        tree = cls(token, data["workdir"])
+        if isinstance(data.get("cgroup"), str):
+            tree.cgroup = data["cgroup"]
+        if isinstance(data.get("pid"), int) and isinstance(data.get("start_time"), int):
+            tree.pid, tree.start_time = data["pid"], data["start_time"]
+        return tree
+
+
 class LipRegistry:
     """The LIPs of this server, on disk at `path` (None: kept in memory only)."""
 
     def __init__(self, path: str | None) -> None:
         self.path = path
-        self.entries: dict[str, dict[str, Any]] = {}
+        self.trees: dict[str, LipTree] = {}
 
-    def add(self, token: str, workdir: str) -> None:
-        self.entries[token] = {"workdir": workdir, "pid": None, "start_time": None}
-        self._save()
-
-    def started(self, token: str, pid: int, start_time: int) -> None:
-        self.entries[token].update(pid=pid, start_time=start_time)
+    def add(self, tree: LipTree) -> None:
+        """Write `tree` down (again, once it changed)."""
+        self.trees[tree.token] = tree
         self._save()
 
     def remove(self, token: str) -> None:
-        if self.entries.pop(token, None) is not None:
+        if self.trees.pop(token, None) is not None:
             self._save()
 
     def end_leftovers(self) -> int:
-        """End the LIPs (their whole trees) and remove the workdirs that an earlier server
-        on this path left, then forget them; returns how many processes were killed."""
+        """End the LIPs (their whole trees) and remove the workdirs and cgroups that an
+        earlier server on this path left, then forget them; returns the processes killed."""
         left = self._load()
-        if not left:
-            return 0
         killed = 0
-        for token, entry in left.items():
-            pid, start_time = entry.get("pid"), entry.get("start_time")
-            root = (
-                (pid, start_time) if isinstance(pid, int) and isinstance(start_time, int) else None
-            )
-            killed += kill_tree(root, frozenset([token]))
-            workdir = entry.get("workdir")
-            if isinstance(workdir, str) and _is_workdir(workdir):
-                shutil.rmtree(workdir, ignore_errors=True)
-        log.warning("ended %d processes and %d workdirs left by a server", killed, len(left))
-        self._save()
+        for tree in left:
+            killed += tree.end()
+            if not tree.remove():
+                self.trees[tree.token] = tree  # still busy: the next start tries again
+        if left:
+            log.warning("ended %d processes of %d LIPs a server left", killed, len(left))
+            self._save()
         return killed
 
-    def _load(self) -> dict[str, dict[str, Any]]:
+    def _load(self) -> list[LipTree]:
         if self.path is None:
-            return {}
+            return []
         try:
             st = os.lstat(self.path)
             # only a file this server's user wrote is trusted to name processes to kill
@@ -77,17 +111,18 @@ class LipRegistry:
                 log.warning(
                     "ignoring %s: not a file of this user, or writable by others", self.path
                 )
-                return {}
+                return []
             with open(self.path) as f:
                 data = json.load(f)
         except FileNotFoundError:
-            return {}
+            return []
         except (OSError, ValueError) as exc:
             log.warning("cannot read %s: %s", self.path, exc)
-            return {}
+            return []
         if not isinstance(data, dict):
-            return {}
-        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, dict)}
+            return []
+        trees = [LipTree.from_json(k, v) for k, v in data.items() if isinstance(k, str)]
+        return [t for t in trees if t is not None]
 
     def _save(self) -> None:
         """Write the entries; a registry that cannot be written only costs the cleanup
@@ -95,7 +130,7 @@ class LipRegistry:
         if self.path is None:
             return
         try:
-            if not self.entries:
+            if not self.trees:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)
                 return
@@ -103,7 +138,7 @@ class LipRegistry:
             fd, tmp = tempfile.mkstemp(prefix=".lips-", dir=folder)  # mode 0600
             try:
                 with os.fdopen(fd, "w") as f:
-                    json.dump(self.entries, f)
+                    json.dump({k: asdict(t) for k, t in self.trees.items()}, f)
                 os.replace(tmp, self.path)  # replaces a planted link, never its target
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -113,5 +148,5 @@ class LipRegistry:
             log.warning("cannot write the LIP registry %s: %s", self.path, exc)
 
 
-def _is_workdir(path: str) -> bool:
-    return os.path.isabs(path) and os.path.basename(path).startswith(WORKDIR_PREFIX)
+def _named(path: str, prefix: str) -> bool:
+    return os.path.isabs(path) and os.path.basename(path).startswith(prefix)

@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import secrets
-import shutil
 import subprocess
 import tempfile
 import time
@@ -19,9 +18,10 @@ import trio
 
 from symphony.fs.errors import StoreError
 from symphony.fs.nodes import Cred
+from symphony.sched.cgroups import Cgroups, cgroup_of
 from symphony.sched.limits import Limits, ProcessCaps, safe_name
-from symphony.sched.lipregistry import WORKDIR_PREFIX, LipRegistry
-from symphony.sched.proctree import TOKEN_VAR, ancestors, kill_tree, read_stat, token_of
+from symphony.sched.lipregistry import WORKDIR_PREFIX, LipRegistry, LipTree
+from symphony.sched.proctree import TOKEN_VAR, ancestors, read_stat, token_of
 from symphony.sched.spawner import SpawnedChild, spawn_error, start_child
 from symphony.sched.tasks import Account
 
@@ -51,8 +51,7 @@ class Proc:
     output_bytes: int = 0
     changed: trio.Event = field(default_factory=trio.Event)
     child: SpawnedChild | None = None
-    workdir: str | None = None
-    token: str | None = None  # in the environment of the LIP's whole tree
+    tree: LipTree | None = None  # a spawned LIP's token, workdir and cgroup
     limits: Limits | None = None  # as capped by the server
     lip: int | None = None  # an outside process of a LIP's tree: the LIP it counts for
 
@@ -91,6 +90,7 @@ class ProcessTable:
         caps: the most any LIP gets, and how many LIPs one uid may run.
         registry: the file naming this server's LIPs (default: SOCKET.lips beside the
             socket); LIPs and workdirs an earlier server left there are ended here.
+        cgroups: put each LIP in a cgroup of its own where the server may make them.
     """
 
     def __init__(
@@ -99,12 +99,15 @@ class ProcessTable:
         mount: str | None = None,
         caps: ProcessCaps | None = None,
         registry: str | None = None,
+        cgroups: bool = True,
     ) -> None:
         self.socket_path = socket_path
         self.mount = mount
         self.caps = caps if caps is not None else ProcessCaps()
         self.procs: dict[int, Proc] = {}
         self._by_token: dict[str, Proc] = {}
+        self._by_cgroup: dict[str, Proc] = {}  # as /proc/PID/cgroup names it
+        self.cgroups = Cgroups(cgroups)
         self.registry = LipRegistry(registry if registry is not None else socket_path + ".lips")
         self.registry.end_leftovers()
 
@@ -124,9 +127,11 @@ class ProcessTable:
         return proc
 
     def _lip_of(self, pid: int, cred: Cred) -> Proc | None:
-        """The running LIP whose tree `pid` is in (by parent links, else by its token),
-        if it runs as the same uid."""
-        candidates = [self.procs.get(p) for p in ancestors(pid)]
+        """The running LIP whose tree `pid` is in (by cgroup, parent links or token), if
+        it runs as the same uid."""
+        cgroup = cgroup_of(pid)
+        candidates = [self._by_cgroup.get(cgroup) if cgroup else None]
+        candidates += [self.procs.get(p) for p in ancestors(pid)]
         token = token_of(pid)
         candidates.append(self._by_token.get(token) if token else None)
         for lip in candidates:
@@ -177,60 +182,77 @@ class ProcessTable:
                 "one user (lipctl serve --max-lips-per-uid); wait for one to end",
             )
         limits = limits.capped(self.caps)
-        token = secrets.token_hex(16)
-        workdir = self._make_workdir(cred, program, token)
+        tree = self._make_tree(cred, program)
         child_env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": workdir,
+            "HOME": tree.workdir,
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             **env,
             "SYMPHONY_SOCKET": self.socket_path,
             **({"SYMPHONY_MOUNT": self.mount} if self.mount else {}),
             "PYTHONUNBUFFERED": "1",
-            TOKEN_VAR: token,
+            TOKEN_VAR: tree.token,
         }
+
+        def before_exec(pid: int) -> None:  # the launcher waits: nothing of it runs yet
+            st = read_stat(pid)
+            tree.pid, tree.start_time = pid, (st.start_time if st is not None else None)
+            if tree.cgroup is not None:
+                try:
+                    self.cgroups.enter(tree.cgroup, pid)
+                except OSError as exc:
+                    log.warning("pid %d runs without its cgroup: %s", pid, exc)
+                    Cgroups.remove(tree.cgroup)
+                    tree.cgroup = None
+            self.registry.add(tree)
+
         try:
             child = await start_child(
-                [os.path.join(workdir, "program.py"), *args],
+                [os.path.join(tree.workdir, "program.py"), *args],
                 cred,
-                workdir,
+                tree.workdir,
                 child_env,
                 limits.rlimits(self.caps),
+                before_exec,
             )
         except BaseException:
-            shutil.rmtree(workdir, ignore_errors=True)
-            self.registry.remove(token)
+            tree.end()
+            tree.remove()
+            self.registry.remove(tree.token)
             raise
         pid = child.popen.pid
-        st = read_stat(pid)
-        self.registry.started(token, pid, st.start_time if st is not None else 0)
         account = Account(pid, limits.priority, page_quota=limits.pages, token_quota=limits.tokens)
         proc = Proc(pid, cred.uid, cred.gid, name, account, spawned=True, child=child)
-        proc.workdir, proc.token, proc.limits = workdir, token, limits
+        proc.tree, proc.limits = tree, limits
         self.procs[pid] = proc
-        self._by_token[token] = proc
+        self._by_token[tree.token] = proc
+        if tree.cgroup is not None and (relative := self.cgroups.relative(tree.cgroup)):
+            self._by_cgroup[relative] = proc
         nursery.start_soon(self._supervise, proc, limits.wall_seconds)
         return proc
 
-    def _make_workdir(self, cred: Cred, program: str, token: str) -> str:
-        """A fresh folder owned by the caller, holding program.py; recorded first."""
+    def _make_tree(self, cred: Cred, program: str) -> LipTree:
+        """A fresh workdir owned by the caller holding program.py, and a cgroup where
+        cgroups are on; both written down before anything else."""
+        token = secrets.token_hex(16)
         try:
-            workdir = tempfile.mkdtemp(prefix=WORKDIR_PREFIX)
+            tree = LipTree(token, tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
         except OSError as exc:
             raise spawn_error(exc) from None
-        self.registry.add(token, workdir)
+        tree.cgroup = self.cgroups.create(token)
+        self.registry.add(tree)
         try:
-            path = os.path.join(workdir, "program.py")
+            path = os.path.join(tree.workdir, "program.py")
             with open(path, "w") as f:
                 f.write(program)
             if os.getuid() == 0:
-                os.chown(workdir, cred.uid, cred.gid)
+                os.chown(tree.workdir, cred.uid, cred.gid)
                 os.chown(path, cred.uid, cred.gid)
         except OSError as exc:
-            shutil.rmtree(workdir, ignore_errors=True)
+            tree.remove()
             self.registry.remove(token)
             raise spawn_error(exc) from None
-        return workdir
+        return tree
 
     async def _supervise(self, proc: Proc, wall_seconds: int | None) -> None:
         child = proc.child
@@ -287,20 +309,20 @@ class ProcessTable:
 
     def _end_tree(self, proc: Proc) -> None:
         """SIGKILL the LIP (unless reaped already) and every process of its tree."""
-        if proc.child is None or proc.token is None:
-            return
-        root = None
-        if proc.child.popen.returncode is None:  # unreaped, so its pid is still its own
-            st = read_stat(proc.pid)
-            root = (proc.pid, st.start_time) if st is not None else None
-        kill_tree(root, frozenset([proc.token]))
+        if proc.tree is not None and proc.child is not None:
+            # while unreaped, its pid cannot name another process
+            proc.tree.end(main_alive=proc.child.popen.returncode is None)
 
     def _cleanup(self, proc: Proc) -> None:
-        if proc.workdir:
-            shutil.rmtree(proc.workdir, ignore_errors=True)
-        if proc.token:
-            self._by_token.pop(proc.token, None)
-            self.registry.remove(proc.token)
+        tree = proc.tree
+        if tree is None:
+            return
+        self._by_token.pop(tree.token, None)
+        if tree.cgroup is not None:
+            self._by_cgroup.pop(self.cgroups.relative(tree.cgroup) or "", None)
+        if tree.remove():
+            self.registry.remove(tree.token)
+        # else its cgroup stays busy: the registry keeps it for the next start
 
     def reap_finished(self, keep: int = 100) -> None:
         """Forget the oldest finished programs beyond `keep`."""

@@ -7,6 +7,7 @@ import errno
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -44,10 +45,16 @@ class SpawnedChild:
 
 
 async def start_child(
-    argv: list[str], cred: Cred, workdir: str, env: dict[str, str], rlimits: str
+    argv: list[str],
+    cred: Cred,
+    workdir: str,
+    env: dict[str, str],
+    rlimits: str,
+    before_exec: Callable[[int], None] | None = None,
 ) -> SpawnedChild:
     """Run `python ARGV` as `cred` (when the server is root) in a new session, with the
-    launcher's `rlimits`; returns once the program itself runs.
+    launcher's `rlimits`; returns once the program itself runs. `before_exec(pid)` is
+    called while the launcher waits, before it execs the program.
 
     Raises:
         StoreError: EMFILE when the server is out of file descriptors, EINVAL when the
@@ -55,14 +62,14 @@ async def start_child(
     """
     fds: list[int] = []
     try:
-        for _ in range(3):
+        for _ in range(4):
             fds.extend(os.pipe())
     except OSError as exc:
         _close(fds)
         raise spawn_error(exc) from None
-    out_r, out_w, err_r, err_w, status_r, status_w = fds
-    command = [sys.executable, "-I", "-S", LAUNCHER, str(os.getpid()), str(status_w), rlimits]
-    command += ["--", sys.executable, *argv]
+    out_r, out_w, err_r, err_w, status_r, status_w, go_r, go_w = fds
+    command = [sys.executable, "-I", "-S", LAUNCHER, str(os.getpid()), str(status_w), str(go_r)]
+    command += [rlimits, "--", sys.executable, *argv]
     who = {"user": cred.uid, "group": cred.gid, "extra_groups": []} if os.getuid() == 0 else {}
     try:
         # Called here in the trio thread, not in a worker thread as trio's open_process
@@ -74,25 +81,34 @@ async def start_child(
             stdin=subprocess.DEVNULL,
             stdout=out_w,
             stderr=err_w,
-            pass_fds=(status_w,),
+            pass_fds=(status_w, go_r),
             cwd=workdir,
             env=env,
             start_new_session=True,
             **who,
         )
     except OSError as exc:
-        _close([out_r, err_r, status_r])
+        _close([out_r, err_r, status_r, go_w])
         raise spawn_error(exc) from None
     except ValueError as exc:  # a NUL in an argument, a bad environment variable name
-        _close([out_r, err_r, status_r])
+        _close([out_r, err_r, status_r, go_w])
         raise StoreError(errno.EINVAL, f"cannot start the program: {exc}") from None
     except subprocess.SubprocessError as exc:
-        _close([out_r, err_r, status_r])
+        _close([out_r, err_r, status_r, go_w])
         raise StoreError(errno.EAGAIN, f"cannot start the program: {exc}") from None
     finally:
-        _close([out_w, err_w, status_w])
+        _close([out_w, err_w, status_w, go_r])
     stdout, stderr = trio.lowlevel.FdStream(out_r), trio.lowlevel.FdStream(err_r)
-    failure = await _launch_status(popen, status_r)
+    failure = None
+    try:
+        if before_exec is not None:
+            before_exec(popen.pid)
+        os.write(go_w, b"g")
+    except (OSError, StoreError) as exc:  # EOF on go: the launcher exits
+        failure = exc if isinstance(exc, StoreError) else spawn_error(exc)
+    finally:
+        _close([go_w])
+    failure = await _launch_status(popen, status_r) or failure
     if failure is not None:
         with contextlib.suppress(subprocess.TimeoutExpired, OSError):
             popen.kill()

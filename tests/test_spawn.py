@@ -37,9 +37,10 @@ TREE = textwrap.dedent(
 )
 
 
-@pytest.fixture
-async def table(tmp_path):
-    procs = ProcessTable(str(tmp_path / "s.sock"))
+@pytest.fixture(params=[True, False], ids=["cgroups", "proc-only"])
+async def table(tmp_path, request):
+    """A process table, with a cgroup per LIP where this machine allows, and without."""
+    procs = ProcessTable(str(tmp_path / "s.sock"), cgroups=request.param)
     async with trio.open_nursery() as nursery:
         try:
             yield procs, nursery
@@ -80,7 +81,7 @@ async def test_spawn_passes_no_preexec_fn_and_works_beside_threads(table, monkey
         stop.set()
     assert stdout(proc) == b"hi\n"
     assert seen and all(kw.get("preexec_fn") is None for kw in seen)
-    assert proc.workdir is not None and not os.path.exists(proc.workdir)
+    assert proc.tree is not None and not os.path.exists(proc.tree.workdir)
 
 
 async def test_kill_ends_a_setsid_grandchild(table):
@@ -240,3 +241,30 @@ async def test_a_launch_failure_is_its_errno_and_leaves_no_workdir(table, monkey
     assert info.value.errno == errno.EINVAL and "rlimit bogus=1" in str(info.value)
     assert len(workdirs) == 2 and not any(os.path.exists(w) for w in workdirs)
     assert not any(p.spawned and p.state == "running" for p in procs.procs.values())
+
+
+async def test_a_process_shedding_token_and_parent_link_still_ends_with_its_lip(table):
+    procs, nursery = table
+    if procs.cgroups.base is None:
+        pytest.skip("needs a writable cgroup2 mount: /proc links and tokens can be shed")
+    program = textwrap.dedent(
+        """
+        import ctypes, os, sys
+        ctypes.CDLL(None).prctl(36, 0, 0, 0, 0)  # no longer a child subreaper
+        r, w = os.pipe()
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                print("grandchild", os.getpid(), flush=True)
+                os.write(w, b"x")
+                code = "import time; time.sleep(60)"
+                os.execve(sys.executable, [sys.executable, "-c", code], {})  # no token
+            os._exit(0)
+        os.read(r, 1)
+        """
+    )
+    proc = await spawn(procs, nursery, program)
+    assert proc.tree is not None and proc.tree.cgroup is not None
+    assert await wait_exit(proc) == 0
+    assert await gone(await grandchild(proc))
+    assert not os.path.exists(proc.tree.cgroup)
