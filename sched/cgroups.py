@@ -90,6 +90,15 @@ class Cgroups:
             f.write("1")
 
     @staticmethod
+    def populated(path: str) -> bool:
+        """Whether a process still lives in the cgroup (False once it is gone)."""
+        try:
+            with open(os.path.join(path, "cgroup.events")) as f:
+                return "populated 1" in f.read()
+        except OSError:
+            return False
+
+    @staticmethod
     def remove(path: str, timeout: float = 1.0) -> bool:
         """Kill what is left in the cgroup and remove it; False if it stays busy."""
         if not os.path.basename(path).startswith(CGROUP_PREFIX):

@@ -10,75 +10,24 @@ import os
 import secrets
 import subprocess
 import tempfile
-import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
 from symphony.fs.errors import StoreError
 from symphony.fs.nodes import Cred
 from symphony.sched.cgroups import Cgroups, cgroup_of
-from symphony.sched.limits import Limits, ProcessCaps, safe_name
+from symphony.sched.limits import Limits, ProcessCaps
 from symphony.sched.lipregistry import WORKDIR_PREFIX, LipRegistry, LipTree
+from symphony.sched.proc import MAX_OUTPUT, Proc, process_name
 from symphony.sched.proctree import TOKEN_VAR, ancestors, read_stat, token_of
-from symphony.sched.spawner import SpawnedChild, spawn_error, start_child
+from symphony.sched.spawner import spawn_error, start_child
 from symphony.sched.tasks import Account
 
 __all__ = ["Limits", "Proc", "ProcessCaps", "ProcessTable"]
 
 log = logging.getLogger(__name__)
 
-MAX_OUTPUT = 4 * 1024 * 1024  # bytes of a program's output kept for `wait`
 OUTPUT_GRACE = 5.0  # seconds to read what an ended LIP's pipes still hold
-
-
-@dataclass
-class Proc:
-    """One row of the process table."""
-
-    pid: int
-    uid: int
-    gid: int
-    name: str
-    account: Account
-    spawned: bool
-    state: str = "running"  # running, exited, killed
-    started: float = field(default_factory=time.time)
-    syscalls: int = 0
-    exit_status: int | None = None
-    output: list[tuple[int, bytes]] = field(default_factory=list)  # (fd, data) in order
-    output_bytes: int = 0
-    changed: trio.Event = field(default_factory=trio.Event)
-    child: SpawnedChild | None = None
-    tree: LipTree | None = None  # a spawned LIP's token, workdir and cgroup
-    limits: Limits | None = None  # as capped by the server
-    lip: int | None = None  # an outside process of a LIP's tree: the LIP it counts for
-
-    def __post_init__(self) -> None:
-        self.name = safe_name(self.name)  # one field of one /.sys/procs line
-
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
-    def row(self) -> dict[str, Any]:
-        return {
-            "pid": self.pid,
-            "uid": self.uid,
-            "gid": self.gid,
-            "name": self.name,
-            "state": self.state,
-            "spawned": self.spawned,
-            "priority": self.account.priority,
-            "tokens": self.account.tokens_computed,
-            "pages_allocated": self.account.pages_allocated,
-            "syscalls": self.syscalls,
-            "exit_status": self.exit_status,
-            "seconds": round(time.time() - self.started, 3),
-            "lip": self.lip if not self.spawned else self.pid,
-            "limits": self.limits.row() if self.limits is not None else None,
-        }
 
 
 class ProcessTable:
@@ -121,7 +70,7 @@ class ProcessTable:
         if proc is None or proc.state != "running":
             lip = self._lip_of(pid, cred)
             account = lip.account if lip is not None else Account(pid)
-            proc = Proc(pid, cred.uid, cred.gid, _process_name(pid), account, spawned=False)
+            proc = Proc(pid, cred.uid, cred.gid, process_name(pid), account, spawned=False)
             proc.lip = lip.pid if lip is not None else None
             self.procs[pid] = proc
         return proc
@@ -278,6 +227,10 @@ class ProcessTable:
         proc.exit_status = status
         if proc.state == "running":
             proc.state = "killed" if status < 0 else "exited"
+        cgroup = proc.tree.cgroup if proc.tree is not None else None
+        with trio.move_on_after(OUTPUT_GRACE):  # killed processes take a moment to leave
+            while cgroup is not None and Cgroups.populated(cgroup):
+                await trio.sleep(0.01)
         self._cleanup(proc)
         log.info("pid %d (%s) %s with status %d", proc.pid, proc.name, proc.state, status)
         proc.notify()
@@ -340,17 +293,3 @@ class ProcessTable:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         proc.exit_status = proc.child.popen.wait(timeout=5)
                 self._cleanup(proc)
-
-
-def _process_name(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            parts = f.read().split(b"\0")
-    except OSError:
-        return "?"
-    words = [p.decode(errors="replace") for p in parts if p]
-    # for `python prog.py`, the program's name
-    for word in words[1:]:
-        if not word.startswith("-"):
-            return os.path.basename(word)
-    return os.path.basename(words[0]) if words else "?"
