@@ -23,53 +23,20 @@ for a write in flight: that write removes what was forgotten when it ends.
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import stat
 import threading
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from symphony.fs import kv_format
 from symphony.fs.nodes import Directory, KVFile
-from symphony.fs.state_files import (
-    TMP_SUFFIX,
-    PageStore,
-    digest_of,
-    fsync_dir,
-    seal,
-    write_atomically,
-)
+from symphony.fs.state_checks import VERSION
+from symphony.fs.state_disk import DiskState, FileSave, TreeSave
+from symphony.fs.state_files import seal
 from symphony.fs.state_restore import Restore
 from symphony.fs.store import KVStore
-
-log = logging.getLogger(__name__)
-
-VERSION = 2
-NAMESPACE = "namespace.json"
-PageEntry = tuple[str, str, int]  # (page key, blob digest, slots the blob holds)
-
-
-@dataclass
-class FileSave:
-    """One file as `prepare` took it: what `write` puts on disk."""
-
-    record_id: str
-    pages: list[int]  # pool pages, alive until written
-    keys: list[str]
-    slots: list[int]  # slots each page's blob holds
-    body: dict[str, Any]  # the record, but its pages
-
-
-@dataclass
-class TreeSave:
-    """The namespace as `prepare` took it; a newer one is never overwritten by it."""
-
-    seq: int
-    data: bytes
 
 
 class StateDir:
@@ -78,27 +45,15 @@ class StateDir:
     def __init__(self, path: str | os.PathLike[str], store: KVStore) -> None:
         self.path = Path(path)
         self.store = store
-        self.records_dir = self.path / "records"
-        self.records_dir.mkdir(parents=True, exist_ok=True)
-        self.pages = PageStore(self.path / "pages", store.pool.bytes_per_page)
+        self.disk = DiskState(self.path, store.pool)
         # keys and record ids made by this run never collide with those of another
         self.epoch = secrets.token_hex(4)
-        # taken briefly, by the store's thread and a writer
-        self._meta = threading.Lock()
+        self._meta = threading.Lock()  # taken briefly, by the store's thread or a writer
         self.record_ids: dict[int, str] = {}  # inode -> its record's id
         # an allocation of a pool page, (page, generation), is one page on disk; a
         # restored page keeps the key it was saved under
         self.page_keys: dict[tuple[int, int], str] = {}
         self._seq = 0
-        self._dropped: list[str] = []  # records forgotten, not yet removed from disk
-        self._gone: set[str] = set()  # every record forgotten: never written again
-        # held while writing; what is on disk
-        self._disk = threading.Lock()
-        self.records: dict[str, list[PageEntry]] = {}  # record id -> its pages
-        self.record_digests: dict[str, str] = {}  # record id -> digest of its bytes
-        self.blob_refs: Counter[str] = Counter()  # page blob -> entries of records
-        self.key_blobs: dict[str, tuple[str, int]] = {}  # key -> (digest, slots) last saved
-        self._tree_seq = 0
 
     # the public calls -------------------------------------------------------------------
 
@@ -106,17 +61,22 @@ class StateDir:
         """Write one file through, then the tree that names it (fsync)."""
         save = self.prepare(file)
         if save is not None:
-            self.write([save], self.prepare_tree())
+            self.disk.write([save], self.prepare_tree())
+
+    def write(self, save: FileSave, tree: TreeSave) -> None:
+        """Put what `prepare` and `prepare_tree` took on disk; any thread may call it
+        while the pages of `save` are held (`KVStore.hold`)."""
+        self.disk.write([save], tree)
 
     def save_all(self) -> None:
         """Every file and the tree (at unmount and shutdown); what no file uses goes."""
         fills = self._page_fills(None)
         saves = [self._prepare(f, fills) for f in self.store.ns.files()]
-        self.write(saves, self.prepare_tree(), collect=True)
+        self.disk.write(saves, self.prepare_tree(), collect=True)
 
     def save_namespace(self) -> None:
         """Write the tree; records of files that no longer exist are forgotten."""
-        self.write([], self.prepare_tree())
+        self.disk.write([], self.prepare_tree())
 
     def forget(self, inode: int) -> None:
         """Remove the record of the file numbered `inode` and the page blobs no other
@@ -124,8 +84,9 @@ class StateDir:
         if isinstance(self.store.ns.nodes.get(inode), KVFile):
             return  # still named
         with self._meta:
-            self._forget(inode)
-        self._remove_dropped()
+            record_id = self.record_ids.pop(inode, None)
+        if record_id is not None:
+            self.disk.drop(record_id)
 
     def restore(self) -> int:
         """Recreate the saved tree in the (empty) store; returns the files restored.
@@ -168,11 +129,13 @@ class StateDir:
         ns = self.store.ns
         nodes = dict(ns.nodes)  # copies, not views: a writer's thread may run this
         with self._meta:
-            for inode in [i for i in self.record_ids if not isinstance(nodes.get(i), KVFile)]:
-                self._forget(inode)
+            gone = [i for i in self.record_ids if not isinstance(nodes.get(i), KVFile)]
+            dropped = [self.record_ids.pop(inode) for inode in gone]
             record_ids = dict(self.record_ids)
             self._seq += 1
             seq = self._seq
+        for record_id in dropped:
+            self.disk.drop(record_id)
         dirs, files = [], []
         stack: list[tuple[str, Directory]] = [("", ns.root)]
         while stack:  # parents before their children
@@ -194,12 +157,6 @@ class StateDir:
             "files": files,
         }
         return TreeSave(seq, seal(tree))
-
-    def _forget(self, inode: int) -> None:
-        record_id = self.record_ids.pop(inode, None)
-        if record_id is not None:
-            self._gone.add(record_id)
-            self._dropped.append(record_id)
 
     def _key_of(self, page: int) -> str:
         generation = self.store.pool.generation[page]
@@ -229,105 +186,6 @@ class StateDir:
                     slots = max(kv_format.slots_filled(num_tokens, ps, i), 0)
                     fills[page] = max(fills.get(page, 0), slots)
         return fills
-
-    # writing (any thread) -------------------------------------------------------------
-
-    def write(self, saves: list[FileSave], tree: TreeSave, collect: bool = False) -> None:
-        """Put `saves` on disk, then `tree` unless a newer one is there already; with
-        `collect`, remove what no record lists (left by a crash)."""
-        with self._disk:
-            for save in saves:
-                if save.record_id not in self._gone:  # unlinked since it was prepared
-                    self._write_record(save)
-            fsync_dir(self.records_dir)
-            if tree.seq > self._tree_seq:
-                write_atomically(self.path / NAMESPACE, tree.data)
-                fsync_dir(self.path)
-                self._tree_seq = tree.seq
-            self._remove_dropped_locked()
-            if collect:
-                self._collect_garbage()
-        self._remove_dropped()  # forgotten while this write held the disk
-
-    def _write_record(self, save: FileSave) -> None:
-        entries: list[PageEntry] = []
-        try:
-            for page, key, slots in zip(save.pages, save.keys, save.slots, strict=True):
-                entries.append(self._write_page(page, key, slots))
-                self.blob_refs[entries[-1][1]] += 1
-            fsync_dir(self.pages.path)
-            data = seal({**save.body, "pages": entries})
-            digest = digest_of(data)
-            if self.record_digests.get(save.record_id) != digest:
-                write_atomically(self.records_dir / f"{save.record_id}.json", data)
-        except BaseException:
-            self._drop_refs(entries, remove=False)  # blobs written are collected later
-            raise
-        self.record_digests[save.record_id] = digest
-        self._drop_refs(self.records.get(save.record_id, []))
-        self.records[save.record_id] = entries
-        for key, blob, slots in entries:
-            self.key_blobs[key] = (blob, slots)
-        if len(self.key_blobs) > 4 * self.store.pool.num_pages:
-            self.key_blobs = {k: v for k, v in self.key_blobs.items() if v[0] in self.blob_refs}
-
-    def _write_page(self, page: int, key: str, slots: int) -> PageEntry:
-        """The entry of pool page `page` holding `slots` filled slots; its blob is
-        written unless already on disk."""
-        pool = self.store.pool
-        last = self.key_blobs.get(key)
-        # saved before with more slots (a longer sharer has since gone): if those are
-        # unchanged, keep that blob, so records saved before and after still agree that
-        # this is one page
-        if (
-            last is not None
-            and last[1] > slots
-            and self.blob_refs[last[0]]
-            and digest_of(pool.page_bytes(page, last[1])) == last[0]
-        ):
-            return (key, last[0], last[1])
-        data = pool.page_bytes(page, slots)
-        digest = digest_of(data)
-        if not self.blob_refs[digest]:
-            self.pages.write(digest, data)
-        return (key, digest, slots)
-
-    def _remove_dropped(self) -> None:
-        """Remove forgotten records now, unless a write holds the disk (it will)."""
-        while self._dropped and self._disk.acquire(blocking=False):
-            try:
-                self._remove_dropped_locked()
-            finally:
-                self._disk.release()
-
-    def _remove_dropped_locked(self) -> None:
-        while True:
-            with self._meta:
-                if not self._dropped:
-                    return
-                record_id = self._dropped.pop()
-            (self.records_dir / f"{record_id}.json").unlink(missing_ok=True)
-            self.record_digests.pop(record_id, None)
-            self._drop_refs(self.records.pop(record_id, []))
-
-    def _drop_refs(self, entries: list[PageEntry], remove: bool = True) -> None:
-        for _, digest, _ in entries:
-            self.blob_refs[digest] -= 1
-            if self.blob_refs[digest] <= 0:
-                del self.blob_refs[digest]
-                if remove:
-                    self.pages.remove(digest)
-
-    def _collect_garbage(self) -> None:
-        """Remove records and blobs nothing lists (left by a crash) and temporary files."""
-        for path in self.records_dir.iterdir():
-            record_id = path.name.removesuffix(".json")
-            if path.name.endswith(TMP_SUFFIX) or record_id not in self.records:
-                path.unlink(missing_ok=True)
-        for name in self.pages.names():
-            if name not in self.blob_refs:
-                (self.pages.path / name).unlink(missing_ok=True)
-        self.key_blobs = {k: v for k, v in self.key_blobs.items() if v[0] in self.blob_refs}
 
 
 def owner_of(node: Any) -> dict[str, int]:

@@ -11,28 +11,26 @@ pool, the context), a damaged tree (then the whole state, and the store starts e
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from symphony.fs import kv_format
 from symphony.fs.errors import StoreError
 from symphony.fs.nodes import ROOT, KVFile, Node
 from symphony.fs.prefix_index import ROOT_HASH, page_hash
-from symphony.fs.state_files import DIGEST_RE, TMP_SUFFIX, StateFileError, digest_of, unseal
+from symphony.fs.state_checks import read_record, read_tree
+from symphony.fs.state_disk import NAMESPACE, PageEntry
+from symphony.fs.state_files import DIGEST_RE, TMP_SUFFIX, StateFileError
 
 if TYPE_CHECKING:
-    from symphony.fs.persistence import PageEntry, StateDir
+    from symphony.fs.persistence import StateDir
 
 log = logging.getLogger(__name__)
 
 ASIDE = "aside"
-RECORD_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9]+")
 
 
 class Restore:
@@ -41,13 +39,14 @@ class Restore:
     def __init__(self, state: StateDir) -> None:
         self.state = state
         self.store = state.store
+        self.disk = state.disk
         self.groups: dict[tuple[str, str], int] = {}  # (key, digest) -> its pool page
         self.keys_used: set[str] = set()
         self.bad_blobs: dict[str, str] = {}  # digest -> why it cannot be read
         self.restored = 0
 
     def run(self) -> int:
-        path = self.state.path / "namespace.json"
+        path = self.state.path / NAMESPACE
         tree: dict[str, Any] | None = None
         try:
             raw = path.read_bytes()
@@ -55,7 +54,7 @@ class Restore:
             pass
         else:
             try:
-                tree = self._read_tree(raw)
+                tree = read_tree(raw, self.store)
             except StateFileError as exc:
                 self.set_aside_state(f"{path.name}: {exc}")
                 return 0
@@ -78,26 +77,6 @@ class Restore:
 
     # the tree -------------------------------------------------------------------------
 
-    def _read_tree(self, raw: bytes) -> dict[str, Any]:
-        try:
-            old = json.loads(raw)
-        except (ValueError, RecursionError):
-            old = None
-        if isinstance(old, dict) and old.get("version") == 1 and "checksum" not in old:
-            tree = old  # written before trees were sealed
-        else:
-            tree = unseal(raw)
-            if tree.get("version") != 2:
-                raise StateFileError(f"unknown version {tree.get('version')!r}")
-            geometry = kv_format.geometry(self.store.pool, self.store.fingerprint)
-            if tree.get("geometry") != geometry:
-                raise StateFileError(f"saved for {tree.get('geometry')}, this server is {geometry}")
-        if tree.get("model") != self.store.fingerprint:
-            raise StateFileError(f"saved for the model {tree.get('model')!r}")
-        if not _tree_ok(tree):
-            raise StateFileError("malformed")
-        return tree
-
     def restore_dirs(self, tree: dict[str, Any]) -> None:
         ns = self.store.ns
         apply_owner(ns.root, tree["root"])
@@ -110,15 +89,18 @@ class Restore:
     # files ----------------------------------------------------------------------------
 
     def _restore_file(self, record_id: str, names: list[dict[str, Any]]) -> None:
-        path = self.state.records_dir / f"{record_id}.json"
+        path = self.disk.records_dir / f"{record_id}.json"
         first = names[0]["path"]
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
             log.info("state: %s was unlinked after the tree was last saved", first)
             return
+        except OSError as exc:
+            log.warning("state: %s not restored: %s", first, exc)
+            return
         try:
-            record = self._check_record(raw)
+            record = read_record(raw, self.store)
             entries: list[PageEntry] = [(k, d, s) for k, d, s in record["pages"]]
             pages = self._load_pages(entries)
         except StateFileError as exc:
@@ -134,13 +116,8 @@ class Restore:
         file.pages = pages
         file.page_hashes = chain_hashes(file.token_ids, self.store, file.domain)
         file.origin = record["origin"]
-        state = self.state
-        state.record_ids[file.inode] = record_id
-        state.records[record_id] = entries
-        state.record_digests[record_id] = digest_of(raw)
-        state.blob_refs.update(digest for _, digest, _ in entries)
-        for key, digest, slots in entries:
-            state.key_blobs.setdefault(key, (digest, slots))
+        self.state.record_ids[file.inode] = record_id
+        self.disk.adopt(record_id, entries, raw)
         self.restored += 1
 
     def make_file(self, names: list[dict[str, Any]], domain: str) -> KVFile:
@@ -154,37 +131,6 @@ class Restore:
             except StoreError as exc:
                 log.warning("state: the name %s not restored: %s", other["path"], exc)
         return file
-
-    def _check_record(self, raw: bytes) -> dict[str, Any]:
-        record = unseal(raw)
-        store = self.store
-        if record.get("version") != 2 or record.get("model") != store.fingerprint:
-            raise StateFileError("another version or model")
-        ids, pages = record.get("token_ids"), record.get("pages")
-        if not isinstance(record.get("domain"), str) or not isinstance(ids, list):
-            raise StateFileError("malformed")
-        if not isinstance(record.get("origin"), str) or not isinstance(pages, list):
-            raise StateFileError("malformed")
-        if any(not _is_int(t) or not 0 <= t < store.vocab_size for t in ids):
-            raise StateFileError(f"a token id outside 0..{store.vocab_size - 1}")
-        if len(ids) > store.max_tokens:
-            raise StateFileError(f"does not fit: {len(ids)} tokens, context {store.max_tokens}")
-        ps = store.page_size
-        if len(pages) != -(-len(ids) // ps):
-            raise StateFileError(f"{len(pages)} pages for {len(ids)} tokens")
-        for i, entry in enumerate(pages):
-            own = kv_format.slots_filled(len(ids), ps, i)
-            if not (
-                isinstance(entry, list)
-                and len(entry) == 3
-                and isinstance(entry[0], str)
-                and isinstance(entry[1], str)
-                and DIGEST_RE.fullmatch(entry[1])
-                and _is_int(entry[2])
-                and own <= entry[2] <= ps
-            ):
-                raise StateFileError(f"page {i} malformed")
-        return record
 
     def _load_pages(self, entries: list[PageEntry]) -> list[int]:
         """One pool page per stored page not restored yet, a reference per entry."""
@@ -203,7 +149,7 @@ class Restore:
             ) from None
         try:
             for (_, digest), page in zip(new, fresh, strict=True):
-                pool.write_page_bytes(page, self.state.pages.read(digest))
+                pool.write_page_bytes(page, self.disk.pages.read(digest))
         except StateFileError as exc:
             self.bad_blobs[digest] = str(exc)
             pool.decref(fresh)
@@ -233,11 +179,16 @@ class Restore:
 
     def _set_aside_unnamed(self, named: set[str]) -> None:
         """Records no name points at (a crash while a new file was first written)."""
-        for path in sorted(self.state.records_dir.iterdir()):
+        for path in sorted(self.disk.records_dir.iterdir()):
             record_id = path.name.removesuffix(".json")
             if path.name.endswith(TMP_SUFFIX) or record_id in named:
                 continue
-            self.set_aside(f"record {record_id}", "no name in the tree", path.read_bytes(), path)
+            try:
+                raw = path.read_bytes()
+            except OSError as exc:
+                log.warning("state: %s left in place: %s", path, exc)
+                continue
+            self.set_aside(f"record {record_id}", "no name in the tree", raw, path)
 
     def set_aside(self, name: str, reason: str, raw: bytes, path: Path) -> None:
         """Move the file `path` (its name in the tree: `name`) into DIR/aside/, with the
@@ -245,7 +196,7 @@ class Restore:
         folder = self.aside_folder(name)
         os.replace(path, folder / path.name)
         for digest in sorted(set(DIGEST_RE.findall(raw.decode("latin-1")))):
-            self.state.pages.link_into(digest, folder)
+            self.disk.pages.link_into(digest, folder)
         (folder / "reason").write_text(f"{name}: {reason}\n")
         log.warning("state: %s set aside in %s: %s", name, folder, reason)
 
@@ -255,8 +206,8 @@ class Restore:
         for part in ("namespace.json", "records", "pages", "files"):
             if (self.state.path / part).exists():
                 os.replace(self.state.path / part, folder / part)
-        self.state.records_dir.mkdir()
-        self.state.pages.path.mkdir()
+        self.disk.records_dir.mkdir()
+        self.disk.pages.path.mkdir()
         log.warning("state: set aside in %s, starting empty: %s", folder, reason)
 
     def aside_folder(self, name: str) -> Path:
@@ -282,35 +233,3 @@ def chain_hashes(token_ids: Sequence[int], store: Any, domain: str) -> list[int]
 def apply_owner(node: Node, saved: dict[str, Any]) -> None:
     node.mode = (node.mode & ~0o7777) | saved["mode"]
     node.uid, node.gid = saved["uid"], saved["gid"]
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _owner_ok(d: object) -> bool:
-    return (
-        isinstance(d, dict)
-        and all(_is_int(d.get(k)) and d[k] >= 0 for k in ("mode", "uid", "gid"))
-        and d["mode"] <= 0o7777
-    )
-
-
-def _tree_ok(tree: dict[str, Any]) -> bool:
-    """Whether the tree has the shape `StateDir.save_namespace` writes."""
-    dirs, files = tree.get("dirs"), tree.get("files")
-    if not _owner_ok(tree.get("root")) or not isinstance(dirs, list) or not isinstance(files, list):
-        return False
-    if not all(_owner_ok(d) and isinstance(d.get("path"), str) for d in dirs):
-        return False
-    key = "record" if tree["version"] == 2 else "inode"
-    return all(
-        _owner_ok(f)
-        and isinstance(f.get("path"), str)
-        and (
-            isinstance(f.get(key), str) and RECORD_ID_RE.fullmatch(f[key])
-            if key == "record"
-            else _is_int(f.get(key))
-        )
-        for f in files
-    )

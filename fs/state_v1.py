@@ -59,7 +59,7 @@ def restore_v1(restore: Restore, tree: dict[str, Any]) -> int:
     state.save_all()  # the current format, before the old files move
     if files_dir.exists():
         os.replace(files_dir, aside / "files")
-    log.warning(
+    log.info(
         "state: %d files read from the old format; its files are kept in %s",
         restore.restored,
         aside,

@@ -177,8 +177,8 @@ def test_a_damaged_file_is_set_aside_and_the_rest_restores(tmp_path, part, how):
     if part == "record":
         damaged = tmp_path / "records" / f"{record_id}.json"
     else:  # a page of b alone
-        digest = run.state.records[record_id][-1][1]
-        assert run.state.blob_refs[digest] == 1
+        digest = run.state.disk.records[record_id][-1][1]
+        assert run.state.disk.blob_refs[digest] == 1
         damaged = tmp_path / "pages" / digest
     damage(damaged, how)
 
@@ -333,3 +333,132 @@ def test_a_state_of_the_first_format_is_read_and_kept(tmp_path):
     assert (restored.uid, restored.origin) == (65534, "imported by uid 65534")
     assert os.listdir(old / "aside" / "v1-state" / "files") == ["7.kv"]
     assert list(Run(old).files()) == ["d/a.kv"]  # now in the current format
+
+
+def test_a_state_of_another_page_size_is_set_aside(tmp_path):
+    run = Run(tmp_path)
+    run.new("a.kv", list(range(20)))
+    run.state.save_all()
+    engine = make_tiny_engine(num_pages=64, page_size=8)
+    store = KVStore(engine.pool, engine.fingerprint, engine.model_config.vocab_size, 512)
+    assert StateDir(tmp_path, store).restore() == 0
+    store.check_invariants()
+    assert aside(tmp_path) == ["state"] and store.ns.files() == []
+
+
+class Killed(BaseException):
+    """The server dies here (SIGKILL): nothing after this write happens."""
+
+
+def test_a_kill_at_any_write_leaves_the_last_whole_state(tmp_path, monkeypatch):
+    """Kill the server at each write of a few fsyncs and an unlink: every restart comes
+    up, each file as it was before or after the save the kill interrupted."""
+    import shutil
+
+    from symphony.fs import state_disk, state_files
+
+    base = tmp_path / "base"
+    three_files(Run(base))
+    real = state_files.write_atomically
+    writes = [0, 0]  # done, the one that kills (0: none)
+
+    def dying(path: Path, data: bytes) -> None:
+        writes[0] += 1
+        if writes[0] == writes[1]:
+            path.with_name(path.name + ".tmp").write_bytes(data[: len(data) // 2])
+            raise Killed
+        real(path, data)
+
+    monkeypatch.setattr(state_files, "write_atomically", dying)
+    monkeypatch.setattr(state_disk, "write_atomically", dying)
+
+    def started(name: str) -> Run:
+        shutil.copytree(base, tmp_path / name)
+        return Run(tmp_path / name)
+
+    def sequence(run: Run) -> None:
+        a, b = run.files()["a.kv"], run.files()["b.kv"]
+        run.append(a, [9, 8, 7])
+        run.state.save_file(a)
+        run.state.save_file(run.new("d.kv", list(range(30)), NOBODY))
+        run.store.unlink("b.kv", NOBODY)
+        run.state.forget(b.inode)
+        run.state.save_namespace()
+
+    old = {k: v[0] for k, v in started("old").view().items()}
+    reference = started("new")
+    writes[0] = 0
+    sequence(reference)
+    new = {k: v[0] for k, v in reference.view().items()}
+    assert writes[0] == 8  # a's new page, record, tree; d's 2 pages, record, tree; tree
+    for kill_at in range(1, writes[0] + 1):
+        run = started(f"kill{kill_at}")
+        writes[:] = [0, kill_at]
+        with pytest.raises(Killed):
+            sequence(run)
+        writes[1] = 0
+        after = Run(run.state.path)  # comes up; check_invariants inside
+        for path, data in after.view().items():
+            assert data[0] in (old.get(path), new.get(path)), (kill_at, path)
+        assert {"a.kv", "c.kv"} <= set(after.files())
+        assert all(name.startswith("record") for name in aside(run.state.path))
+
+
+def test_a_write_in_a_worker_thread_and_a_forget_that_does_not_wait_for_it(tmp_path):
+    """As the mount does on fsync: prepare in the store's thread, hold the pages, write
+    in a worker; an unlink meanwhile is not blocked, and its record goes when the
+    write ends."""
+    import threading
+
+    run = Run(tmp_path)
+    gone = run.new("gone.kv", list(range(2 * PS)))
+    run.state.save_file(gone)
+    gone_record = tmp_path / "records" / f"{run.state.record_ids[gone.inode]}.json"
+    file = run.new("f.kv", list(range(50, 50 + PS + 3)))
+    save = run.state.prepare(file)
+    assert save is not None
+    before = exported(run.store, file)
+    run.store.hold(save.pages)
+    proceed, writing = threading.Event(), threading.Event()
+    real_write = run.state.disk.pages.write
+
+    def slow_write(digest: str, data: bytes) -> None:
+        writing.set()
+        assert proceed.wait(10)
+        real_write(digest, data)
+
+    run.state.disk.pages.write = slow_write  # type: ignore[method-assign]
+    worker = threading.Thread(target=run.state.write, args=(save, run.state.prepare_tree()))
+    worker.start()
+    assert writing.wait(10)
+    run.append(file, [1, 2])  # the held last page is copied, not written
+    run.store.unlink("gone.kv", ROOT)
+    run.state.forget(gone.inode)  # returns at once
+    assert gone_record.exists()
+    proceed.set()
+    worker.join(10)
+    run.store.unhold(save.pages)
+    run.store.check_invariants()
+    assert not gone_record.exists()
+    assert len(os.listdir(tmp_path / "pages")) == 2  # f's, as prepared; none of gone's
+    again = Run(tmp_path)
+    assert list(again.files()) == ["f.kv"]
+    assert exported(again.store, again.files()["f.kv"]) == before
+
+
+def test_an_unlinked_files_tokens_leave_the_disk_from_a_page_it_shared(tmp_path):
+    """root's file and uid 65534's fork cut inside its last page share that page; once
+    root's file is unlinked and the fork saved again, no blob holds root's later slots."""
+    run = Run(tmp_path)
+    secret = run.new("secret.kv", list(range(60, 60 + PS + 14)))
+    run.store.ns.chmod("secret.kv", ROOT, 0o644)
+    run.store.fork("secret.kv", "cut.kv", NOBODY)
+    run.store.truncate("cut.kv", PS + 4, NOBODY)
+    run.state.save_all()
+    run.store.unlink("secret.kv", ROOT)
+    run.state.forget(secret.inode)
+    cut = run.files()["cut.kv"]
+    run.state.save_file(cut)
+    pool = run.store.pool
+    on_disk = {(tmp_path / "pages" / name).read_bytes() for name in os.listdir(tmp_path / "pages")}
+    assert on_disk == {pool.page_bytes(cut.pages[0]), pool.page_bytes(cut.pages[1], 4)}
