@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -41,6 +41,8 @@ class PagePool:
         # pages whose refcount changed while in use, kept only once someone asks
         # (`track_changes`): who shares a page is what `du` of a KV file shows
         self.changed: set[int] | None = None
+        # told the pages each decref freed (the store's accounting of who holds what)
+        self.on_free: Callable[[list[int]], None] | None = None
         # on the CPU, every layer's K and V as bytes, one row a page: a page's bytes
         # are read and written without a tensor op per layer
         self._rows: list[np.ndarray] | None = None
@@ -106,6 +108,8 @@ class PagePool:
             if count == 1:
                 self._free.append(page)
                 freed.append(page)
+        if freed and self.on_free is not None:
+            self.on_free(freed)
         return freed
 
     def _tensors(self) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ evicted, least recently used first, when the pool runs short.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,14 +74,15 @@ class PrefixIndex:
         """Listed pages nobody but the index references."""
         return sum(1 for e in self._entries.values() if self._pool.refcounts[e.page] == 1)
 
-    def evict(self, num_pages: int) -> int:
-        """Free up to `num_pages` cached pages, least recently used first; return how many."""
+    def evict(self, num_pages: int, only: Callable[[int], bool] | None = None) -> int:
+        """Free up to `num_pages` cached pages (those `only` accepts), least recently used
+        first; return how many."""
         freed = 0
         for key in list(self._entries):
             if freed >= num_pages:
                 break
             entry = self._entries[key]
-            if self._pool.refcounts[entry.page] == 1:
+            if self._pool.refcounts[entry.page] == 1 and (only is None or only(entry.page)):
                 del self._entries[key]
                 del self._hash_of_page[entry.page]
                 self._pool.decref([entry.page], quiet=True)

@@ -19,6 +19,7 @@ from typing import Any
 from symphony.engine.batch import SeqChunk
 from symphony.engine.errors import OutOfPagesError
 from symphony.engine.page_pool import PagePool
+from symphony.fs.charges import Holder, PageCharges
 from symphony.fs.errors import StoreError
 from symphony.fs.kv_import import ContentIndex, Importer
 from symphony.fs.namespace import Namespace
@@ -42,7 +43,6 @@ class AppendPlan:
     block_table: list[int]  # pages of the whole context after the append
     owned: list[int] = field(default_factory=list)  # references to drop on abort
     replaced: int | None = None  # the shared partial page that was copied
-    num_allocated: int = 0  # pages newly taken from the pool (not index hits)
     recompute: bool = False  # computes the file's last token again; appends nothing
 
     @property
@@ -69,6 +69,7 @@ class KVStore:
         max_tokens: int,
         prefix_cache: bool = True,
         domain_of: Callable[[Cred], str] = uid_domain,
+        uid_share: int | None = None,
     ) -> None:
         self.pool = pool
         self.page_size = pool.page_size
@@ -83,18 +84,33 @@ class KVStore:
         self._plans: list[AppendPlan] = []
         self._importers: list[Importer] = []
         self._held: Counter[int] = Counter()  # pages readers of a snapshot keep alive
+        self.charges = PageCharges(uid_share)  # who holds each page taken from the pool
+        pool.on_free = self.charges.release
 
     # pages --------------------------------------------------------------------------
 
-    def allocate(self, n: int) -> list[int]:
-        """`n` free pages, evicting cached ones if needed. Raises StoreError(ENOSPC)."""
+    def allocate(self, n: int, holder: Holder | None = None) -> list[int]:
+        """`n` free pages charged to `holder`, evicting cached ones if needed (first the
+        holder's uid's own, if it is over its share).
+
+        Raises:
+            StoreError: ENOSPC when the pool, or the holder's quota or share, is short.
+        """
+        if holder is not None:
+            over = self.charges.shortfall(holder, n)
+            if over is not None and self.index is not None:  # its own cached pages go first
+                self.index.evict(*over)
+            self.charges.check(holder, n)
         short = n - self.pool.num_free
         if short > 0 and self.index is not None:
             self.index.evict(short)
         try:
-            return self.pool.allocate(n)
+            pages = self.pool.allocate(n)
         except OutOfPagesError as exc:
             raise StoreError(errno.ENOSPC, f"out of KV pages: {exc}") from None
+        if holder is not None:
+            self.charges.charge(holder, pages)
+        return pages
 
     def _release(self, file: KVFile) -> None:
         self.pool.decref(file.pages)
@@ -209,10 +225,14 @@ class KVStore:
         self._held.subtract(pages)
         self.pool.decref(pages, quiet=True)
 
-    def importer(self, cred: Cred, domain: str | None = None) -> Importer:
+    def importer(
+        self, cred: Cred, domain: str | None = None, holder: Holder | None = None
+    ) -> Importer:
         """A new import by `cred` (sharing pages noted in `domain`, by default the one of
-        `cred`); its pages count in check_invariants until committed or aborted."""
+        `cred`; new pages charged to `holder`, by default `cred`'s uid); its pages count
+        in check_invariants until committed or aborted."""
         self._importers = [i for i in self._importers if i.pages]
+        holder = self.charges.user(cred.uid) if holder is None else holder
         imported = Importer(
             self.pool,
             self.fingerprint,
@@ -220,7 +240,7 @@ class KVStore:
             self.max_tokens,
             self.vocab_size,
             self.domain_of(cred) if domain is None else domain,
-            self.allocate,
+            lambda n: self.allocate(n, holder),
             cred.uid,
         )
         self._importers.append(imported)
@@ -290,12 +310,17 @@ class KVStore:
         return ids
 
     def begin_append(
-        self, file: KVFile, token_ids: Sequence[int], need_logits: bool = True
+        self,
+        file: KVFile,
+        token_ids: Sequence[int],
+        need_logits: bool = True,
+        holder: Holder | None = None,
     ) -> AppendPlan:
         """Prepare appending `token_ids` to `file`; the caller computes `plan.chunk()`.
 
         With `need_logits`, the last token is always computed (its logits are wanted),
-        so the prefix index never supplies the page holding it.
+        so the prefix index never supplies the page holding it. New pages are charged to
+        `holder`.
 
         Raises:
             StoreError: EINVAL for bad tokens, EBUSY if an append is in flight, ENOSPC.
@@ -307,14 +332,13 @@ class KVStore:
         plan = AppendPlan(file, ids, start, 0, list(file.pages))
         try:
             self._reuse_indexed_pages(plan, need_logits)
-            self._copy_shared_partial_page(plan)
+            self._copy_shared_partial_page(plan, holder)
             end = start + len(ids)
             missing = -(-end // ps) - len(plan.block_table)
             if missing > 0:
-                new = self.allocate(missing)
+                new = self.allocate(missing, holder)
                 plan.owned += new
                 plan.block_table += new
-                plan.num_allocated += missing
         except BaseException:
             self.pool.decref(plan.owned)
             raise
@@ -322,7 +346,7 @@ class KVStore:
         self._plans.append(plan)
         return plan
 
-    def begin_recompute(self, file: KVFile) -> AppendPlan:
+    def begin_recompute(self, file: KVFile, holder: Holder | None = None) -> AppendPlan:
         """Prepare computing the file's last token again, for the logits that follow it.
 
         The store keeps no logits; `generate` needs those of the last token. The token
@@ -338,7 +362,7 @@ class KVStore:
             raise StoreError(errno.EBUSY, "an append to this file is in flight")
         n = file.num_tokens
         plan = AppendPlan(file, [file.token_ids[-1]], n - 1, 0, list(file.pages), recompute=True)
-        self._own_last_page(plan, (n - 1) % self.page_size)
+        self._own_last_page(plan, (n - 1) % self.page_size, holder)
         file.busy = True
         self._plans.append(plan)
         return plan
@@ -361,20 +385,19 @@ class KVStore:
             plan.num_reused += ps
             parent = key
 
-    def _copy_shared_partial_page(self, plan: AppendPlan) -> None:
+    def _copy_shared_partial_page(self, plan: AppendPlan, holder: Holder | None) -> None:
         filled = plan.start_pos % self.page_size
         if filled and not plan.num_reused:
-            self._own_last_page(plan, filled)
+            self._own_last_page(plan, filled, holder)
 
-    def _own_last_page(self, plan: AppendPlan, filled: int) -> None:
+    def _own_last_page(self, plan: AppendPlan, filled: int, holder: Holder | None) -> None:
         """Make the plan's last page one it may write into: that page itself if the file
         alone holds it, else a copy of its first `filled` slots."""
         last = plan.block_table[-1]
         if self.pool.refcounts[last] == 1:
             return  # this file's alone: write in place
-        (copy,) = self.allocate(1)
+        (copy,) = self.allocate(1, holder)
         plan.owned.append(copy)
-        plan.num_allocated += 1
         self.pool.copy_page(last, copy, filled)
         plan.block_table[-1] = copy
         plan.replaced = last

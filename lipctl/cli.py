@@ -41,6 +41,17 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--page-size", type=int, default=16)
     serve.add_argument("--max-step-tokens", type=int, default=512)
     serve.add_argument("--no-prefix-cache", action="store_true")
+    serve.add_argument(
+        "--uid-pages",
+        type=int,
+        help="pages one uid but root may hold (default: half the pool)",
+    )
+    serve.add_argument(
+        "--uid-connections", type=int, default=64, help="connections one uid but root may open"
+    )
+    serve.add_argument(
+        "--max-in-flight", type=int, default=64, help="requests one connection runs at once"
+    )
     serve.add_argument("--log-level", default="WARNING")
     run = sub.add_parser("run", help="run a LIP on the server, streaming its output")
     _add_socket(run)
@@ -170,6 +181,9 @@ def serve(args: argparse.Namespace) -> int:
             prefix_cache=not args.no_prefix_cache,
             mount=None if args.no_mount else args.mount,
             state=args.state,
+            uid_pages=args.uid_pages,
+            max_connections=args.uid_connections,
+            max_in_flight=args.max_in_flight,
         )
     except ValueError as exc:
         print(f"lipctl serve: {exc}", file=sys.stderr)

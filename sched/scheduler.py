@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,6 +52,7 @@ class Scheduler:
         self._waiting: list[Task] = []
         self._wake = trio.Event()
         self.after_step: Callable[[], None] | None = None  # the mount's cache invalidation
+        self.uid_service: Counter[int] = Counter()  # tokens computed per uid
         self.num_steps = 0
         self.num_tokens = 0
         self.busy_seconds = 0.0
@@ -144,15 +146,33 @@ class Scheduler:
 
     # packing ------------------------------------------------------------------------
 
+    def _order(self, task: Task) -> tuple[int, int, int, int]:
+        """Priority classes first; then users, then programs, with the least attained
+        service (tokens computed); then arrival."""
+        account = task.account
+        return (-account.priority, self.uid_service[account.uid], *task.sort_key()[1:])
+
     def _pick(self) -> list[tuple[Task, SeqChunk]]:
+        """The next step: every waiting decode token first (one each), then prefill
+        chunks. With decoders waiting, prefill gets at most half the budget, so a long
+        prompt slows running generations at most twofold and never stalls them."""
+        order = sorted(self._waiting, key=self._order)
+        decodes = [t for t in order if t.remaining == 1]
+        prefills = [t for t in order if t.remaining > 1]
         budget = self.max_step_tokens
+        prefill_budget = budget // 2 if decodes else budget
         batch: list[tuple[Task, SeqChunk]] = []
-        for task in sorted(self._waiting, key=Task.sort_key):
+        for task in decodes + prefills:
             if budget == 0 or len(batch) == self.max_step_seqs:
                 break
             plan = task.plan
             assert plan is not None
             n = min(task.remaining, budget)
+            if task.remaining > 1:
+                n = min(n, prefill_budget)
+                if n == 0:
+                    break
+                prefill_budget -= n
             ids = plan.compute_ids[task.computed : task.computed + n]
             last = task.computed + n == len(plan.compute_ids)
             num_logits = 1 if last and task.want != "none" else 0
@@ -191,21 +211,18 @@ class Scheduler:
     # bookkeeping --------------------------------------------------------------------
 
     def _begin(self, task: Task) -> None:
+        account = task.account
         if task.recompute:  # generate: the logits after the file's last token, once
             task.recompute = False
-            plan = self.store.begin_recompute(task.file)
+            plan = self.store.begin_recompute(task.file, account.holder)
         else:
-            plan = self.store.begin_append(task.file, task.tokens, task.want != "none")
-        account = task.account
+            plan = self.store.begin_append(
+                task.file, task.tokens, task.want != "none", account.holder
+            )
         quota = account.token_quota
         if quota is not None and account.tokens_computed + len(plan.compute_ids) > quota:
             self.store.abort_append(plan)
             raise StoreError(errno.EDQUOT, f"token quota of {quota} tokens exceeded")
-        fresh = plan.num_allocated
-        if account.page_quota is not None and account.pages_allocated + fresh > account.page_quota:
-            self.store.abort_append(plan)
-            raise StoreError(errno.ENOSPC, f"page quota of {account.page_quota} pages exceeded")
-        account.pages_allocated += fresh
         task.computed = 0
         if not plan.compute_ids:
             self.store.finish_append(plan)
@@ -216,6 +233,7 @@ class Scheduler:
     def _advance(self, task: Task, chunk: SeqChunk, output: Any) -> None:
         task.computed += chunk.num_tokens
         task.account.tokens_computed += chunk.num_tokens
+        self.uid_service[task.account.uid] += chunk.num_tokens
         self.num_tokens += chunk.num_tokens
         if task.cancelled or task.remaining:
             return  # more chunks to go, or the reaper's
@@ -296,7 +314,6 @@ class Scheduler:
 
     def _fail(self, task: Task, error: StoreError) -> None:
         if task.plan is not None:
-            task.account.pages_allocated -= task.plan.num_allocated
             self.store.abort_append(task.plan)
             task.plan = None
         self._discard(task)

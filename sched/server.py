@@ -59,6 +59,9 @@ class ServerConfig:
     max_in_flight: int = 64
     # per uid but root's: connections open at once
     max_connections: int = 64
+    # per uid but root's: pages held (files, work in flight, its cached prefixes);
+    # None: half the pool
+    uid_pages: int | None = None
 
     def __post_init__(self) -> None:
         if not self.socket_path:
@@ -69,6 +72,8 @@ class ServerConfig:
             raise ValueError("max_step_tokens must be at least 1")
         if self.max_in_flight < 1 or self.max_connections < 1:
             raise ValueError("max_in_flight and max_connections must be at least 1")
+        if self.uid_pages is not None and self.uid_pages < 1:
+            raise ValueError("uid_pages must be at least 1")
 
 
 def peer_cred(sock: trio.socket.SocketType) -> tuple[int, Cred]:
@@ -99,6 +104,7 @@ class Server:
             mc.vocab_size,
             mc.max_position,
             prefix_cache=config.prefix_cache,
+            uid_share=config.uid_pages or max(1, engine.pool.num_pages // 2),
         )
         # like /tmp: everyone may make files, nobody may remove another's
         self.store.ns.chmod("", ROOT, 0o1777)

@@ -12,6 +12,7 @@ import trio
 
 from symphony.engine.sampling import SamplingParams, make_generator
 from symphony.engine.tokenizer import StreamDecoder
+from symphony.fs.charges import Holder
 from symphony.fs.errors import StoreError
 from symphony.fs.nodes import KVFile
 from symphony.fs.store import AppendPlan
@@ -23,15 +24,25 @@ MAX_STREAMS = 256  # seeded random streams a program keeps (least recently used 
 
 @dataclass
 class Account:
-    """What the scheduler knows of a program: priority class and attained service."""
+    """What the scheduler knows of a program: priority class, attained service, the
+    pages it holds."""
 
     pid: int
     priority: int = 0  # higher runs first
     tokens_computed: int = 0  # attained service, for least-attained-service order
     page_quota: int | None = None
     token_quota: int | None = None
-    pages_allocated: int = 0
+    uid: int = 0  # whose share of the pool its pages count in, and whose service
+    holder: Holder = field(init=False)  # the pages it took and still holds
     streams: OrderedDict[int, torch.Generator] = field(default_factory=OrderedDict)
+
+    def __post_init__(self) -> None:
+        self.holder = Holder(self.uid, self.page_quota)
+
+    @property
+    def pages_allocated(self) -> int:
+        """Pages taken for it and not yet freed (a truncate or unlink gives them back)."""
+        return self.holder.pages
 
     def stream(self, seed: int, device: str | torch.device) -> torch.Generator:
         """The program's random stream named `seed`: made on first use, then advancing

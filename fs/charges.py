@@ -1,0 +1,78 @@
+"""Who holds which pages: each page taken from the pool is charged to a holder (a
+program, within its uid) until it is freed, so quotas count pages held, and truncate,
+unlink or eviction give them back."""
+
+from __future__ import annotations
+
+import errno
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from symphony.fs.errors import StoreError
+
+
+@dataclass(eq=False)
+class Holder:
+    """Whom new pages are charged to: a program (or a user's mount work) of `uid`."""
+
+    uid: int
+    quota: int | None = None  # pages this holder may hold; None: no quota of its own
+    pages: int = 0  # pages charged to it and not yet freed
+
+
+class PageCharges:
+    """The holder of every allocated page, totals per uid, and each uid's share."""
+
+    def __init__(self, uid_share: int | None) -> None:
+        self.uid_share = uid_share  # pages one uid but root may hold; None: no bound
+        self.by_uid: Counter[int] = Counter()
+        self._holder_of: dict[int, Holder] = {}
+        self._users: dict[int, Holder] = {}
+
+    def user(self, uid: int) -> Holder:
+        """The holder of work a uid does outside any program (the mount, /.sys/ctl)."""
+        holder = self._users.get(uid)
+        if holder is None:
+            holder = self._users[uid] = Holder(uid)
+        return holder
+
+    def shortfall(self, holder: Holder, n: int) -> tuple[int, Callable[[int], bool]] | None:
+        """How many pages over its bounds `n` more would take `holder`, and which pages
+        count there (those of the holder, or of its uid)."""
+        if holder.quota is not None and holder.pages + n > holder.quota:
+            return holder.pages + n - holder.quota, lambda page: self._holder_of.get(page) is holder
+        if self.uid_share is not None and holder.uid != 0:
+            over = self.by_uid[holder.uid] + n - self.uid_share
+            if over > 0:
+                return (
+                    over,
+                    lambda page: getattr(self._holder_of.get(page), "uid", None) == holder.uid,
+                )
+        return None
+
+    def check(self, holder: Holder, n: int) -> None:
+        """Raises StoreError(ENOSPC) if `holder` may not take `n` more pages."""
+        if holder.quota is not None and holder.pages + n > holder.quota:
+            raise StoreError(errno.ENOSPC, f"page quota of {holder.quota} pages exceeded")
+        held = self.by_uid[holder.uid]
+        if self.uid_share is not None and holder.uid != 0 and held + n > self.uid_share:
+            raise StoreError(
+                errno.ENOSPC,
+                f"uid {holder.uid} holds {held} pages; {n} more would exceed its share of "
+                f"{self.uid_share}",
+            )
+
+    def charge(self, holder: Holder, pages: list[int]) -> None:
+        for page in pages:
+            self._holder_of[page] = holder
+        holder.pages += len(pages)
+        self.by_uid[holder.uid] += len(pages)
+
+    def release(self, pages: list[int]) -> None:
+        """`pages` went back to the pool: their holders hold them no more."""
+        for page in pages:
+            holder = self._holder_of.pop(page, None)
+            if holder is not None:
+                holder.pages -= 1
+                self.by_uid[holder.uid] -= 1

@@ -1,0 +1,119 @@
+"""Limits and fairness per user: one uid's programs cannot take the pool or the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import trio
+
+from symphony.engine.page_pool import PagePool
+from symphony.engine.tokenizer import StreamDecoder, Tokenizer
+from symphony.fs.charges import Holder
+from symphony.fs.errors import StoreError
+from symphony.fs.nodes import ROOT, Cred
+from symphony.fs.store import KVStore
+from symphony.sched.scheduler import Scheduler
+from symphony.sched.tasks import Account, GenerateState, Task
+from tests.test_scheduler import VOCAB, FakeEngine, run_until_done
+from tests.tiny import tiny_tokenizer_json
+
+OTHER = Cred(65534, 65534)
+
+
+def generating(store: KVStore, account: Account, name: str, max_tokens: int) -> Task:
+    file = store.open(name, ROOT, create=True)
+    task = Task(account, file, [1, 2, 3], "sample")
+    task.generate = GenerateState(
+        max_tokens, frozenset(), (), StreamDecoder(Tokenizer(tiny_tokenizer_json())), None
+    )
+    return task
+
+
+async def test_many_programs_of_one_uid_do_not_stall_another_uids_generation(autojump_clock):
+    pool = PagePool(1, 512, 4, 1, 2, torch.float32, "cpu")
+    store = KVStore(pool, "fake", VOCAB, 4096)
+    engine = FakeEngine()
+    sched = Scheduler(engine, store, max_step_tokens=8)  # type: ignore[arg-type]
+    root = Account(1, uid=0, tokens_computed=10_000)  # root has run for a while
+    sched.uid_service[0] = 10_000
+    flood = [Account(100 + i, uid=65534) for i in range(12)]
+    gen = generating(store, root, "root.kv", 100)
+    sched.submit(gen)
+    engine.tags[gen.plan.block_table[0]] = 0
+    prompts = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sched.run)
+        while len(gen.generate.token_ids) < 2:  # root's generation is under way
+            await trio.sleep(0.01)
+        first = len(engine.steps)
+        for i, account in enumerate(flood):
+            file = store.open(f"f{i}", ROOT, create=True)
+            t = Task(account, file, [1 + j % 30 for j in range(40)])
+            sched.submit(t)
+            engine.tags[t.plan.block_table[0]] = 1
+            prompts.append(t)
+        for t in [gen, *prompts]:
+            await t.done.wait()
+        nursery.cancel_scope.cancel()
+    steps = engine.steps[first:]
+    with_root = [i for i, step in enumerate(steps) if any(tag == 0 for tag, _ in step)]
+    # root's generation rode in every step until it was done
+    assert with_root == list(range(len(with_root))) and len(with_root) >= 50
+    assert all(any(tag == 1 for tag, _ in step) for step in steps[1 : len(with_root)])
+    assert gen.result["finish_reason"] == "length"
+    assert sum(n for step in steps for tag, n in step if tag == 1) == 12 * 40
+    for step in steps[: len(with_root)]:  # beside a decode, prefill got half a step
+        assert sum(n for tag, n in step if tag == 1) <= 4
+    store.check_invariants()
+
+
+async def test_uids_take_turns_before_programs(autojump_clock):
+    pool = PagePool(1, 512, 4, 1, 2, torch.float32, "cpu")
+    store = KVStore(pool, "fake", VOCAB, 4096)
+    engine = FakeEngine()
+    sched = Scheduler(engine, store, max_step_tokens=4)  # type: ignore[arg-type]
+    sched.uid_service[65534] = 500  # 65534's programs have been served a lot, each little
+    many = [Account(100 + i, uid=65534) for i in range(5)]
+    one = Account(7, uid=1000, tokens_computed=100)
+    tasks = []
+    for i, account in enumerate([*many, one]):
+        file = store.open(f"t{i}", ROOT, create=True)
+        engine.tags[0] = -1
+        t = Task(account, file, [1, 2, 3, 4], "none")
+        sched.submit(t)
+        engine.tags[t.plan.block_table[0]] = account.uid
+        tasks.append(t)
+    await run_until_done(sched, tasks)
+    assert engine.steps[0] == [(1000, 4)]  # the less served uid first, despite its program
+
+
+def test_a_uid_holds_its_share_and_root_still_gets_pages():
+    pool = PagePool(1, 32, 4, 1, 2, torch.float32, "cpu")
+    store = KVStore(pool, "fake", VOCAB, 4096, uid_share=8)
+    holder = store.charges.user(OTHER.uid)
+    store.ns.chmod("", ROOT, 0o1777)
+    taken = []
+    with pytest.raises(StoreError) as info:
+        for _ in range(20):
+            taken += store.allocate(1, holder)
+    assert info.value.errno_name == "ENOSPC" and "share" in str(info.value)
+    assert len(taken) == 8 == holder.pages
+    assert len(store.allocate(16, store.charges.user(0))) == 16  # root is not bounded
+    pool.decref(taken[:3])  # freed pages are no longer held
+    assert holder.pages == 5
+    store.allocate(3, holder)
+
+
+def test_a_page_quota_counts_pages_held_not_pages_ever_taken():
+    pool = PagePool(1, 32, 4, 1, 2, torch.float32, "cpu")
+    store = KVStore(pool, "fake", VOCAB, 4096)
+    holder = Holder(0, quota=3)
+    file = store.open("q", ROOT, create=True)
+    for _ in range(5):  # 12 tokens are 3 pages; rolled back, they are given back
+        plan = store.begin_append(file, list(range(1, 13)), need_logits=False, holder=holder)
+        store.finish_append(plan)
+        assert holder.pages == 3
+        with pytest.raises(StoreError):
+            store.begin_append(file, [1], need_logits=False, holder=holder)
+        store.truncate_file(file, 0)  # its pages are cached now: the next append evicts them
+    store.check_invariants()
