@@ -56,6 +56,7 @@ class ProcessTable:
         self.procs: dict[int, Proc] = {}
         self._by_token: dict[str, Proc] = {}
         self._by_cgroup: dict[str, Proc] = {}  # as /proc/PID/cgroup names it
+        self._starting: dict[int, int] = {}  # uid -> spawns in progress
         self.cgroups = Cgroups(cgroups)
         self.registry = LipRegistry(registry if registry is not None else socket_path + ".lips")
         self.registry.end_leftovers()
@@ -124,12 +125,31 @@ class ProcessTable:
                 "this server does not run as root: it runs programs of its own user only",
             )
         most = self.caps.max_lips_per_uid
-        if not cred.is_root and self.running_lips(cred.uid) >= most:
+        starting = self._starting.get(cred.uid, 0)  # spawns of the uid awaiting their exec
+        if not cred.is_root and self.running_lips(cred.uid) + starting >= most:
             raise StoreError(
                 errno.EAGAIN,
                 f"uid {cred.uid} already runs {most} programs, the most this server allows "
                 "one user (lipctl serve --max-lips-per-uid); wait for one to end",
             )
+        self._starting[cred.uid] = starting + 1
+        try:
+            return await self._spawn(nursery, cred, program, args, name, env, limits)
+        finally:
+            self._starting[cred.uid] -= 1
+            if not self._starting[cred.uid]:
+                del self._starting[cred.uid]
+
+    async def _spawn(
+        self,
+        nursery: trio.Nursery,
+        cred: Cred,
+        program: str,
+        args: list[str],
+        name: str,
+        env: dict[str, str],
+        limits: Limits,
+    ) -> Proc:
         limits = limits.capped(self.caps)
         tree = self._make_tree(cred, program)
         child_env = {

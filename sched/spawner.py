@@ -148,6 +148,8 @@ def spawn_error(exc: OSError) -> StoreError:
         return StoreError(
             errno.EMFILE, "the server is out of file descriptors: cannot start the program"
         )
+    if exc.errno == errno.E2BIG:
+        return StoreError(errno.E2BIG, "the program's arguments and environment are too long")
     return StoreError(errno.EAGAIN, f"cannot start the program: {exc.strerror or exc}")
 
 

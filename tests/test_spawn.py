@@ -268,3 +268,11 @@ async def test_a_process_shedding_token_and_parent_link_still_ends_with_its_lip(
     assert await wait_exit(proc) == 0
     assert await gone(await grandchild(proc))
     assert not os.path.exists(proc.tree.cgroup)
+
+
+async def test_arguments_too_long_are_e2big(table, workdirs):
+    procs, nursery = table
+    with pytest.raises(StoreError) as info:
+        await procs.spawn(nursery, ROOT_CRED, "pass", ["x" * 200_000] * 20, "t.py", {}, Limits())
+    assert info.value.errno == errno.E2BIG
+    assert workdirs and not any(os.path.exists(w) for w in workdirs)
