@@ -114,7 +114,7 @@ class Importer:
         self.header: dict[str, Any] | None = None
         self.token_ids: list[int] | None = None
         self.pages: list[int] = []  # references this import holds
-        self.failed = False
+        self.error: StoreError | None = None  # what ended it: every later write says so
 
     def write(self, offset: int, data: bytes) -> None:
         """Take the next bytes.
@@ -122,8 +122,8 @@ class Importer:
         Raises:
             StoreError: EINVAL for a write out of order or bytes that do not fit.
         """
-        if self.failed:
-            raise einval("an earlier write of this import failed")
+        if self.error is not None:
+            raise StoreError(self.error.errno, f"an earlier write failed: {self.error.args[0]}")
         if offset < self.received:
             raise StoreError(
                 errno.EINVAL,
@@ -141,9 +141,9 @@ class Importer:
         self.received = offset + len(data)
         try:
             self._consume()
-        except BaseException:  # a refusal, or a bug: either way no page is kept
+        except BaseException as exc:  # a refusal, or a bug: either way no page is kept
             self.abort()
-            self.failed = True
+            self.error = exc if isinstance(exc, StoreError) else einval("a bug: see the log")
             raise
 
     def _take(self, n: int) -> list[memoryview]:
@@ -249,7 +249,7 @@ class Importer:
             self.write(size, b"")
 
     def complete(self) -> bool:
-        return not self.failed and (
+        return self.error is None and (
             self.header is not None
             and self.token_ids is not None
             and not self._pending

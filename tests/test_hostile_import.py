@@ -132,3 +132,23 @@ def test_kv_verify_reports_the_deviation_and_adopts_a_match(tiny_server):
         assert not bad["match"] and bad["max_abs_diff"] > 10 * bad["tolerance"]
         assert fake.stat()["origin"] == "imported by uid 0"
     tiny_server.run_sync(store.check_invariants)
+
+
+def test_a_pool_running_out_mid_import_says_enospc_on_every_later_write(setup):
+    """cp writes again after a short write: the next write must say why, not EINVAL."""
+    engine, store = setup
+    file = store.ns.create_file("a.kv", ROOT, 0o600, store.domain_of(ROOT))
+    append(engine, store, file, SPAIN)
+    data = bytearray(export(store, "a.kv"))
+    data[-100] ^= 1  # a page nobody holds: it needs a fresh one
+    hog = store.allocate(store.pool.num_free)  # and the pool is full
+    importer = store.importer(Cred(5, 5))
+    half = len(data) // 2
+    with pytest.raises(StoreError) as first:
+        importer.write(0, bytes(data[:half]))
+        importer.write(half, bytes(data[half:]))
+    with pytest.raises(StoreError) as later:
+        importer.write(len(data), b"")
+    assert first.value.errno_name == later.value.errno_name == "ENOSPC"
+    store.pool.decref(hog)
+    store.check_invariants()
