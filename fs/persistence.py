@@ -15,10 +15,12 @@ forgotten (its last name unlinked). Each write goes to a temporary name, is fsyn
 renamed into place, pages before the record naming them, records before the tree, so a
 server killed at any moment leaves the last whole state: what was fsynced survives.
 
-Threads: `prepare` reads the store, so it runs in the thread that changes the store;
-`write` does the disk work and may run in a worker thread (the pages of what it writes
-must stay alive and unwritten until it returns: `KVStore.hold`). `forget` never waits
-for a write in flight: that write removes what was forgotten when it ends.
+Threads: `prepare` and `prepare_tree` read the store, so they run in the thread that
+changes it; `write` does the disk work and may run in a worker thread (the pages of what
+it writes must stay alive and unwritten until it returns: `KVStore.hold`). One write
+runs at a time; `forget` never waits for it: that write removes what was forgotten when
+it ends. `save_file`, `save_namespace` and `save_all` do both halves in the caller's
+thread.
 """
 
 from __future__ import annotations

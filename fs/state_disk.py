@@ -25,6 +25,7 @@ from symphony.fs.state_files import (
 )
 
 NAMESPACE = "namespace.json"
+GONE_KEPT = 4096
 PageEntry = tuple[str, str, int]  # (page key, blob digest, slots the blob holds)
 
 
@@ -64,7 +65,9 @@ class DiskState:
         self._tree_seq = 0
         self._queue = threading.Lock()  # guards the two below, briefly
         self._dropped: list[str] = []  # records to remove
-        self._gone: set[str] = set()  # every record dropped: never written again
+        # records dropped lately: a save of one prepared before is not written (a save
+        # waits for one write at most, so the last few thousand are plenty)
+        self._gone: dict[str, None] = {}
 
     def adopt(self, record_id: str, entries: list[PageEntry], raw: bytes) -> None:
         """Take the record `record_id`, found on disk as `raw`, as written (restore)."""
@@ -78,7 +81,9 @@ class DiskState:
         """Remove the record and the blobs nothing else lists, now or when the write in
         progress ends; a save of it prepared before is not written."""
         with self._queue:
-            self._gone.add(record_id)
+            self._gone[record_id] = None
+            if len(self._gone) > GONE_KEPT:
+                del self._gone[next(iter(self._gone))]
             self._dropped.append(record_id)
         self._remove_dropped()
 
@@ -91,7 +96,8 @@ class DiskState:
                     gone = save.record_id in self._gone  # unlinked since it was prepared
                 if not gone:
                     self._write_record(save)
-            fsync_dir(self.records_dir)
+            if saves:
+                fsync_dir(self.records_dir)
             if tree.seq > self._tree_seq:
                 write_atomically(self.path / NAMESPACE, tree.data)
                 fsync_dir(self.path)
@@ -110,7 +116,9 @@ class DiskState:
                 entries.append(self._write_page(page, key, slots, mine))
                 self.blob_refs[entries[-1][1]] += 1
                 mine[entries[-1][1]] += 1
-            fsync_dir(self.pages.path)
+            if self.pages.unsynced:
+                fsync_dir(self.pages.path)
+                self.pages.unsynced = False
             data = seal({**save.body, "pages": entries})
             digest = digest_of(data)
             if self.record_digests.get(save.record_id) != digest:

@@ -84,6 +84,7 @@ class PageStore:
     def __init__(self, path: Path, page_bytes: int) -> None:
         self.path = path
         self.page_bytes = page_bytes
+        self.unsynced = False  # a blob was renamed into place since the folder's fsync
         path.mkdir(parents=True, exist_ok=True)
 
     def _blob(self, digest: str) -> Path:
@@ -94,6 +95,7 @@ class PageStore:
 
     def write(self, digest: str, data: bytes) -> None:
         write_atomically(self._blob(digest), data)
+        self.unsynced = True
 
     def read(self, digest: str) -> bytes:
         """The bytes of blob `digest`, checked against their name and size.

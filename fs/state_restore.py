@@ -24,6 +24,7 @@ from symphony.fs.prefix_index import ROOT_HASH, page_hash
 from symphony.fs.state_checks import read_record, read_tree
 from symphony.fs.state_disk import NAMESPACE, PageEntry
 from symphony.fs.state_files import DIGEST_RE, TMP_SUFFIX, StateFileError
+from symphony.fs.store import KVStore
 
 if TYPE_CHECKING:
     from symphony.fs.persistence import StateDir
@@ -193,11 +194,15 @@ class Restore:
     def set_aside(self, name: str, reason: str, raw: bytes, path: Path) -> None:
         """Move the file `path` (its name in the tree: `name`) into DIR/aside/, with the
         page blobs it lists (hard links: the state keeps its own)."""
-        folder = self.aside_folder(name)
-        os.replace(path, folder / path.name)
-        for digest in sorted(set(DIGEST_RE.findall(raw.decode("latin-1")))):
-            self.disk.pages.link_into(digest, folder)
-        (folder / "reason").write_text(f"{name}: {reason}\n")
+        try:
+            folder = self.aside_folder(name)
+            os.replace(path, folder / path.name)
+            for digest in sorted(set(DIGEST_RE.findall(raw.decode("latin-1")))):
+                self.disk.pages.link_into(digest, folder)
+            (folder / "reason").write_text(f"{name}: {reason}\n")
+        except OSError as exc:  # the server starts all the same
+            log.warning("state: %s not restored (%s) nor set aside: %s", name, reason, exc)
+            return
         log.warning("state: %s set aside in %s: %s", name, folder, reason)
 
     def set_aside_state(self, reason: str) -> None:
@@ -211,7 +216,7 @@ class Restore:
         log.warning("state: set aside in %s, starting empty: %s", folder, reason)
 
     def aside_folder(self, name: str) -> Path:
-        base = self.state.path / ASIDE / quote(name, safe="")
+        base = self.state.path / ASIDE / quote(name, safe="")[:200]  # a name is 255 at most
         folder, n = base, 0
         while folder.exists():
             n += 1
@@ -220,7 +225,7 @@ class Restore:
         return folder
 
 
-def chain_hashes(token_ids: Sequence[int], store: Any, domain: str) -> list[int]:
+def chain_hashes(token_ids: Sequence[int], store: KVStore, domain: str) -> list[int]:
     """The prefix-hash chain of a file's full pages, as the store keeps it (the pages
     are not entered in the prefix index: they were read, not computed, here)."""
     ps, hashes, parent = store.page_size, [], ROOT_HASH
