@@ -1,8 +1,10 @@
 """What a LIP is made of beyond its process, and the file where a server writes them
 down, so that the next server ends what a killed one left.
 
-The file is one JSON map `token -> LipTree`, rewritten whole (a new file renamed over
-the old one) whenever a LIP starts or ends. A LIP's workdir and cgroup are written
+The file is JSON, `{"server": [pid, start_time], "lips": {token: LipTree}}`, rewritten
+whole (a new file renamed over the old one) whenever a LIP starts or ends; a server
+that still runs keeps its LIPs (a second server started on the same socket by mistake
+ends nothing). A LIP's workdir and cgroup are written
 down before its program runs, so a server killed mid-spawn leaves nothing unrecorded.
 """
 
@@ -19,7 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from symphony.sched.cgroups import CGROUP_PREFIX, Cgroups
-from symphony.sched.proctree import kill_tree
+from symphony.sched.proctree import kill_tree, read_stat
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +121,16 @@ class LipRegistry:
         except (OSError, ValueError) as exc:
             log.warning("cannot read %s: %s", self.path, exc)
             return []
-        if not isinstance(data, dict):
+        lips = data.get("lips") if isinstance(data, dict) else None
+        if not isinstance(lips, dict):
             return []
-        trees = [LipTree.from_json(k, v) for k, v in data.items() if isinstance(k, str)]
+        owner = data.get("server")
+        if isinstance(owner, list) and len(owner) == 2 and _runs(*owner):
+            log.warning(
+                "%s belongs to server pid %s, still running: left alone", self.path, owner[0]
+            )
+            return []
+        trees = [LipTree.from_json(k, v) for k, v in lips.items() if isinstance(k, str)]
         return [t for t in trees if t is not None]
 
     def _save(self) -> None:
@@ -138,7 +147,13 @@ class LipRegistry:
             fd, tmp = tempfile.mkstemp(prefix=".lips-", dir=folder)  # mode 0600
             try:
                 with os.fdopen(fd, "w") as f:
-                    json.dump({k: asdict(t) for k, t in self.trees.items()}, f)
+                    json.dump(
+                        {
+                            "server": [os.getpid(), _start_time(os.getpid())],
+                            "lips": {k: asdict(t) for k, t in self.trees.items()},
+                        },
+                        f,
+                    )
                 os.replace(tmp, self.path)  # replaces a planted link, never its target
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -146,6 +161,19 @@ class LipRegistry:
                 raise
         except OSError as exc:
             log.warning("cannot write the LIP registry %s: %s", self.path, exc)
+
+
+def _start_time(pid: int) -> int | None:
+    st = read_stat(pid)
+    return st.start_time if st is not None else None
+
+
+def _runs(pid: object, start_time: object) -> bool:
+    """Whether the process `pid` that started at `start_time` still runs (not a zombie)."""
+    if not isinstance(pid, int) or not isinstance(start_time, int):
+        return False
+    st = read_stat(pid)
+    return st is not None and not st.dead and st.start_time == start_time
 
 
 def _named(path: str, prefix: str) -> bool:

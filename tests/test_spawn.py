@@ -67,7 +67,7 @@ async def test_spawn_passes_no_preexec_fn_and_works_beside_threads(table, monkey
     real = subprocess.Popen
 
     def popen(*args, **kwargs):
-        seen.append(kwargs)
+        seen.append({**kwargs, "thread": threading.current_thread()})
         return real(*args, **kwargs)
 
     monkeypatch.setattr(subprocess, "Popen", popen)
@@ -81,6 +81,9 @@ async def test_spawn_passes_no_preexec_fn_and_works_beside_threads(table, monkey
         stop.set()
     assert stdout(proc) == b"hi\n"
     assert seen and all(kw.get("preexec_fn") is None for kw in seen)
+    # forked by the trio thread, which lives as long as the server: the parent-death
+    # signal fires when the forking thread ends, and trio's worker threads end when idle
+    assert all(kw["thread"] is threading.current_thread() for kw in seen)
     assert proc.tree is not None and not os.path.exists(proc.tree.workdir)
 
 
