@@ -63,16 +63,16 @@ class Restore:
             from symphony.fs.state_v1 import restore_v1  # only for old state directories
 
             return restore_v1(self, tree)
-        named: set[str] = set()
-        if tree is not None:
-            self.restore_dirs(tree)
-            by_record: dict[str, list[dict[str, Any]]] = {}
-            for f in tree["files"]:
-                by_record.setdefault(f["record"], []).append(f)
-            for record_id, names in by_record.items():
-                self._restore_file(record_id, names)
-            named = set(by_record)
-        self._set_aside_unnamed(named)
+        if tree is None:  # nothing saved yet (a first start writes no tree)
+            self._set_aside_unnamed(set())
+            return 0
+        self.restore_dirs(tree)
+        by_record: dict[str, list[dict[str, Any]]] = {}
+        for f in tree["files"]:
+            by_record.setdefault(f["record"], []).append(f)
+        for record_id, names in by_record.items():
+            self._restore_file(record_id, names)
+        self._set_aside_unnamed(set(by_record))
         self.state.save_namespace()  # without what was set aside
         return self.restored
 
