@@ -11,6 +11,8 @@ import threading
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from symphony.fs.errors import StoreError
 from symphony.fs.nodes import Cred
@@ -279,3 +281,26 @@ async def test_arguments_too_long_are_e2big(table, workdirs):
         await procs.spawn(nursery, ROOT_CRED, "pass", ["x" * 200_000] * 20, "t.py", {}, Limits())
     assert info.value.errno == errno.E2BIG
     assert workdirs and not any(os.path.exists(w) for w in workdirs)
+
+
+LIMIT_NAMES = ["cpu_seconds", "wall_seconds", "tokens", "address_space", "open_files", "pages"]
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from([*LIMIT_NAMES, "priority", "bogus"]) | st.integers(),
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=3),
+        max_size=4,
+    )
+)
+def test_any_limits_map_is_limits_or_einval(args):
+    try:
+        limits = Limits.from_args(args)
+    except StoreError as exc:
+        assert exc.errno == errno.EINVAL
+        return
+    capped = limits.capped(ProcessCaps())
+    assert capped.address_space <= ProcessCaps().max_address_space
+    for name in LIMIT_NAMES:
+        value = getattr(capped, name)
+        assert value is None or 0 <= value <= 1 << 62
