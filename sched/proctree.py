@@ -82,15 +82,24 @@ def ancestors(pid: int, limit: int = 64) -> list[int]:
 
 
 def members(
-    root: tuple[int, int] | None, tokens: frozenset[str], stats: dict[int, ProcStat]
+    root: tuple[int, int] | None,
+    tokens: frozenset[str],
+    stats: dict[int, ProcStat],
+    seen: dict[tuple[int, int], str | None] | None = None,
 ) -> set[int]:
     """Live processes of the trees: `root` (pid, start time), every process holding one of
-    `tokens`, and all their descendants."""
+    `tokens`, and all their descendants. `seen` caches tokens by (pid, start time)."""
     found = set()
     if root is not None and (st := stats.get(root[0])) and st.start_time == root[1]:
         found.add(root[0])
     if tokens:
-        found |= {pid for pid in stats if token_of(pid) in tokens}
+        seen = {} if seen is None else seen
+        for st in stats.values():
+            key = (st.pid, st.start_time)
+            if key not in seen:
+                seen[key] = token_of(st.pid)
+            if seen[key] in tokens:
+                found.add(st.pid)
     children: dict[int, list[int]] = {}
     for st in stats.values():
         children.setdefault(st.ppid, []).append(st.pid)
@@ -111,10 +120,11 @@ def kill_tree(root: tuple[int, int] | None, tokens: frozenset[str]) -> int:
     opened and checked against the scan, so a pid reused meanwhile is never signalled.
     """
     stopped: dict[int, int] = {}  # pid -> pidfd
+    seen: dict[tuple[int, int], str | None] = {}  # environments read in earlier rounds
     try:
         for _ in range(_MAX_ROUNDS):
             stats = all_stats()
-            fresh = members(root, tokens, stats) - stopped.keys()
+            fresh = members(root, tokens, stats, seen) - stopped.keys()
             for pid in fresh:
                 fd = _pidfd(pid, stats[pid].start_time)
                 if fd is None:  # gone, or no fd left: signal by pid, checked just before

@@ -57,8 +57,9 @@ async def start_child(
     called while the launcher waits, before it execs the program.
 
     Raises:
-        StoreError: EMFILE when the server is out of file descriptors, EINVAL when the
-            launcher refuses the limits, EAGAIN for any other failure to start.
+        StoreError: EMFILE when the server is out of file descriptors; EINVAL for a NUL
+            in an argument or the environment, or limits the launcher refuses; E2BIG
+            for arguments too long; EAGAIN for any other failure to start.
     """
     fds: list[int] = []
     try:
