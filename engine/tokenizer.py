@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -93,6 +94,9 @@ class Tokenizer:
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
     ) -> None:
+        # no rayon pool: a long text would take both cores of a small machine from the
+        # engine and the server's loop (a 1 Mi character text held the loop 0.45 s)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from tokenizers import Tokenizer as HFTokenizer
 
         try:

@@ -85,6 +85,7 @@ class KVStore:
         self._importers: list[Importer] = []
         self._held: Counter[int] = Counter()  # pages readers of a snapshot keep alive
         self.charges = PageCharges(uid_share)  # who holds each page taken from the pool
+        self.on_unlinked: Callable[[KVFile], None] | None = None  # --state forgets it
         pool.on_free = self.charges.release
 
     # pages --------------------------------------------------------------------------
@@ -117,6 +118,8 @@ class KVStore:
         file.pages, file.page_hashes, file.token_ids = [], [], []
 
     def _on_last_link(self, file: KVFile) -> None:
+        if self.on_unlinked is not None:
+            self.on_unlinked(file)
         if file.open_count or file.busy:
             self._orphans[file.inode] = file
         else:

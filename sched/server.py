@@ -115,8 +115,9 @@ class Server:
         self.state: StateDir | None = None
         self.mount: Mount | None = None
         if config.state:
-            self.state = StateDir(config.state, self.store)
-            restored = self.state.restore()
+            state = self.state = StateDir(config.state, self.store)
+            self.store.on_unlinked = lambda file: state.forget(file.inode)
+            restored = state.restore()
             log.info("restored %d KV files from %s", restored, config.state)
         self._connections: dict[int, int] = {}  # pid -> open connections
         self._uid_connections: dict[int, int] = {}  # uid -> open connections
