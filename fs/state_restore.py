@@ -103,7 +103,7 @@ class Restore:
         try:
             record = read_record(raw, self.store)
             entries: list[PageEntry] = [(k, d, s) for k, d, s in record["pages"]]
-            pages = self._load_pages(entries)
+            pages = self._load_pages(entries, names[0]["uid"])
         except StateFileError as exc:
             self.set_aside(first, str(exc), raw, path)
             return
@@ -133,8 +133,10 @@ class Restore:
                 log.warning("state: the name %s not restored: %s", other["path"], exc)
         return file
 
-    def _load_pages(self, entries: list[PageEntry]) -> list[int]:
-        """One pool page per stored page not restored yet, a reference per entry."""
+    def _load_pages(self, entries: list[PageEntry], uid: int) -> list[int]:
+        """One pool page per stored page not restored yet, a reference per entry; new
+        pages are charged to `uid` (never refused for its share: a restart comes up as
+        it went down)."""
         pool = self.store.pool
         new = list(dict.fromkeys((k, d) for k, d, _ in entries if (k, d) not in self.groups))
         for _, digest in new:
@@ -155,6 +157,7 @@ class Restore:
             self.bad_blobs[digest] = str(exc)
             pool.decref(fresh)
             raise
+        self.store.charges.charge(self.store.charges.user(uid), fresh)
         for (key, digest), page in zip(new, fresh, strict=True):
             self.groups[(key, digest)] = page
             if key in self.keys_used:  # the page was changed in place: another allocation
