@@ -50,6 +50,12 @@ def parser() -> argparse.ArgumentParser:
         "--uid-connections", type=int, default=64, help="connections one uid but root may open"
     )
     serve.add_argument(
+        "--max-lips-per-uid",
+        type=int,
+        default=16,
+        help="running LIPs one uid may have (root is exempt)",
+    )
+    serve.add_argument(
         "--max-in-flight", type=int, default=64, help="requests one connection runs at once"
     )
     serve.add_argument("--log-level", default="WARNING")
@@ -184,6 +190,7 @@ def serve(args: argparse.Namespace) -> int:
             uid_pages=args.uid_pages,
             max_connections=args.uid_connections,
             max_in_flight=args.max_in_flight,
+            max_lips_per_uid=args.max_lips_per_uid,
         )
     except ValueError as exc:
         print(f"lipctl serve: {exc}", file=sys.stderr)

@@ -258,15 +258,9 @@ async def _kv_unlink(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
 async def _mkdir(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
     path, mode = _path(args), A.get(args, "mode", int, 0o755)
     if A.get(args, "parents", bool, False):
-        parts = [p for p in path.split("/") if p]
-        for i in range(1, len(parts) + 1):
-            try:
-                sys.store.ns.mkdir("/".join(parts[:i]), call.cred, mode)
-            except StoreError as exc:
-                if exc.errno != errno.EEXIST:
-                    raise
-        return None
-    sys.store.ns.mkdir(path, call.cred, mode)
+        sys.store.ns.makedirs(path, call.cred, mode)  # one walk: linear in the depth
+    else:
+        sys.store.ns.mkdir(path, call.cred, mode)
     return None
 
 

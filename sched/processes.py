@@ -70,7 +70,7 @@ class ProcessTable:
         proc = self.procs.get(pid)
         if proc is None or proc.state != "running":
             lip = self._lip_of(pid, cred)
-            account = lip.account if lip is not None else Account(pid)
+            account = lip.account if lip is not None else Account(pid, uid=cred.uid)
             proc = Proc(pid, cred.uid, cred.gid, process_name(pid), account, spawned=False)
             proc.lip = lip.pid if lip is not None else None
             self.procs[pid] = proc
@@ -190,7 +190,9 @@ class ProcessTable:
             self.registry.remove(tree.token)
             raise
         pid = child.popen.pid
-        account = Account(pid, limits.priority, page_quota=limits.pages, token_quota=limits.tokens)
+        account = Account(
+            pid, limits.priority, page_quota=limits.pages, token_quota=limits.tokens, uid=cred.uid
+        )
         proc = Proc(pid, cred.uid, cred.gid, name, account, spawned=True, child=child)
         proc.tree, proc.limits = tree, limits
         self.procs[pid] = proc

@@ -23,7 +23,7 @@ from symphony.fs.persistence import StateDir
 from symphony.fs.store import KVStore
 from symphony.sched.calls import Call, Syscalls
 from symphony.sched.mount import Mount
-from symphony.sched.processes import Proc, ProcessTable
+from symphony.sched.processes import Proc, ProcessCaps, ProcessTable
 from symphony.sched.protocol import (
     MAX_ARRAY,
     FrameBuffer,
@@ -62,6 +62,7 @@ class ServerConfig:
     # per uid but root's: pages held (files, work in flight, its cached prefixes);
     # None: half the pool
     uid_pages: int | None = None
+    max_lips_per_uid: int = 16  # running LIPs of one uid but root
 
     def __post_init__(self) -> None:
         if not self.socket_path:
@@ -74,6 +75,8 @@ class ServerConfig:
             raise ValueError("max_in_flight and max_connections must be at least 1")
         if self.uid_pages is not None and self.uid_pages < 1:
             raise ValueError("uid_pages must be at least 1")
+        if self.max_lips_per_uid < 1:
+            raise ValueError("max_lips_per_uid must be at least 1")
 
 
 def peer_cred(sock: trio.socket.SocketType) -> tuple[int, Cred]:
@@ -110,7 +113,8 @@ class Server:
         self.store.ns.chmod("", ROOT, 0o1777)
         self.scheduler = Scheduler(engine, self.store, config.max_step_tokens)
         mount = os.path.abspath(config.mount) if config.mount else None
-        self.procs = ProcessTable(os.path.abspath(config.socket_path), mount)
+        caps = ProcessCaps(max_lips_per_uid=config.max_lips_per_uid)
+        self.procs = ProcessTable(os.path.abspath(config.socket_path), mount, caps=caps)
         self.syscalls: Syscalls | None = None
         self.state: StateDir | None = None
         self.mount: Mount | None = None

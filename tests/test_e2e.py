@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ import pytest
 
 from symphony.lipctl import SymphonyError, connect
 from tests.server_helpers import ROOT, start_server_process, stop_server_process
+from tests.spawn_helpers import reachable_by_others
 
 pytestmark = pytest.mark.slow
 NOBODY = 65534
@@ -23,18 +23,10 @@ NOBODY = 65534
 
 @pytest.fixture(scope="module", autouse=True)
 def checkout_reachable_by_others():
-    """uid 65534 runs Python from this checkout (its .venv and sources): let it search
-    every folder above the checkout for these tests, since a clone made in `mktemp -d`
-    sits in a 0700 folder; the modes are put back after."""
-    changed = []
-    for folder in [ROOT, *ROOT.parents]:
-        mode = stat.S_IMODE(folder.stat().st_mode)
-        if not mode & stat.S_IXOTH:
-            os.chmod(folder, mode | stat.S_IXOTH)
-            changed.append((folder, mode))
-    yield
-    for folder, mode in changed:
-        os.chmod(folder, mode)
+    """uid 65534 runs Python from this checkout: a clone in `mktemp -d` sits in a 0700
+    folder (tests/spawn_helpers.py)."""
+    with reachable_by_others():
+        yield
 
 
 @pytest.fixture(scope="module")

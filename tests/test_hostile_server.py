@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -19,6 +20,7 @@ from symphony.sched.calls import MAX_TEXT
 from symphony.sched.protocol import HEADER, MAX_ARRAY, FrameBuffer, encode
 from tests.conftest import make_tiny_engine
 from tests.server_helpers import ServerThread
+from tests.spawn_helpers import reachable_by_others
 
 
 def raw(path: str) -> socket.socket:
@@ -158,4 +160,49 @@ def test_connections_per_uid_are_bounded_but_not_roots(tmp_path):
     finally:
         thread.stop()
         os.unlink(path) if os.path.exists(path) else None
+        os.rmdir(folder)
+
+
+SHARE_PROBE = """
+import sys
+from symphony.lipctl import SymphonyError, connect
+with connect(sys.argv[1]) as lip:
+    kv = lip.kv("mine.kv", create=True)
+    try:
+        for _ in range(40):
+            kv.append([5, 6, 7, 8])
+        print("no limit")
+    except SymphonyError as exc:
+        print(exc.errno, kv.stat()["pages"])
+"""
+
+
+def test_a_uid_gets_its_share_of_the_pool_and_root_the_rest(tmp_path):
+    folder = tempfile.mkdtemp(prefix="symphony-test-")
+    os.chmod(folder, 0o755)
+    path = os.path.join(folder, "s.sock")
+    engine = make_tiny_engine(num_pages=64, page_size=4)
+    thread = ServerThread(engine, path, uid_pages=10).start()
+    try:
+        with reachable_by_others():
+            out = subprocess.run(
+                [sys.executable, "-c", SHARE_PROBE, path],
+                user=65534,
+                group=65534,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+            )
+        assert out.stdout.split() == ["ENOSPC", "10"], out.stderr
+        with connect(path) as lip:  # root is not bounded by a share
+            kv = lip.kv("root.kv", create=True)
+            for _ in range(20):
+                kv.append([9, 10, 11, 12])
+            assert kv.stat()["pages"] == 20
+        thread.run_sync(thread.server.store.check_invariants)
+    finally:
+        thread.stop()
+        if os.path.exists(path):
+            os.unlink(path)
         os.rmdir(folder)
