@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import trio
 
 from symphony.fs.errors import StoreError
@@ -41,22 +44,29 @@ def test_anything_that_reveals_content_needs_read(tiny_server):
     server.run_sync(server.server.store.check_invariants)
 
 
-def test_a_seed_names_a_stream_that_advances(tiny_server):
-    server = tiny_server
-    """A per-token LIP with one seed gets fresh draws; the same seed again in a new
-    program starts the same stream."""
+DRAWS = """
+import sys
+from symphony.lipctl import connect
+with connect(sys.argv[1]) as lip:
+    kv = lip.kv("seeded.kv", create=True)
+    kv.truncate(0)
+    kv.append([1, 2, 3])
+    out = []
+    for _ in range(12):  # the same context each time: only the draw can differ
+        kv.truncate(3)
+        out.append(kv.forward([4], temperature=5.0, seed=11)["token"])
+print(*out)
+"""
 
-    def draws() -> list[int]:
-        with connect(server.server.config.socket_path) as lip:
-            kv = lip.kv("seeded.kv", create=True)
-            kv.truncate(0)
-            kv.append([1, 2, 3])
-            out = []
-            for _ in range(12):  # the same context each time: only the draw can differ
-                kv.truncate(3)
-                token = kv.forward([4], temperature=5.0, seed=11)["token"]
-                out.append(token)
-            return out
+
+def test_a_seed_names_a_stream_that_advances(tiny_server):
+    """A per-token LIP with one seed gets fresh draws; the same seed in a new program
+    starts the same stream again."""
+
+    def draws() -> list[str]:
+        argv = [sys.executable, "-c", DRAWS, tiny_server.server.config.socket_path]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+        return out.stdout.split()
 
     first = draws()
     assert len(set(first)) > 1  # at temperature 5 over 259 tokens, 12 equal draws: no stream

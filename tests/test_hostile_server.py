@@ -3,12 +3,14 @@ flight, connections per uid, work off the loop; half-closed clients still get an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
@@ -115,8 +117,40 @@ def test_a_connection_runs_a_bounded_number_of_requests(tmp_path):
         thread.stop()
 
 
-PROBE = """
-import socket, struct, sys
+@contextlib.contextmanager
+def server_for_others(**config: object) -> Iterator[ServerThread]:
+    """A tiny-model server whose socket sits in a folder other uids may search."""
+    folder = tempfile.mkdtemp(prefix="symphony-test-")
+    os.chmod(folder, 0o755)
+    path = os.path.join(folder, "s.sock")
+    thread = ServerThread(make_tiny_engine(num_pages=64, page_size=4), path, **config).start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
+        if os.path.exists(path):
+            os.unlink(path)
+        os.rmdir(folder)
+
+
+def as_nobody(code: str, *args: str) -> str:
+    """Run Python `code` as uid 65534 (the checkout reachable); its stdout."""
+    with reachable_by_others():
+        out = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            user=65534,
+            group=65534,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+CONNECTIONS_PROBE = """
+import socket, sys
 path, n = sys.argv[1], int(sys.argv[2])
 socks, refused = [], 0
 for _ in range(n):
@@ -135,32 +169,15 @@ print(refused)
 """
 
 
-def test_connections_per_uid_are_bounded_but_not_roots(tmp_path):
-    folder = tempfile.mkdtemp(prefix="symphony-test-")
-    os.chmod(folder, 0o755)
-    path = os.path.join(folder, "s.sock")
-    engine = make_tiny_engine(num_pages=32, page_size=4)
-    thread = ServerThread(engine, path, max_connections=5).start()
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", PROBE, path, "8"],
-            user=65534,
-            group=65534,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        assert out.stdout.strip() == "3"  # 5 kept, 3 refused
+def test_connections_per_uid_are_bounded_but_not_roots():
+    with server_for_others(max_connections=5) as thread:
+        path = thread.server.config.socket_path
+        assert as_nobody(CONNECTIONS_PROBE, path, "8") == "3"  # 5 kept, 3 refused
         socks = [raw(path) for _ in range(8)]  # root is not bounded
         with connect(path) as lip:
             assert lip.info["uid"] == 0
         for s in socks:
             s.close()
-    finally:
-        thread.stop()
-        os.unlink(path) if os.path.exists(path) else None
-        os.rmdir(folder)
 
 
 SHARE_PROBE = """
@@ -177,32 +194,13 @@ with connect(sys.argv[1]) as lip:
 """
 
 
-def test_a_uid_gets_its_share_of_the_pool_and_root_the_rest(tmp_path):
-    folder = tempfile.mkdtemp(prefix="symphony-test-")
-    os.chmod(folder, 0o755)
-    path = os.path.join(folder, "s.sock")
-    engine = make_tiny_engine(num_pages=64, page_size=4)
-    thread = ServerThread(engine, path, uid_pages=10).start()
-    try:
-        with reachable_by_others():
-            out = subprocess.run(
-                [sys.executable, "-c", SHARE_PROBE, path],
-                user=65534,
-                group=65534,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-            )
-        assert out.stdout.split() == ["ENOSPC", "10"], out.stderr
+def test_a_uid_gets_its_share_of_the_pool_and_root_the_rest():
+    with server_for_others(uid_pages=10) as thread:
+        path = thread.server.config.socket_path
+        assert as_nobody(SHARE_PROBE, path).split() == ["ENOSPC", "10"]
         with connect(path) as lip:  # root is not bounded by a share
             kv = lip.kv("root.kv", create=True)
             for _ in range(20):
                 kv.append([9, 10, 11, 12])
             assert kv.stat()["pages"] == 20
         thread.run_sync(thread.server.store.check_invariants)
-    finally:
-        thread.stop()
-        if os.path.exists(path):
-            os.unlink(path)
-        os.rmdir(folder)
