@@ -114,6 +114,7 @@ class Importer:
         self.header: dict[str, Any] | None = None
         self.token_ids: list[int] | None = None
         self.pages: list[int] = []  # references this import holds
+        self.ended = False  # committed or aborted: it takes no page any more
         self.error: StoreError | None = None  # what ended it: every later write says so
 
     def write(self, offset: int, data: bytes) -> None:
@@ -259,3 +260,4 @@ class Importer:
     def abort(self) -> None:
         self.pool.decref(self.pages)
         self.pages = []
+        self.ended = True

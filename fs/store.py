@@ -234,7 +234,7 @@ class KVStore:
         """A new import by `cred` (sharing pages noted in `domain`, by default the one of
         `cred`; new pages charged to `holder`, by default `cred`'s uid); its pages count
         in check_invariants until committed or aborted."""
-        self._importers = [i for i in self._importers if i.pages]
+        self._importers = [i for i in self._importers if not i.ended]
         holder = self.charges.user(cred.uid) if holder is None else holder
         imported = Importer(
             self.pool,
@@ -259,6 +259,7 @@ class KVStore:
             raise StoreError(errno.EBUSY, "the file changed during the import")
         assert imported.token_ids is not None
         file.pages, imported.pages = imported.pages, []
+        imported.ended = True
         file.token_ids = list(imported.token_ids)
         file.origin = imported_by(imported.uid)
         self._hash_full_pages(file)

@@ -158,9 +158,6 @@ def test_the_end_of_a_session_closes_what_it_left_open(ops):
     assert store.node(file.inode) is None
 
 
-@pytest.mark.xfail(
-    strict=True, reason="fs/store.py prunes an import in progress that holds no page yet"
-)
 def test_invariants_hold_while_two_imports_run(ops):
     store = ops.store
     lip = ops.store.ns.create_file("src.kv", ROOT, 0o644, "")
