@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import pyfuse3
 
@@ -25,14 +28,29 @@ from symphony.fs.fuse_files import FileHandles, cred_of, guard_handlers
 from symphony.fs.fuse_sys import CTL as SYS_CTL
 from symphony.fs.fuse_sys import SYS_DIR, is_virtual
 from symphony.fs.namespace import ROOT_INODE, Namespace, decode_name
-from symphony.fs.nodes import W_OK, Directory, KVFile, Node, now_ns
+from symphony.fs.nodes import W_OK, Cred, Directory, KVFile, Node, now_ns
 
-XATTRS = (b"user.kv.tokens", b"user.kv.pages", b"user.kv.shared_pages", b"user.kv.model")
+XATTRS = (
+    b"user.kv.tokens",
+    b"user.kv.pages",
+    b"user.kv.shared_pages",
+    b"user.kv.model",
+    b"user.kv.origin",
+    b"user.kv.verify",  # reading it recomputes the file (kv_verify): a JSON report
+)
+VERIFY_REUSE = 10.0  # seconds a verification answers again (getfattr asks twice: size, value)
 
 
 @guard_handlers
 class KVFileSystem(FileHandles):
     """The store's namespace as FUSE sees it (open files and their bytes: FileHandles)."""
+
+    # kv_verify for the user.kv.verify xattr, given by the server (it needs the engine)
+    verify: Callable[[KVFile, Cred], Awaitable[dict[str, Any]]] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._verified: dict[int, tuple[float, bytes]] = {}  # inode -> (when, report)
 
     # attributes ---------------------------------------------------------------------
 
@@ -232,13 +250,27 @@ class KVFileSystem(FileHandles):
         node = self.store.node(inode)  # an open file unlinked answers as before
         if not isinstance(node, KVFile) or name not in XATTRS:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if name == b"user.kv.verify":
+            return await self._verify(node, cred_of(ctx))
         value = {
             b"user.kv.tokens": node.num_tokens,
             b"user.kv.pages": len(node.pages),
             b"user.kv.shared_pages": self.store.num_shared(node),
             b"user.kv.model": self.store.fingerprint,
+            b"user.kv.origin": node.origin,
         }[name]
         return str(value).encode()
+
+    async def _verify(self, node: KVFile, cred: Cred) -> bytes:
+        if self.verify is None:
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        now = time.monotonic()
+        self._verified = {i: v for i, v in self._verified.items() if now - v[0] < VERIFY_REUSE}
+        if node.inode not in self._verified:
+            report = await self.verify(node, cred)
+            self._verified[node.inode] = (now, json.dumps(report).encode())
+            self.cache.invalidate_attributes()
+        return self._verified[node.inode][1]
 
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext

@@ -241,11 +241,7 @@ async def _kv_truncate(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
 @syscall("kv_verify")
 async def _kv_verify(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
     file = sys.store.ns.lookup_file(_path(args), call.cred, R_OK)
-    file.open_count += 1  # unlinked meanwhile, it stays until the report
-    try:
-        return await verify_file(sys.engine, sys.store, sys.scheduler, call.proc.account, file)
-    finally:
-        sys.store.close(file)
+    return await verify_file(sys.engine, sys.store, sys.scheduler, call.proc.account, file)
 
 
 @syscall("kv_unlink")

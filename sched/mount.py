@@ -7,13 +7,12 @@ every engine step and every call.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import importlib.util
 import os
 import subprocess
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -54,6 +53,7 @@ class Mount:
         ops = KVFileSystem(
             server.store, tree, self.cache, self.save_file if state is not None else None
         )
+        ops.verify = self.verify_file
         options = {"fsname=symphony", "subtype=kv", "default_permissions"}
         if os.getuid() == 0:
             options.add("allow_other")  # every user sees the store; the mode bits decide
@@ -82,23 +82,30 @@ class Mount:
             ops.close_all()  # what the session left open holds pages no longer
 
     async def save_file(self, file: KVFile) -> None:
-        """fsync: write `file` through (--state) in a worker thread, from a snapshot taken
-        here: its token ids and pages as they are now, the pages held so that they are
-        neither freed nor written (a held page is shared: an append copies it first)."""
+        """fsync: write `file` through (--state) in a worker thread. What to write (its
+        token ids, pages and the tree) is taken here, in the store's thread, and the pages
+        held so that they are neither freed nor written meanwhile (a held page is shared:
+        an append copies it first)."""
         store, state = self.server.store, self.server.state
         assert state is not None
-        snapshot = dataclasses.replace(
-            file,
-            token_ids=list(file.token_ids),
-            pages=list(file.pages),
-            page_hashes=list(file.page_hashes),
-            journal=None,
-        )
-        store.hold(snapshot.pages)
+        save = state.prepare(file)
+        if save is None:
+            return  # unlinked: it does not survive a restart
+        tree = state.prepare_tree()
+        store.hold(save.pages)
         try:
-            await trio.to_thread.run_sync(state.save_file, snapshot, limiter=self._disk)
+            await trio.to_thread.run_sync(state.write, save, tree, limiter=self._disk)
         finally:
-            store.unhold(snapshot.pages)
+            store.unhold(save.pages)
+
+    async def verify_file(self, file: KVFile, cred: Cred) -> dict[str, Any]:
+        """kv_verify for the user.kv.verify xattr, as `cred` (its uid's share and service)."""
+        from symphony.sched.tasks import Account
+        from symphony.sched.verify import verify_file
+
+        server = self.server
+        account = Account(0, uid=cred.uid)
+        return await verify_file(server.engine, server.store, server.scheduler, account, file)
 
     def open_ctl(self, cred: Cred, pid: int, reading: bool) -> ControlSession:
         server = self.server

@@ -41,6 +41,7 @@ async def verify_file(
     scratch = store.scratch_file(file.domain)
     pages = list(file.pages)
     store.hold(pages)  # the file may be rolled back meanwhile: its pages stay readable
+    file.open_count += 1  # unlinked meanwhile, it stays until the report
     try:
         task = Task(account, scratch, list(file.token_ids), "none")
         scheduler.submit(task)
@@ -59,4 +60,5 @@ async def verify_file(
     finally:
         store.unhold(pages)
         store.close(scratch)
+        store.close(file)
     return {**report, "max_abs_diff": diff, "match": match, "origin": file.origin}
