@@ -101,6 +101,8 @@ class Namespace:
         node = self.lookup(path, cred)
         if not isinstance(node, KVFile):
             raise StoreError(errno.EISDIR, f"is a directory: {path}")
+        if path.endswith("/"):  # as open(2): a trailing slash names a directory
+            raise StoreError(errno.ENOTDIR, f"not a directory: {path}")
         if want:
             self.check(node, cred, want, path)
         return node
@@ -115,6 +117,8 @@ class Namespace:
         parent.touch()
 
     def create_file(self, path: str, cred: Cred, mode: int, domain: str) -> KVFile:
+        if path.endswith("/"):  # as open(2) with O_CREAT: only a directory ends with /
+            raise StoreError(errno.EISDIR, f"a KV file's name cannot end with '/': {path}")
         parent, name = self.parent_of(path, cred)
         gid = parent.gid if parent.mode & stat.S_ISGID else cred.gid
         node = KVFile(

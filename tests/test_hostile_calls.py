@@ -71,3 +71,27 @@ def test_a_seed_names_a_stream_that_advances(tiny_server):
     first = draws()
     assert len(set(first)) > 1  # at temperature 5 over 259 tokens, 12 equal draws: no stream
     assert draws() == first
+
+
+def test_a_trailing_slash_never_names_a_file(tiny_server):
+    from symphony.lipctl import SymphonyError
+
+    with connect(tiny_server.server.config.socket_path) as lip:
+        for call, errno_name in [
+            (lambda: lip.kv("pp/", create=True), "EISDIR"),
+            (lambda: lip.kv("pp/", create=True, exclusive=True), "EISDIR"),
+        ]:
+            try:
+                call()
+            except SymphonyError as exc:
+                assert exc.errno == errno_name
+            else:
+                raise AssertionError("a file named by a trailing slash")
+        assert "pp" not in lip.listdir()
+        lip.kv("qq", create=True)
+        try:
+            lip.kv("qq/")
+        except SymphonyError as exc:
+            assert exc.errno == "ENOTDIR"
+        else:
+            raise AssertionError("a file opened through a trailing slash")

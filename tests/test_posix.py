@@ -201,23 +201,31 @@ def test_a_stat_of_sys_status_does_not_make_its_text():
     assert made == ["status"]
 
 
-def test_fsync_writes_a_snapshot_in_a_worker_thread():
+def test_fsync_writes_a_snapshot_in_a_worker_thread(tmp_path):
+    from symphony.fs.persistence import StateDir
     from symphony.sched.mount import Mount
 
     engine = make_tiny_engine(num_pages=8, page_size=4)
     store = KVStore(engine.pool, engine.fingerprint, engine.model_config.vocab_size, 64)
     file = store.ns.create_file("f.kv", ROOT, 0o644, "")
     file.pages, file.token_ids = store.allocate(1), [1, 2]
-    seen: list[tuple[bool, list[int], int]] = []
+    state = StateDir(tmp_path / "state", store)
+    seen: list[tuple[bool, int]] = []
+    write = state.write
 
-    def save_file(snapshot):  # type: ignore[no-untyped-def]
+    def watched_write(save, tree):  # type: ignore[no-untyped-def]
         on_main = threading.current_thread() is threading.main_thread()
-        seen.append((on_main, snapshot.token_ids, store.pool.refcounts[snapshot.pages[0]]))
-        assert snapshot is not file and snapshot.inode == file.inode
+        seen.append((on_main, store.pool.refcounts[save.pages[0]]))
+        write(save, tree)
 
-    server = SimpleNamespace(store=store, state=SimpleNamespace(save_file=save_file))
+    state.write = watched_write  # type: ignore[method-assign]
+    server = SimpleNamespace(store=store, state=state)
     mount = Mount(server, "/nonexistent")  # type: ignore[arg-type]
     trio.run(mount.save_file, file)
-    assert seen == [(False, [1, 2], 2)]  # in a thread, the page held meanwhile
+    assert seen == [(False, 2)]  # in a thread, the page held meanwhile
     assert store.pool.refcounts[file.pages[0]] == 1
     store.check_invariants()
+    restored = KVStore(engine.pool, engine.fingerprint, engine.model_config.vocab_size, 64)
+    store.unlink("f.kv", ROOT)
+    assert StateDir(tmp_path / "state", restored).restore() == 1
+    assert restored.ns.lookup_file("f.kv", ROOT).token_ids == [1, 2]
