@@ -248,6 +248,7 @@ async def test_a_launch_failure_is_its_errno_and_leaves_no_workdir(table, monkey
     assert not any(p.spawned and p.state == "running" for p in procs.procs.values())
 
 
+@pytest.mark.parametrize("table", [True], ids=["cgroups"], indirect=True)  # cgroups only
 async def test_a_process_shedding_token_and_parent_link_still_ends_with_its_lip(table):
     procs, nursery = table
     if procs.cgroups.base is None:
