@@ -1,11 +1,15 @@
-"""Reading /.sys/ctl command lines (the mount tests run them for real)."""
+"""/.sys/ctl: reading command lines, and a session's pace (the mount tests run it for real)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+import trio
 
 from symphony.fs.errors import StoreError
-from symphony.sched.control import parse_command
+from symphony.fs.nodes import ROOT
+from symphony.sched.control import MAX_QUEUED, ControlSession, Waiters, parse_command
 
 
 @pytest.mark.parametrize(
@@ -56,3 +60,70 @@ def test_malformed_lines_are_einval(line):
     with pytest.raises(StoreError) as info:
         parse_command(line)
     assert info.value.errno_name == "EINVAL"
+
+
+class InstantSyscalls:
+    """Answers every call at once, never yielding (as `status` does)."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.num_calls = 0
+
+    async def answer(self, call: object, name: str, args: dict[str, Any]) -> Any:
+        self.num_calls += 1
+        return {"n": self.num_calls}
+
+
+async def _nothing() -> None:
+    pass
+
+
+async def test_a_flood_of_lines_waits_for_them_and_yields_between_them(nursery):
+    syscalls = InstantSyscalls(nursery)
+    session = ControlSession(
+        syscalls,  # type: ignore[arg-type]
+        ROOT,
+        None,  # type: ignore[arg-type]
+        False,  # write-only, as `cmd > /.sys/ctl`
+        Waiters(4, 4),
+        after_call=_nothing,
+        on_close=lambda: None,
+    )
+    others = 0
+
+    async def other_task() -> None:
+        nonlocal others
+        while True:
+            others += 1
+            await trio.sleep(0)
+
+    nursery.start_soon(other_task)
+    await session.send(b"status\n" * 1000)
+    # the write returned once at most MAX_QUEUED of its lines were left to run
+    assert syscalls.num_calls >= 1000 - MAX_QUEUED
+    assert others >= syscalls.num_calls // 2  # the loop ran other tasks between lines
+    session.close()
+    with trio.fail_after(5):
+        while syscalls.num_calls < 1000:
+            await trio.sleep(0.01)
+    assert syscalls.num_calls == 1000  # write-only: what was written runs to the end
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_reading_opener_gets_every_reply(nursery):
+    syscalls = InstantSyscalls(nursery)
+    session = ControlSession(
+        syscalls,  # type: ignore[arg-type]
+        ROOT,
+        None,  # type: ignore[arg-type]
+        True,
+        Waiters(4, 4),
+        after_call=_nothing,
+        on_close=lambda: None,
+    )
+    await session.send(b"status\n" * (MAX_QUEUED * 3))
+    replies = b""
+    while chunk := await session.receive(1 << 16):
+        replies += chunk
+    assert replies.count(b"\n") == MAX_QUEUED * 3
+    assert replies.startswith(b'ok {"n":1}\n')
