@@ -71,8 +71,17 @@ class Scheduler:
         if task.plan is None:  # nothing to compute: everything came from the index
             self._finish(task, {"tokens": task.file.num_tokens})
             return
+        self._catch_up(task.account.uid)
         self._waiting.append(task)
         self._wake.set()
+
+    def _catch_up(self, uid: int) -> None:
+        """A uid coming back (or new) starts at the least service of those waiting, as
+        CFS does with vruntime: service it had no use for is no credit against them."""
+        active = {t.account.uid for t in self._waiting}
+        if uid not in active and active:
+            floor = min(self.uid_service[u] for u in active)
+            self.uid_service[uid] = max(self.uid_service[uid], floor)
 
     def cancel(self, task: Task) -> None:
         """Stop `task`; its pages go back once no step is using them."""
@@ -153,25 +162,31 @@ class Scheduler:
         return (-account.priority, self.uid_service[account.uid], *task.sort_key()[1:])
 
     def _pick(self) -> list[tuple[Task, SeqChunk]]:
-        """The next step: every waiting decode token first (one each), then prefill
-        chunks. With decoders waiting, prefill gets at most half the budget, so a long
-        prompt slows running generations at most twofold and never stalls them."""
+        """The next step, in fairness order (`_order`): one token for each decode, and
+        chunks of prompts. While decodes wait, prompts get at most half the budget, so a
+        long prompt slows running generations at most twofold and never stalls them;
+        while prompts wait, one seat is theirs."""
         order = sorted(self._waiting, key=self._order)
-        decodes = [t for t in order if t.remaining == 1]
-        prefills = [t for t in order if t.remaining > 1]
         budget = self.max_step_tokens
-        prefill_budget = budget // 2 if decodes else budget
+        decoding = any(t.remaining == 1 for t in order)
+        prefill_budget = budget // 2 if decoding else budget
+        # and a seat is kept for a prompt: decodes alone never fill every seat
+        decode_seats = self.max_step_seqs - any(t.remaining > 1 for t in order)
         batch: list[tuple[Task, SeqChunk]] = []
-        for task in decodes + prefills:
+        for task in order:
             if budget == 0 or len(batch) == self.max_step_seqs:
                 break
             plan = task.plan
             assert plan is not None
             n = min(task.remaining, budget)
-            if task.remaining > 1:
+            if task.remaining == 1:
+                if decode_seats == 0:
+                    continue
+                decode_seats -= 1
+            else:
                 n = min(n, prefill_budget)
                 if n == 0:
-                    break
+                    continue  # the rest of the step is the decodes'
                 prefill_budget -= n
             ids = plan.compute_ids[task.computed : task.computed + n]
             last = task.computed + n == len(plan.compute_ids)

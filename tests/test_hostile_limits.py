@@ -76,9 +76,8 @@ async def test_uids_take_turns_before_programs(autojump_clock):
     many = [Account(100 + i, uid=65534) for i in range(5)]
     one = Account(7, uid=1000, tokens_computed=100)
     tasks = []
-    for i, account in enumerate([*many, one]):
+    for i, account in enumerate([one, *many]):  # both uids wait: the less served goes first
         file = store.open(f"t{i}", ROOT, create=True)
-        engine.tags[0] = -1
         t = Task(account, file, [1, 2, 3, 4], "none")
         sched.submit(t)
         engine.tags[t.plan.block_table[0]] = account.uid
@@ -117,3 +116,29 @@ def test_a_page_quota_counts_pages_held_not_pages_ever_taken():
             store.begin_append(file, [1], need_logits=False, holder=holder)
         store.truncate_file(file, 0)  # its pages are cached now: the next append evicts them
     store.check_invariants()
+
+
+def test_many_decodes_of_one_uid_do_not_starve_anothers_prompt():
+    """256 single-token calls of one uid and a prompt of another: the prompt's owner,
+    the less served, gets into the very next step."""
+    pool = PagePool(1, 1024, 4, 1, 2, torch.float32, "cpu")
+    store = KVStore(pool, "fake", VOCAB, 4096)
+    sched = Scheduler(FakeEngine(), store, max_step_tokens=512)  # type: ignore[arg-type]
+    for i in range(256):
+        flood = Task(Account(100 + i, uid=65534), store.open(f"d{i}", ROOT, create=True), [3])
+        sched.submit(flood)
+    sched.uid_service[65534] = 10**6
+    prompt = Task(Account(7, uid=0), store.open("p", ROOT, create=True), list(range(1, 30)))
+    sched.submit(prompt)
+    picked = [task for task, _ in sched._pick()]
+    assert prompt in picked
+
+
+async def test_a_uid_returning_after_a_long_rest_gets_no_credit(autojump_clock):
+    pool = PagePool(1, 64, 4, 1, 2, torch.float32, "cpu")
+    store = KVStore(pool, "fake", VOCAB, 4096)
+    sched = Scheduler(FakeEngine(), store, max_step_tokens=4)  # type: ignore[arg-type]
+    sched.uid_service.update({0: 10_000_000, 65534: 0})  # root served for a day, 65534 idle
+    sched.submit(Task(Account(1, uid=0), store.open("r", ROOT, create=True), [1, 2, 3, 4]))
+    sched.submit(Task(Account(2, uid=65534), store.open("n", ROOT, create=True), [1, 2, 3, 4]))
+    assert sched.uid_service[65534] == 10_000_000  # starts level with those waiting
