@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -82,6 +83,9 @@ def build_bpe_tokenizer_json(
         },
     }
     return json.dumps(spec, ensure_ascii=False)
+
+
+ROLE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
 
 
 class Tokenizer:
@@ -166,6 +170,9 @@ class Tokenizer:
             ValueError: the template fails, or (without `special`) rewrites contents so
                 they cannot be told apart from the template's own text.
         """
+        for m in messages:  # a role is a name: text in it would be the template's own
+            if not ROLE.fullmatch(str(m.get("role", ""))):
+                raise ValueError(f"a role is a name of letters, digits, _ or -: {m.get('role')!r}")
         if special:
             return self.encode(self.render_chat(messages, add_generation_prompt))
         # each content becomes a marker no content holds; the text around the markers

@@ -34,6 +34,12 @@ def split_path(path: str) -> list[str]:
     return parts
 
 
+def _no_slash_after_file(path: str) -> None:
+    """A trailing slash names a directory (POSIX): never a KV file."""
+    if path.endswith("/"):
+        raise StoreError(errno.ENOTDIR, f"not a directory: {path}")
+
+
 def decode_name(raw: bytes) -> str:
     """One name as the kernel hands it (bytes) as the namespace keeps it (text).
 
@@ -187,6 +193,7 @@ class Namespace:
         parent, name, node = self._removable(path, cred)
         if not isinstance(node, KVFile):
             raise StoreError(errno.EISDIR, f"is a directory: {path}")
+        _no_slash_after_file(path)
         del parent.children[name]
         self.journal.unnamed(parent.inode, name)
         parent.touch()
@@ -214,6 +221,7 @@ class Namespace:
 
     def link_node(self, node: KVFile, dst: str, cred: Cred) -> KVFile:
         """Give the file `node` another name, `dst`."""
+        _no_slash_after_file(dst)
         parent, name = self.parent_of(dst, cred)
         self._insert(parent, name, node, cred, dst)
         node.nlink += 1
@@ -223,6 +231,9 @@ class Namespace:
     def rename(self, src: str, dst: str, cred: Cred) -> None:
         """Move `src` to `dst`, replacing a file there (never a non-empty directory)."""
         src_parent, src_name, node = self._removable(src, cred)
+        if isinstance(node, KVFile):
+            _no_slash_after_file(src)
+            _no_slash_after_file(dst)
         dst_parent, dst_name = self.parent_of(dst, cred)
         self.check(dst_parent, cred, W_OK | X_OK, dst)
         if isinstance(node, Directory) and self._is_within(dst_parent, node):

@@ -189,6 +189,7 @@ async def _chat(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
             and isinstance(m.get("content"), str)
         ):
             raise A.einval("messages must be maps with string 'role' and 'content'")
+
     size = sum(len(m["role"]) + len(m["content"]) for m in messages)
     if size > MAX_TEXT:
         raise StoreError(errno.E2BIG, f"messages of {size} characters; at most {MAX_TEXT}")

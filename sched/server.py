@@ -246,13 +246,15 @@ class Server:
                 except FrameError as exc:
                     await send(error_reply(None, "EPROTO", str(exc)))
                     return False  # the stream is unusable: close the connection
+                for request in requests:
+                    await in_flight.acquire()
+                    nursery.start_soon(self._serve_one, in_flight, request, cred, proc, send)
+                # a frame's clock runs from when the server reads again: waiting for a
+                # free slot above is the server's doing, not the client's
                 if not frames.partial:
                     deadline = math.inf
                 elif not was_partial or requests:  # a new frame begins
                     deadline = trio.current_time() + FRAME_SECONDS
-                for request in requests:
-                    await in_flight.acquire()
-                    nursery.start_soon(self._serve_one, in_flight, request, cred, proc, send)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False  # reset by the peer
 

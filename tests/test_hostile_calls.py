@@ -95,3 +95,28 @@ def test_a_trailing_slash_never_names_a_file(tiny_server):
             assert exc.errno == "ENOTDIR"
         else:
             raise AssertionError("a file opened through a trailing slash")
+
+
+def test_trailing_slashes_after_a_file_are_enotdir(tiny_server):
+    from symphony.fs.nodes import ROOT
+
+    ns = tiny_server.server.store.ns
+
+    def run() -> list[str]:
+        ns.create_file("qq", ROOT, 0o600, "")
+        out = []
+        for call in [
+            lambda: ns.unlink("qq/", ROOT),
+            lambda: ns.rename("qq", "rr/", ROOT),
+            lambda: ns.rename("qq/", "rr", ROOT),
+            lambda: ns.link("qq", "ll/", ROOT),
+        ]:
+            try:
+                call()
+                out.append("done")
+            except StoreError as exc:
+                out.append(exc.errno_name)
+        return out
+
+    assert tiny_server.run_sync(run) == ["ENOTDIR"] * 4
+    assert tiny_server.run_sync(ns.listdir, "", ROOT) == ["qq"]
