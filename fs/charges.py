@@ -69,6 +69,11 @@ class PageCharges:
         holder.pages += len(pages)
         self.by_uid[holder.uid] += len(pages)
 
+    def transfer(self, pages: list[int], holder: Holder) -> None:
+        """Charge `pages` (already charged to someone, or not) to `holder` from now on."""
+        self.release(pages)
+        self.charge(holder, pages)
+
     def release(self, pages: list[int]) -> None:
         """`pages` went back to the pool: their holders hold them no more."""
         for page in pages:

@@ -16,10 +16,12 @@ import functools
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pyfuse3
+import trio
 
 from symphony.fs import kv_format
 from symphony.fs.errors import StoreError
@@ -36,9 +38,12 @@ XATTRS = (
     b"user.kv.shared_pages",
     b"user.kv.model",
     b"user.kv.origin",
-    b"user.kv.verify",  # reading it recomputes the file (kv_verify): a JSON report
 )
-VERIFY_REUSE = 10.0  # seconds a verification answers again (getfattr asks twice: size, value)
+# Reading it recomputes the file (kv_verify) and gives a JSON report. Not listed, so that
+# `getfattr -d`, `cp -a` or `rsync -X` do not recompute every file they touch.
+VERIFY = b"user.kv.verify"
+VERIFY_REUSE = 10.0  # seconds a report answers again (getfattr asks twice: size, value)
+VERIFYING_PER_UID = 2  # verifications one uid may wait on at once through the mount
 
 
 @guard_handlers
@@ -50,7 +55,11 @@ class KVFileSystem(FileHandles):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._verified: dict[int, tuple[float, bytes]] = {}  # inode -> (when, report)
+        # (inode, ctime, tokens) -> (when, report): a report holds only for the file as it
+        # was; one verification runs per file at a time, and a few per uid
+        self._reports: dict[tuple[int, int, int], tuple[float, bytes]] = {}
+        self._verifying: dict[tuple[int, int, int], trio.Event] = {}
+        self._verifying_by_uid: Counter[int] = Counter()
 
     # attributes ---------------------------------------------------------------------
 
@@ -248,10 +257,10 @@ class KVFileSystem(FileHandles):
             # no security labels or ACLs here: saying so once spares `ls -l` asking per file
             raise pyfuse3.FUSEError(errno.ENOTSUP)
         node = self.store.node(inode)  # an open file unlinked answers as before
+        if isinstance(node, KVFile) and name == VERIFY:
+            return await self._verify(node, cred_of(ctx))
         if not isinstance(node, KVFile) or name not in XATTRS:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        if name == b"user.kv.verify":
-            return await self._verify(node, cred_of(ctx))
         value = {
             b"user.kv.tokens": node.num_tokens,
             b"user.kv.pages": len(node.pages),
@@ -264,20 +273,39 @@ class KVFileSystem(FileHandles):
     async def _verify(self, node: KVFile, cred: Cred) -> bytes:
         if self.verify is None:
             raise pyfuse3.FUSEError(errno.ENOTSUP)
+        key = (node.inode, node.ctime_ns, node.num_tokens)
         now = time.monotonic()
-        self._verified = {i: v for i, v in self._verified.items() if now - v[0] < VERIFY_REUSE}
-        if node.inode not in self._verified:
-            report = await self.verify(node, cred)
-            self._verified[node.inode] = (now, json.dumps(report).encode())
+        self._reports = {k: v for k, v in self._reports.items() if now - v[0] < VERIFY_REUSE}
+        while key not in self._reports:
+            running = self._verifying.get(key)
+            if running is not None:  # another reader asked first: its report answers
+                await running.wait()
+                if key not in self._reports:
+                    raise pyfuse3.FUSEError(errno.EAGAIN)
+                break
+            if self._verifying_by_uid[cred.uid] >= VERIFYING_PER_UID:
+                raise pyfuse3.FUSEError(errno.EAGAIN)
+            done = self._verifying[key] = trio.Event()
+            self._verifying_by_uid[cred.uid] += 1
+            try:
+                report = await self.verify(node, cred)
+            finally:
+                self._verifying_by_uid[cred.uid] -= 1
+                del self._verifying[key]
+                done.set()
+            value = json.dumps(report).encode()
+            # under the key of the file as it is now too (adopting changes its ctime)
+            for k in {key, (node.inode, node.ctime_ns, node.num_tokens)}:
+                self._reports[k] = (time.monotonic(), value)
             self.cache.invalidate_attributes()
-        return self._verified[node.inode][1]
+        return self._reports[key][1]
 
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         node = self.store.node(inode)
         if not isinstance(node, KVFile) or name != b"user.kv.tokens":
-            raise pyfuse3.FUSEError(errno.EPERM if name in XATTRS else errno.ENOTSUP)
+            raise pyfuse3.FUSEError(errno.EPERM if name in (*XATTRS, VERIFY) else errno.ENOTSUP)
         try:
             n = int(value.decode().strip())
         except (UnicodeDecodeError, ValueError):

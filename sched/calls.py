@@ -242,7 +242,9 @@ async def _kv_truncate(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
 @syscall("kv_verify")
 async def _kv_verify(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
     file = sys.store.ns.lookup_file(_path(args), call.cred, R_OK)
-    return await verify_file(sys.engine, sys.store, sys.scheduler, call.proc.account, file)
+    may_adopt = file.allows(call.cred, W_OK)
+    account = call.proc.account
+    return await verify_file(sys.engine, sys.store, sys.scheduler, account, file, may_adopt)
 
 
 @syscall("kv_unlink")

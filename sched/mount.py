@@ -99,13 +99,18 @@ class Mount:
             store.unhold(save.pages)
 
     async def verify_file(self, file: KVFile, cred: Cred) -> dict[str, Any]:
-        """kv_verify for the user.kv.verify xattr, as `cred` (its uid's share and service)."""
+        """kv_verify for the user.kv.verify xattr, as `cred` (its uid's share and service;
+        the file becomes computed only if `cred` may write it)."""
+        from symphony.fs.nodes import W_OK
         from symphony.sched.tasks import Account
         from symphony.sched.verify import verify_file
 
         server = self.server
         account = Account(0, uid=cred.uid)
-        return await verify_file(server.engine, server.store, server.scheduler, account, file)
+        may_adopt = file.allows(cred, W_OK)
+        return await verify_file(
+            server.engine, server.store, server.scheduler, account, file, may_adopt
+        )
 
     def open_ctl(self, cred: Cred, pid: int, reading: bool) -> ControlSession:
         server = self.server

@@ -26,9 +26,15 @@ def tolerance(engine: Engine) -> float:
 
 
 async def verify_file(
-    engine: Engine, store: KVStore, scheduler: Scheduler, account: Account, file: KVFile
+    engine: Engine,
+    store: KVStore,
+    scheduler: Scheduler,
+    account: Account,
+    file: KVFile,
+    may_adopt: bool,
 ) -> dict[str, Any]:
-    """Recompute `file` and report; adopt the recomputed pages when they match.
+    """Recompute `file` and report; adopt the recomputed pages when they match and the
+    caller `may_adopt` (may write the file: adopting changes its pages and origin).
 
     Raises:
         StoreError: ENOSPC when the pool cannot hold the recomputation, EBUSY when the
@@ -55,7 +61,7 @@ async def verify_file(
             engine.pool.max_abs_diff, pages, scratch.pages, num_tokens, limiter=scheduler.limiter
         )
         match = diff <= report["tolerance"]
-        if match and file.origin != COMPUTED:
+        if match and may_adopt and file.origin != COMPUTED:
             store.adopt_pages(file, scratch)
     finally:
         store.unhold(pages)

@@ -152,3 +152,25 @@ def test_a_pool_running_out_mid_import_says_enospc_on_every_later_write(setup):
     assert first.value.errno_name == later.value.errno_name == "ENOSPC"
     store.pool.decref(hog)
     store.check_invariants()
+
+
+def test_kv_verify_by_a_reader_reports_but_changes_nothing(tiny_server):
+    """Adopting the recomputed pages changes the file: a reader who may not write gets
+    the report only."""
+    from symphony.lipctl import connect
+    from tests.test_hostile_calls import call_as
+
+    srv = tiny_server.server
+    with connect(srv.config.socket_path) as lip:
+        lip.kv("real.kv", create=True).append(SPAIN)
+
+    def copy() -> None:
+        import_as(srv.store, ROOT, "copy.kv", export(srv.store, "real.kv"))  # mode 0644
+
+    tiny_server.run_sync(copy)
+    file = tiny_server.run_sync(lambda: srv.store.ns.lookup_file("copy.kv", ROOT))
+    mtime, pages = file.mtime_ns, list(file.pages)
+    report = call_as(tiny_server, OTHER, "kv_verify", path="copy.kv")
+    assert report["match"] and report["origin"] == "imported by uid 0"
+    assert (file.mtime_ns, file.pages, file.origin) == (mtime, pages, "imported by uid 0")
+    tiny_server.run_sync(srv.store.check_invariants)
