@@ -70,12 +70,21 @@ class Syscalls:
         self.scheduler = scheduler
         self.procs = procs
         self.nursery = nursery
-        # tokenizer and template work, off the trio thread, one call at a time
+        # tokenizer and template work, off the trio thread, one call at a time, and at
+        # most one queued per uid: the queue takes the uids in turn
         self.cpu_limiter = trio.CapacityLimiter(1)
+        self._cpu_by_uid: dict[int, trio.Lock] = {}
 
-    async def in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def in_worker(self, call: Call, fn: Callable[..., Any], *args: Any) -> Any:
         """Run CPU-heavy `fn(*args)` (tokenizing, templates) in a worker thread."""
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.cpu_limiter)
+        uid = call.cred.uid
+        lock = self._cpu_by_uid.setdefault(uid, trio.Lock())
+        try:
+            async with lock:
+                return await trio.to_thread.run_sync(fn, *args, limiter=self.cpu_limiter)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._cpu_by_uid.pop(uid, None)
 
     async def dispatch(self, call: Call, name: Any, args: Any) -> Any:
         handler = HANDLERS.get(name) if isinstance(name, str) else None
@@ -160,7 +169,7 @@ def _text(args: dict[str, Any], name: str = "text") -> str:
 @syscall("tokenize")
 async def _tokenize(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
     special = A.get(args, "special", bool, True)  # control tokens written in the text count
-    return await sys.in_worker(sys.engine.tokenizer.encode, _text(args), special)
+    return await sys.in_worker(call, sys.engine.tokenizer.encode, _text(args), special)
 
 
 @syscall("detokenize")
@@ -176,7 +185,7 @@ async def _detokenize(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
             raise A.einval(f"ids must be token ids in 0..{vocab - 1}")
         return sys.engine.tokenizer.decode(ids, skip_special=skip_special)
 
-    return await sys.in_worker(decode)
+    return await sys.in_worker(call, decode)
 
 
 @syscall("apply_chat_template")
@@ -204,7 +213,7 @@ async def _chat(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
         except Exception as exc:  # a template can fail in any way on odd input
             raise A.einval(f"chat template failed: {exc}") from None
 
-    return await sys.in_worker(render)
+    return await sys.in_worker(call, render)
 
 
 @syscall("kv_open")

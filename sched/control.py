@@ -134,8 +134,9 @@ class ControlSession:
     the bound a read that would wait gets EAGAIN. A write that leaves more than
     MAX_QUEUED lines to run waits until they are down to it, and the lines run one at a
     time with a checkpoint between them: a flood of lines through one opener neither
-    grows without end nor keeps the trio loop from the socket and the mount. Writes
-    always succeed; a line too long gets an `error E2BIG` reply in its place.
+    grows without end nor keeps the trio loop from the socket and the mount. A write that
+    would wait when too many reads and writes of /.sys/ctl wait already (in all, or of its
+    uid) is EAGAIN; a line too long gets an `error E2BIG` reply in its place.
     """
 
     def __init__(
@@ -168,8 +169,17 @@ class ControlSession:
         """Take written bytes; returns once at most MAX_QUEUED of this opener's lines wait
         to run (a write of many lines is taken whole, then waited on)."""
         self._take(data)
-        while len(self._lines) > MAX_QUEUED and not self._closed:
-            await self._changed.wait()
+        if len(self._lines) <= MAX_QUEUED or self._closed:
+            return
+        # a waiting write holds one of the mount's request tasks, as a waiting read does:
+        # both count against the same bounds (EAGAIN past them)
+        uid = self.call.cred.uid
+        self._waiters.enter(uid)
+        try:
+            while len(self._lines) > MAX_QUEUED and not self._closed:
+                await self._changed.wait()
+        finally:
+            self._waiters.leave(uid)
 
     def _take(self, data: bytes) -> None:
         if self._skipping:
@@ -233,7 +243,11 @@ class ControlSession:
         except StoreError as exc:
             return format_error(exc)
         if name == "forward" and "text" in args and "tokens" not in args:
-            args["tokens"] = self.syscalls.engine.tokenizer.encode(str(args.pop("text")))
+            # through the tokenize call: a worker thread, and its bound on the text
+            tokens = await self.syscalls.answer(self.call, "tokenize", {"text": args.pop("text")})
+            if isinstance(tokens, StoreError):
+                return format_error(tokens)
+            args["tokens"] = tokens
         try:
             outcome = await self.syscalls.answer(self.call, name, args)
         finally:
@@ -270,7 +284,8 @@ class ControlSession:
 
 
 class Waiters:
-    """How many reads of /.sys/ctl wait for a reply, in all and for each uid."""
+    """How many reads and writes of /.sys/ctl wait (each holds a FUSE request task), in
+    all and for each uid."""
 
     def __init__(self, total: int, per_uid: int) -> None:
         self.total, self.per_uid = total, per_uid
@@ -279,7 +294,7 @@ class Waiters:
     def enter(self, uid: int) -> None:
         """Raises: StoreError EAGAIN past either bound."""
         if sum(self._by_uid.values()) >= self.total or self._by_uid.get(uid, 0) >= self.per_uid:
-            raise StoreError(errno.EAGAIN, "too many reads wait on /.sys/ctl")
+            raise StoreError(errno.EAGAIN, "too many reads and writes wait on /.sys/ctl")
         self._by_uid[uid] = self._by_uid.get(uid, 0) + 1
 
     def leave(self, uid: int) -> None:

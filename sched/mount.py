@@ -115,7 +115,13 @@ class Mount:
     def open_ctl(self, cred: Cred, pid: int, reading: bool) -> ControlSession:
         server = self.server
         assert server.syscalls is not None
+        server.admit(cred)  # a session counts as a connection of its uid
         proc = server.attach_client(pid, cred)
+
+        def close() -> None:
+            server.release(cred)
+            server.detach_client(proc)
+
         return ControlSession(
             server.syscalls,
             cred,
@@ -123,7 +129,7 @@ class Mount:
             reading,
             self.ctl_waiters,
             after_call=self.cache.invalidate,
-            on_close=lambda: server.detach_client(proc),
+            on_close=close,
         )
 
     def sys_text(self, name: str) -> str:

@@ -57,6 +57,8 @@ class ServerConfig:
     state: str | None = None  # where KV files persist across restarts; None: they do not
     # per connection: requests running at once (then the server stops reading it)
     max_in_flight: int = 64
+    # per uid but root's, over all its connections
+    max_uid_in_flight: int = 256
     # per uid but root's: connections open at once
     max_connections: int = 64
     # per uid but root's: pages held (files, work in flight, its cached prefixes);
@@ -71,8 +73,8 @@ class ServerConfig:
             raise ValueError(f"socket path too long for a unix socket: {self.socket_path}")
         if self.max_step_tokens < 1:
             raise ValueError("max_step_tokens must be at least 1")
-        if self.max_in_flight < 1 or self.max_connections < 1:
-            raise ValueError("max_in_flight and max_connections must be at least 1")
+        if min(self.max_in_flight, self.max_uid_in_flight, self.max_connections) < 1:
+            raise ValueError("max_in_flight, max_uid_in_flight, max_connections must be >= 1")
         if self.uid_pages is not None and self.uid_pages < 1:
             raise ValueError("uid_pages must be at least 1")
         if self.max_lips_per_uid < 1:
@@ -125,6 +127,7 @@ class Server:
             log.info("restored %d KV files from %s", restored, config.state)
         self._connections: dict[int, int] = {}  # pid -> open connections
         self._uid_connections: dict[int, int] = {}  # uid -> open connections
+        self._uid_in_flight: dict[int, trio.Semaphore] = {}  # uid -> requests running
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; spawned programs are killed and the socket removed after."""
@@ -163,6 +166,24 @@ class Server:
             raise
         return trio.SocketListener(sock)
 
+    def admit(self, cred: Cred) -> None:
+        """Count one more connection (or /.sys/ctl session) of `cred`'s uid.
+
+        Raises:
+            StoreError: EAGAIN when a uid but root's has max_connections open.
+        """
+        count = self._uid_connections.get(cred.uid, 0)
+        if count >= self.config.max_connections and not cred.is_root:
+            raise StoreError(
+                errno.EAGAIN, f"uid {cred.uid} has {count} connections open, the most allowed"
+            )
+        self._uid_connections[cred.uid] = count + 1
+
+    def release(self, cred: Cred) -> None:
+        self._uid_connections[cred.uid] -= 1
+        if not self._uid_connections[cred.uid]:
+            del self._uid_connections[cred.uid]
+
     def attach_client(self, pid: int, cred: Cred) -> Proc:
         """The process table's entry for a new connection (or /.sys/ctl) of `pid`."""
         proc = self.procs.attach(pid, cred)
@@ -183,14 +204,13 @@ class Server:
     async def _handle(self, stream: trio.SocketStream) -> None:
         assert self.syscalls is not None
         pid, cred = peer_cred(stream.socket)
-        uid_count = self._uid_connections.get(cred.uid, 0)
-        if uid_count >= self.config.max_connections and not cred.is_root:
-            message = f"uid {cred.uid} has {uid_count} connections open, the most allowed"
+        try:
+            self.admit(cred)
+        except StoreError as exc:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(encode(error_reply(None, "EAGAIN", message)))
+                await stream.send_all(encode(error_reply(None, exc.errno_name, exc.args[0])))
             await stream.aclose()
             return
-        self._uid_connections[cred.uid] = uid_count + 1
         proc = self.attach_client(pid, cred)
         lock = trio.Lock()
 
@@ -208,9 +228,7 @@ class Server:
         except Exception:  # one connection's trouble must never end the server
             log.exception("connection of pid %d failed", pid)
         finally:
-            self._uid_connections[cred.uid] -= 1
-            if not self._uid_connections[cred.uid]:
-                del self._uid_connections[cred.uid]
+            self.release(cred)
             self.detach_client(proc)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -227,6 +245,11 @@ class Server:
         """
         frames = FrameBuffer(max_array=MAX_ARRAY)
         in_flight = trio.Semaphore(self.config.max_in_flight)
+        uid_in_flight = None
+        if not cred.is_root:
+            uid_in_flight = self._uid_in_flight.setdefault(
+                cred.uid, trio.Semaphore(self.config.max_uid_in_flight)
+            )
         deadline = math.inf
         try:
             while True:
@@ -247,8 +270,10 @@ class Server:
                     await send(error_reply(None, "EPROTO", str(exc)))
                     return False  # the stream is unusable: close the connection
                 for request in requests:
-                    await in_flight.acquire()
-                    nursery.start_soon(self._serve_one, in_flight, request, cred, proc, send)
+                    slots = [in_flight] if uid_in_flight is None else [in_flight, uid_in_flight]
+                    for slot in slots:
+                        await slot.acquire()
+                    nursery.start_soon(self._serve_one, slots, request, cred, proc, send)
                 # a frame's clock runs from when the server reads again: waiting for a
                 # free slot above is the server's doing, not the client's
                 if not frames.partial:
@@ -259,12 +284,18 @@ class Server:
             return False  # reset by the peer
 
     async def _serve_one(
-        self, in_flight: trio.Semaphore, request: dict[str, Any], cred: Cred, proc: Any, send: Any
+        self,
+        slots: list[trio.Semaphore],
+        request: dict[str, Any],
+        cred: Cred,
+        proc: Any,
+        send: Any,
     ) -> None:
         try:
             await self._serve_call(request, cred, proc, send)
         finally:
-            in_flight.release()
+            for slot in slots:
+                slot.release()
 
     async def _serve_call(self, request: dict[str, Any], cred: Cred, proc: Any, send: Any) -> None:
         assert self.syscalls is not None

@@ -204,3 +204,49 @@ def test_a_uid_gets_its_share_of_the_pool_and_root_the_rest():
                 kv.append([9, 10, 11, 12])
             assert kv.stat()["pages"] == 20
         thread.run_sync(thread.server.store.check_invariants)
+
+
+IN_FLIGHT_PROBE = """
+import socket, sys, time
+from symphony.lipctl import connect
+from symphony.sched.protocol import encode
+path = sys.argv[1]
+with connect(path) as lip:
+    for i in range(6):
+        lip.kv(f"g{i}.kv", create=True).append([1, 2, 3])
+socks = []
+for c in range(2):  # two connections, three long generates each
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    for i in range(3):
+        args = {"path": f"g{3 * c + i}.kv", "max_tokens": 400, "sampler": {"temperature": 0}}
+        s.sendall(encode({"id": i, "call": "generate", "args": args}))
+    socks.append(s)
+print("sent", flush=True)
+time.sleep(4)
+"""
+
+
+def test_requests_in_flight_are_bounded_per_uid_over_its_connections():
+    with server_for_others(max_uid_in_flight=2) as thread:
+        path = thread.server.config.socket_path
+        with reachable_by_others():
+            probe = subprocess.Popen(
+                [sys.executable, "-c", IN_FLIGHT_PROBE, path],
+                user=65534,
+                group=65534,
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+            )
+            try:
+                assert probe.stdout is not None and probe.stdout.readline() == "sent\n"
+                seen = []
+                with connect(path) as lip:
+                    for _ in range(40):
+                        seen.append(lip.status()["waiting"])
+                        time.sleep(0.02)
+                assert max(seen) == 2
+            finally:
+                probe.kill()
+                probe.wait(30)
