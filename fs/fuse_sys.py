@@ -83,7 +83,7 @@ class SysTree:
         self,
         store: KVStore,
         tokenizer: Tokenizer | None,
-        sys_text: Callable[[str], str],
+        sys_text: Callable[[str, Cred], str],
         open_ctl: Callable[[Cred, int, bool], ControlChannel] | None,
     ) -> None:
         self.store = store
@@ -153,8 +153,8 @@ class SysTree:
             a.st_atime_ns, a.st_mtime_ns = node.atime_ns, node.mtime_ns
             a.st_ctime_ns = node.ctime_ns
 
-    def _sys_bytes(self, inode: int) -> bytes:
-        text = self.sys_text(SYS_FILES[inode - SYS_DIR - 1]).encode()
+    def _sys_bytes(self, inode: int, cred: Cred) -> bytes:
+        text = self.sys_text(SYS_FILES[inode - SYS_DIR - 1], cred).encode()
         self._sizes[inode] = len(text)
         return text
 
@@ -169,7 +169,7 @@ class SysTree:
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise pyfuse3.FUSEError(errno.EACCES)
         if _is_sys_file(inode):
-            return SysHandle(inode, self._sys_bytes(inode))
+            return SysHandle(inode, self._sys_bytes(inode, cred))
         view, real = split_view(inode)
         node = self._real(real)
         if not isinstance(node, KVFile):

@@ -56,6 +56,7 @@ class Proc:
             "spawned": self.spawned,
             "priority": self.account.priority,
             "tokens": self.account.tokens_computed,
+            "pages": self.account.pages_allocated,  # held now: freed pages are given back
             "pages_allocated": self.account.pages_allocated,
             "syscalls": self.syscalls,
             "exit_status": self.exit_status,
