@@ -4,12 +4,9 @@ unlink or eviction give them back."""
 
 from __future__ import annotations
 
-import errno
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from symphony.fs.errors import StoreError
 
 
 @dataclass(eq=False)
@@ -37,31 +34,24 @@ class PageCharges:
             holder = self._users[uid] = Holder(uid)
         return holder
 
-    def shortfall(self, holder: Holder, n: int) -> tuple[int, Callable[[int], bool]] | None:
-        """How many pages over its bounds `n` more would take `holder`, and which pages
-        count there (those of the holder, or of its uid)."""
+    def over(self, holder: Holder, n: int) -> tuple[int, Callable[[int], bool], str] | None:
+        """Whether `n` more pages take `holder` past a bound: by how many, which pages
+        count there (those of the holder, or of its uid), and a sentence."""
         if holder.quota is not None and holder.pages + n > holder.quota:
-            return holder.pages + n - holder.quota, lambda page: self._holder_of.get(page) is holder
-        if self.uid_share is not None and holder.uid != 0:
-            over = self.by_uid[holder.uid] + n - self.uid_share
-            if over > 0:
-                return (
-                    over,
-                    lambda page: getattr(self._holder_of.get(page), "uid", None) == holder.uid,
-                )
-        return None
-
-    def check(self, holder: Holder, n: int) -> None:
-        """Raises StoreError(ENOSPC) if `holder` may not take `n` more pages."""
-        if holder.quota is not None and holder.pages + n > holder.quota:
-            raise StoreError(errno.ENOSPC, f"page quota of {holder.quota} pages exceeded")
+            return (
+                holder.pages + n - holder.quota,
+                lambda page: self._holder_of.get(page) is holder,
+                f"page quota of {holder.quota} pages exceeded",
+            )
         held = self.by_uid[holder.uid]
         if self.uid_share is not None and holder.uid != 0 and held + n > self.uid_share:
-            raise StoreError(
-                errno.ENOSPC,
+            return (
+                held + n - self.uid_share,
+                lambda page: getattr(self._holder_of.get(page), "uid", None) == holder.uid,
                 f"uid {holder.uid} holds {held} pages; {n} more would exceed its share of "
                 f"{self.uid_share}",
             )
+        return None
 
     def charge(self, holder: Holder, pages: list[int]) -> None:
         for page in pages:

@@ -71,10 +71,17 @@ class StateDir:
         self.disk.write([save], tree)
 
     def save_all(self) -> None:
-        """Every file and the tree (at unmount and shutdown); what no file uses goes."""
+        """Every file and the tree (at shutdown); what no file uses goes."""
+        self.write_all(*self.prepare_all())
+
+    def prepare_all(self) -> tuple[list[FileSave], TreeSave]:
+        """What save_all writes, taken in the store's thread."""
         fills = self._page_fills(None)
-        saves = [self._prepare(f, fills) for f in self.store.ns.files()]
-        self.disk.write(saves, self.prepare_tree(), collect=True)
+        return [self._prepare(f, fills) for f in self.store.ns.files()], self.prepare_tree()
+
+    def write_all(self, saves: list[FileSave], tree: TreeSave) -> None:
+        """Put what prepare_all took on disk (any thread, the pages of `saves` held)."""
+        self.disk.write(saves, tree, collect=True)
 
     def save_namespace(self) -> None:
         """Write the tree; records of files that no longer exist are forgotten."""

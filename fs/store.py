@@ -98,10 +98,12 @@ class KVStore:
             StoreError: ENOSPC when the pool, or the holder's quota or share, is short.
         """
         if holder is not None:
-            over = self.charges.shortfall(holder, n)
+            over = self.charges.over(holder, n)
             if over is not None and self.index is not None:  # its own cached pages go first
-                self.index.evict(*over)
-            self.charges.check(holder, n)
+                self.index.evict(over[0], only=over[1])
+                over = self.charges.over(holder, n)
+            if over is not None:
+                raise StoreError(errno.ENOSPC, over[2])
         short = n - self.pool.num_free
         if short > 0 and self.index is not None:
             self.index.evict(short)

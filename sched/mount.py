@@ -72,8 +72,8 @@ class Mount:
             # main returns when the kernel ends the session: unmounted from outside, and
             # no release comes for the files still open through the mount
             ops.close_all()
-            if state is not None:
-                state.save_all()  # an unmount writes every file, as a shutdown does
+            if state is not None:  # an unmount writes every file, as a shutdown does
+                await self._save_all()
             print(
                 f"symphony: {self.mountpoint} was unmounted; serving the socket only",
                 file=sys.stderr,
@@ -84,6 +84,18 @@ class Mount:
                 await self.cache.close()
             pyfuse3.close(unmount=True)
             ops.close_all()  # what the session left open holds pages no longer
+
+    async def _save_all(self) -> None:
+        """Every file through, in a worker thread, from what is taken here (pages held)."""
+        store, state = self.server.store, self.server.state
+        assert state is not None
+        saves, tree = state.prepare_all()
+        pages = [page for save in saves for page in save.pages]
+        store.hold(pages)
+        try:
+            await trio.to_thread.run_sync(state.write_all, saves, tree, limiter=self._disk)
+        finally:
+            store.unhold(pages)
 
     async def save_file(self, file: KVFile) -> None:
         """fsync: write `file` through (--state) in a worker thread. What to write (its
