@@ -57,6 +57,9 @@ class ProcessTable:
         self._by_token: dict[str, Proc] = {}
         self._by_cgroup: dict[str, Proc] = {}  # as /proc/PID/cgroup names it
         self._starting: dict[int, int] = {}  # uid -> spawns in progress
+        # where tree kills run in a worker thread: a scan of /proc is O(processes), and a
+        # LIP may have thousands (the nursery spawns were given)
+        self._background: trio.Nursery | None = None
         self.cgroups = Cgroups(cgroups)
         self.registry = LipRegistry(registry if registry is not None else socket_path + ".lips")
         self.registry.end_leftovers()
@@ -199,6 +202,7 @@ class ProcessTable:
         self._by_token[tree.token] = proc
         if tree.cgroup is not None and (relative := self.cgroups.relative(tree.cgroup)):
             self._by_cgroup[relative] = proc
+        self._background = nursery
         nursery.start_soon(self._supervise, proc, limits.wall_seconds)
         return proc
 
@@ -242,7 +246,7 @@ class ProcessTable:
                 status = await child.wait()
                 # what its tree left running goes too (then its pipes close); one that
                 # escaped the tree may hold them open: its output is not waited for long
-                self._end_tree(proc)
+                await trio.to_thread.run_sync(self._end_tree, proc)
                 nursery.cancel_scope.deadline = trio.current_time() + OUTPUT_GRACE
         finally:
             child.close()  # cancelled (the server stops): kill_all ends the rest
@@ -279,7 +283,10 @@ class ProcessTable:
             raise StoreError(errno.EPERM, f"program {pid} belongs to uid {proc.uid}")
         if proc.state == "running":
             proc.state = "killed"
-            self._end_tree(proc)
+            if self._background is not None:
+                self._background.start_soon(trio.to_thread.run_sync, self._end_tree, proc)
+            else:
+                self._end_tree(proc)
         return proc
 
     def _end_tree(self, proc: Proc) -> None:
