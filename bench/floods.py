@@ -11,6 +11,7 @@ writes bench/results/floods.json and floods.png. Target: p99 under 50 ms for eac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import shutil
@@ -30,10 +31,8 @@ FLOOD_UID = 65534
 def _calls(socket: str, call: str, args: dict, until: float) -> None:
     with connect(socket) as lip:
         while time.monotonic() < until:
-            try:
+            with contextlib.suppress(SymphonyError):  # refusals are part of the flood
                 lip.call(call, **args)
-            except SymphonyError:
-                pass  # refusals (E2BIG, EEXIST) are part of the flood
 
 
 def _pipeline(socket: str, until: float) -> None:
@@ -54,10 +53,8 @@ def _ctl(mount: str, until: float) -> None:
     lines = b"status\n" * 60_000
     while time.monotonic() < until:
         with open(os.path.join(mount, ".sys", "ctl"), "r+b", buffering=0) as ctl:
-            try:
+            with contextlib.suppress(OSError):  # EAGAIN: too many wait already
                 ctl.write(lines)
-            except OSError:
-                pass
             while ctl.read(1 << 20):
                 if time.monotonic() >= until:
                     break
@@ -71,9 +68,9 @@ FLOODS = {
     "tokenize 4 Mi chars": lambda s, m, u: _calls(s, "tokenize", {"text": "word " * 838860}, u),
     "16 MiB frame": lambda s, m, u: _calls(s, "tokenize", {"text": "w" * (16 * 2**20 - 64)}, u),
     "chat 1 Mi chars": lambda s, m, u: _calls(
-        s, "apply_chat_template", {"messages": [{"role": "user", "content": "hi " * 349525}]}, u
+        s, "apply_chat_template", {"messages": [{"role": "user", "content": "hi " * 349000}]}, u
     ),
-    "detokenize 262,144 ids": lambda s, m, u: _calls(s, "detokenize", {"ids": [42] * 262144}, u),
+    "detokenize 65,536 ids": lambda s, m, u: _calls(s, "detokenize", {"ids": [42] * 65536}, u),
     "10,000 requests unread": lambda s, m, u: _pipeline(s, u),
     "/.sys/ctl 60,000 lines": lambda s, m, u: _ctl(m, u),
 }
@@ -137,7 +134,8 @@ def main() -> None:
     finally:
         stop_server(server)
         shutil.rmtree(folder, ignore_errors=True)
-    print(f"{'root hello while':28s} {'calls':>6s} {'median ms':>10s} {'p99 ms':>8s} {'max ms':>8s}")
+    head = f"{'root hello while':28s} {'calls':>6s} {'median ms':>10s} {'p99 ms':>8s}"
+    print(f"{head} {'max ms':>8s}")
     for name, row in results.items():
         print(
             f"{name:28s} {row['calls']:6d} {row['median_ms']:10.2f} {row['p99_ms']:8.2f} "
@@ -152,7 +150,6 @@ def plot(results: dict[str, dict[str, float]]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from common import RESULTS
 
     names = list(results)

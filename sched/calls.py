@@ -30,7 +30,7 @@ MAX_GENERATE = 8192
 # thread, but the tokenizer holds the GIL part of the time: 1 Mi characters keep the
 # server's loop waiting 36 ms at worst here (4 Mi: 120 ms).
 MAX_TEXT = 1 << 20
-MAX_IDS = 1 << 18  # token ids one detokenize call takes
+MAX_IDS = 1 << 16  # token ids one detokenize call takes (decoding holds the GIL: ~13 ms)
 
 
 @dataclass
