@@ -34,13 +34,15 @@ def start(folder: str, state: str | None = None) -> tuple[subprocess.Popen, str,
     with contextlib.suppress(FileExistsError):  # also when a killed server left it stale
         os.mkdir(mount)
     argv = [sys.executable, "-m", "tests.serve_tiny", socket, mount, *([state] if state else [])]
-    server = subprocess.Popen(
-        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    # its output goes to a file: a pipe nobody reads would block a server that logs much
+    log = os.path.join(folder, "server.log")
+    with open(log, "a") as out:
+        server = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while not (os.path.ismount(mount) and answers(socket)):
         if server.poll() is not None:
-            raise AssertionError(server.stderr.read() if server.stderr else "server exited")
+            with open(log) as f:
+                raise AssertionError(f.read() or "server exited")
         assert time.monotonic() < deadline, "the mount did not appear"
         time.sleep(0.05)
     return server, mount, socket
