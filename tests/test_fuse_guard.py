@@ -9,26 +9,14 @@ import pyfuse3
 import pytest
 import trio
 
-from symphony.fs.fuse_cache import KernelCache
 from symphony.fs.fuse_ops import KVFileSystem
-from symphony.fs.fuse_sys import SysTree
 from symphony.fs.nodes import ROOT
-from symphony.fs.store import KVStore
-from tests.conftest import make_tiny_engine
+from tests.fuse_helpers import errno_of, make_ops
 
 
 @pytest.fixture
 def ops() -> KVFileSystem:
-    engine = make_tiny_engine(num_pages=8, page_size=4)
-    store = KVStore(engine.pool, engine.fingerprint, engine.model_config.vocab_size, 64)
-    tree = SysTree(store, engine.tokenizer, lambda name: "", None)
-    return KVFileSystem(store, tree, KernelCache(store))
-
-
-def errno_of(coroutine_fn, *args) -> int:  # type: ignore[no-untyped-def]
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        trio.run(coroutine_fn, *args)
-    return info.value.errno
+    return make_ops()
 
 
 def test_store_errors_become_their_errno(ops):

@@ -20,6 +20,7 @@ from symphony.fs.namespace import Namespace
 from symphony.fs.nodes import ROOT, Cred
 from symphony.fs.store import KVStore
 from tests.conftest import make_tiny_engine
+from tests.fuse_helpers import errno_of, make_ops
 
 USER = Cred(1000, 1000)
 CTX = pyfuse3.RequestContext()  # root, as the kernel's own checks already passed
@@ -27,16 +28,7 @@ CTX = pyfuse3.RequestContext()  # root, as the kernel's own checks already passe
 
 @pytest.fixture
 def ops() -> KVFileSystem:
-    engine = make_tiny_engine(num_pages=8, page_size=4)
-    store = KVStore(engine.pool, engine.fingerprint, engine.model_config.vocab_size, 64)
-    tree = SysTree(store, engine.tokenizer, lambda name: "", None)
-    return KVFileSystem(store, tree, KernelCache(store))
-
-
-def errno_of(coroutine_fn, *args) -> int:  # type: ignore[no-untyped-def]
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        trio.run(coroutine_fn, *args)
-    return info.value.errno
+    return make_ops()
 
 
 def store_errno(fn, *args) -> int:  # type: ignore[no-untyped-def]
@@ -179,7 +171,7 @@ def test_a_stat_of_sys_status_does_not_make_its_text():
     store = KVStore(engine.pool, engine.fingerprint, engine.model_config.vocab_size, 64)
     made: list[str] = []
 
-    def text(name: str) -> str:
+    def text(name: str, cred: Cred) -> str:
         made.append(name)
         return "pages_used 0\ninvariants ok\n"
 
