@@ -55,6 +55,7 @@ class FrameBuffer:
         self._buf = bytearray()
         self._max = max_frame
         self._max_array = max_array
+        self.sizes: list[int] = []  # the body sizes of the frames the last frames() gave
 
     def feed(self, data: bytes) -> None:
         self._buf += data
@@ -71,6 +72,7 @@ class FrameBuffer:
             FrameError: a frame is oversized or undecodable; the stream is unusable.
         """
         out = []
+        self.sizes = []
         while len(self._buf) >= HEADER.size:
             (size,) = HEADER.unpack_from(self._buf)
             if size > self._max:
@@ -80,6 +82,7 @@ class FrameBuffer:
             body = bytes(self._buf[HEADER.size : HEADER.size + size])
             del self._buf[: HEADER.size + size]
             out.append(decode_body(body, self._max_array))
+            self.sizes.append(size)
         return out
 
 

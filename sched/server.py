@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import math
 import os
@@ -11,6 +12,7 @@ import select
 import socket
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,7 @@ from symphony.fs.errors import StoreError
 from symphony.fs.nodes import ROOT, Cred
 from symphony.fs.persistence import StateDir
 from symphony.fs.store import KVStore
+from symphony.sched.admission import Admission, InFlight
 from symphony.sched.calls import Call, Syscalls
 from symphony.sched.mount import Mount
 from symphony.sched.processes import Proc, ProcessCaps, ProcessTable
@@ -57,7 +60,8 @@ class ServerConfig:
     state: str | None = None  # where KV files persist across restarts; None: they do not
     # per connection: requests running at once (then the server stops reading it)
     max_in_flight: int = 64
-    # per uid but root's, over all its connections
+    # per uid but root's, over all its connections: requests in flight, each counting
+    # once per 256 KiB of its frame (so 64 MiB of requests at most)
     max_uid_in_flight: int = 256
     # per uid but root's: connections open at once
     max_connections: int = 64
@@ -126,8 +130,7 @@ class Server:
             restored = state.restore()
             log.info("restored %d KV files from %s", restored, config.state)
         self._connections: dict[int, int] = {}  # pid -> open connections
-        self._uid_connections: dict[int, int] = {}  # uid -> open connections
-        self._uid_in_flight: dict[int, trio.Semaphore] = {}  # uid -> requests running
+        self.admission = Admission(config.max_connections, config.max_uid_in_flight)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; spawned programs are killed and the socket removed after."""
@@ -167,22 +170,11 @@ class Server:
         return trio.SocketListener(sock)
 
     def admit(self, cred: Cred) -> None:
-        """Count one more connection (or /.sys/ctl session) of `cred`'s uid.
-
-        Raises:
-            StoreError: EAGAIN when a uid but root's has max_connections open.
-        """
-        count = self._uid_connections.get(cred.uid, 0)
-        if count >= self.config.max_connections and not cred.is_root:
-            raise StoreError(
-                errno.EAGAIN, f"uid {cred.uid} has {count} connections open, the most allowed"
-            )
-        self._uid_connections[cred.uid] = count + 1
+        """Count one more connection (or /.sys/ctl session) of `cred`'s uid (EAGAIN)."""
+        self.admission.admit(cred)
 
     def release(self, cred: Cred) -> None:
-        self._uid_connections[cred.uid] -= 1
-        if not self._uid_connections[cred.uid]:
-            del self._uid_connections[cred.uid]
+        self.admission.release(cred)
 
     def attach_client(self, pid: int, cred: Cred) -> Proc:
         """The process table's entry for a new connection (or /.sys/ctl) of `pid`."""
@@ -245,11 +237,7 @@ class Server:
         """
         frames = FrameBuffer(max_array=MAX_ARRAY)
         in_flight = trio.Semaphore(self.config.max_in_flight)
-        uid_in_flight = None
-        if not cred.is_root:
-            uid_in_flight = self._uid_in_flight.setdefault(
-                cred.uid, trio.Semaphore(self.config.max_uid_in_flight)
-            )
+        uid_budget = self.admission.in_flight(cred)
         deadline = math.inf
         try:
             while True:
@@ -269,11 +257,11 @@ class Server:
                 except FrameError as exc:
                     await send(error_reply(None, "EPROTO", str(exc)))
                     return False  # the stream is unusable: close the connection
-                for request in requests:
-                    slots = [in_flight] if uid_in_flight is None else [in_flight, uid_in_flight]
-                    for slot in slots:
-                        await slot.acquire()
-                    nursery.start_soon(self._serve_one, slots, request, cred, proc, send)
+                for request, size in zip(requests, frames.sizes, strict=True):
+                    await in_flight.acquire()
+                    units = 0 if uid_budget is None else await uid_budget.take(size)
+                    release = functools.partial(self._release_slot, in_flight, uid_budget, units)
+                    nursery.start_soon(self._serve_one, release, request, cred, proc, send)
                 # a frame's clock runs from when the server reads again: waiting for a
                 # free slot above is the server's doing, not the client's
                 if not frames.partial:
@@ -283,9 +271,15 @@ class Server:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False  # reset by the peer
 
+    @staticmethod
+    def _release_slot(in_flight: trio.Semaphore, uid_budget: InFlight | None, units: int) -> None:
+        in_flight.release()
+        if uid_budget is not None:
+            uid_budget.give(units)
+
     async def _serve_one(
         self,
-        slots: list[trio.Semaphore],
+        release: Callable[[], None],
         request: dict[str, Any],
         cred: Cred,
         proc: Any,
@@ -294,8 +288,7 @@ class Server:
         try:
             await self._serve_call(request, cred, proc, send)
         finally:
-            for slot in slots:
-                slot.release()
+            release()
 
     async def _serve_call(self, request: dict[str, Any], cred: Cred, proc: Any, send: Any) -> None:
         assert self.syscalls is not None

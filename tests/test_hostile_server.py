@@ -210,7 +210,7 @@ IN_FLIGHT_PROBE = """
 import socket, sys, time
 from symphony.lipctl import connect
 from symphony.sched.protocol import encode
-path = sys.argv[1]
+path, junk = sys.argv[1], "j" * int(sys.argv[2])  # bytes an argument nobody reads holds
 with connect(path) as lip:
     for i in range(6):
         lip.kv(f"g{i}.kv", create=True).append([1, 2, 3])
@@ -220,6 +220,7 @@ for c in range(2):  # two connections, three long generates each
     s.connect(path)
     for i in range(3):
         args = {"path": f"g{3 * c + i}.kv", "max_tokens": 400, "sampler": {"temperature": 0}}
+        args["junk"] = junk
         s.sendall(encode({"id": i, "call": "generate", "args": args}))
     socks.append(s)
 print("sent", flush=True)
@@ -227,12 +228,16 @@ time.sleep(4)
 """
 
 
-def test_requests_in_flight_are_bounded_per_uid_over_its_connections():
-    with server_for_others(max_uid_in_flight=2) as thread:
+@pytest.mark.parametrize(
+    "budget, junk", [(2, 0), (8, 900_000)], ids=["two requests", "8 units, 0.9 MB requests"]
+)
+def test_requests_in_flight_are_bounded_per_uid_over_its_connections(budget, junk):
+    """Counted once per 256 KiB of their frames: 0.9 MB requests take 4 of 8 units."""
+    with server_for_others(max_uid_in_flight=budget) as thread:
         path = thread.server.config.socket_path
         with reachable_by_others():
             probe = subprocess.Popen(
-                [sys.executable, "-c", IN_FLIGHT_PROBE, path],
+                [sys.executable, "-c", IN_FLIGHT_PROBE, path, str(junk)],
                 user=65534,
                 group=65534,
                 stdout=subprocess.PIPE,
