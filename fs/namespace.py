@@ -118,6 +118,7 @@ class Namespace:
         if name in parent.children:
             raise StoreError(errno.EEXIST, f"file exists: {path}")
         parent.children[name] = node.inode
+        self.journal.tree_version += 1
         self.nodes[node.inode] = node
         node.journal = self.journal
         parent.touch()
@@ -195,6 +196,7 @@ class Namespace:
             raise StoreError(errno.EISDIR, f"is a directory: {path}")
         _no_slash_after_file(path)
         del parent.children[name]
+        self.journal.tree_version += 1
         self.journal.unnamed(parent.inode, name)
         parent.touch()
         node.nlink -= 1
@@ -211,6 +213,7 @@ class Namespace:
         if node.children:
             raise StoreError(errno.ENOTEMPTY, f"directory not empty: {path}")
         del parent.children[name]
+        self.journal.tree_version += 1
         self.journal.unnamed(parent.inode, name)
         del self.nodes[node.inode]
         parent.nlink -= 1
@@ -252,6 +255,7 @@ class Namespace:
                     raise StoreError(errno.ENOTDIR, f"not a directory: {dst}")
                 self.unlink(dst, cred)
         del src_parent.children[src_name]
+        self.journal.tree_version += 1
         self.journal.unnamed(src_parent.inode, src_name)
         dst_parent.children[dst_name] = node.inode
         if isinstance(node, Directory) and src_parent is not dst_parent:

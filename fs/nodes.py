@@ -46,6 +46,9 @@ class Journal:
         self.enabled = False
         self.inodes: set[int] = set()
         self.removed: list[tuple[int, str]] = []  # (directory inode, name)
+        # counts changes of the tree (names) and of owners and modes, always: the state
+        # directory writes namespace.json again only when it moved
+        self.tree_version = 0
 
     def changed(self, inode: int) -> None:
         if self.enabled:
@@ -94,6 +97,8 @@ class Node:
             self.mtime_ns = t
         if self.journal is not None:
             self.journal.changed(self.inode)
+            if not modified:  # an attribute (owner, mode, a name) changed, not the data
+                self.journal.tree_version += 1
 
 
 @dataclass

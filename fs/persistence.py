@@ -56,6 +56,10 @@ class StateDir:
         # restored page keeps the key it was saved under
         self.page_keys: dict[tuple[int, int], str] = {}
         self._seq = 0
+        # namespace.json as last made, with what it was made from: (tree version, record
+        # version); fsyncs in a loop then cost no walk of the whole tree
+        self._records_version = 0
+        self._tree_memo: tuple[tuple[int, int], bytes] | None = None
 
     # the public calls -------------------------------------------------------------------
 
@@ -94,6 +98,7 @@ class StateDir:
             return  # still named
         with self._meta:
             record_id = self.record_ids.pop(inode, None)
+            self._records_version += record_id is not None
         if record_id is not None:
             self.disk.drop(record_id)
 
@@ -117,6 +122,7 @@ class StateDir:
     def _prepare(self, file: KVFile, fills: dict[int, int]) -> FileSave:
         pages, token_ids = list(file.pages), list(file.token_ids)
         with self._meta:
+            self._records_version += file.inode not in self.record_ids
             record_id = self.record_ids.setdefault(file.inode, f"{self.epoch}-{file.inode}")
             keys = [self._key_of(page) for page in pages]
         ps = self.store.page_size
@@ -140,11 +146,16 @@ class StateDir:
         with self._meta:
             gone = [i for i in self.record_ids if not isinstance(nodes.get(i), KVFile)]
             dropped = [self.record_ids.pop(inode) for inode in gone]
+            self._records_version += bool(dropped)
             record_ids = dict(self.record_ids)
             self._seq += 1
             seq = self._seq
+            made_from = (ns.journal.tree_version, self._records_version)
+            memo = self._tree_memo
         for record_id in dropped:
             self.disk.drop(record_id)
+        if memo is not None and memo[0] == made_from:
+            return TreeSave(seq, memo[1])
         dirs, files = [], []
         stack: list[tuple[str, Directory]] = [("", ns.root)]
         while stack:  # parents before their children
@@ -165,7 +176,10 @@ class StateDir:
             "dirs": dirs,
             "files": files,
         }
-        return TreeSave(seq, seal(tree))
+        data = seal(tree)
+        with self._meta:
+            self._tree_memo = (made_from, data)
+        return TreeSave(seq, data)
 
     def _key_of(self, page: int) -> str:
         generation = self.store.pool.generation[page]

@@ -35,3 +35,36 @@ def test_fsync_then_unlink_rounds_do_not_grow_the_state(tmp_path):
         assert not os.listdir(os.path.join(state, "records"))
     finally:
         thread.stop()
+
+
+def test_the_tree_is_made_again_only_when_names_owners_or_modes_change(tmp_path):
+    """An fsync loop does not walk every name each time; any change of the tree does."""
+    from symphony.fs.persistence import StateDir
+    from symphony.fs.store import KVStore
+
+    engine = make_tiny_engine(num_pages=16, page_size=4)
+    store = KVStore(engine.pool, engine.fingerprint, engine.model_config.vocab_size, 64)
+    store.ns.mkdir("d", ROOT)
+    file = store.ns.create_file("d/f.kv", ROOT, 0o600, "")
+    state = StateDir(tmp_path / "state", store)
+    state.prepare(file)
+    first, again = state.prepare_tree(), state.prepare_tree()
+    assert again.data is first.data and again.seq > first.seq
+    file.token_ids = [1]  # data changes leave the tree as it is
+    file.pages = store.allocate(1)
+    file.touch()
+    assert state.prepare_tree().data is first.data
+    for change in (
+        lambda: store.ns.chmod("d/f.kv", ROOT, 0o644),
+        lambda: store.ns.chown("d", ROOT, 1000, None),
+        lambda: store.ns.rename("d/f.kv", "d/g.kv", ROOT),
+        lambda: store.ns.mkdir("e", ROOT),
+    ):
+        before = state.prepare_tree().data
+        change()
+        assert state.prepare_tree().data != before
+    state.disk.write([state.prepare(store.ns.lookup_file("d/g.kv", ROOT))], state.prepare_tree())
+    again_store = KVStore(engine.pool, engine.fingerprint, engine.model_config.vocab_size, 64)
+    StateDir(tmp_path / "state", again_store).restore()
+    restored = again_store.ns.lookup_file("d/g.kv", ROOT)
+    assert restored.mode & 0o777 == 0o644 and again_store.ns.lookup("d", ROOT).uid == 1000
