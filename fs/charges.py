@@ -59,6 +59,14 @@ class PageCharges:
         holder.pages += len(pages)
         self.by_uid[holder.uid] += len(pages)
 
+    def foreign(self, pages: list[int], holder: Holder) -> list[int]:
+        """The pages (once each) charged to a uid other than `holder`'s."""
+        return [
+            page
+            for page in dict.fromkeys(pages)
+            if (other := self._holder_of.get(page)) is not None and other.uid != holder.uid
+        ]
+
     def transfer(self, pages: list[int], holder: Holder) -> None:
         """Charge `pages` (already charged to someone, or not) to `holder` from now on."""
         self.release(pages)
@@ -71,3 +79,12 @@ class PageCharges:
             if holder is not None:
                 holder.pages -= 1
                 self.by_uid[holder.uid] -= 1
+
+    def check_invariants(self, refcounts: list[int]) -> None:
+        """Raise AssertionError unless every charged page is in use and the counts add up."""
+        for page in self._holder_of:
+            if refcounts[page] <= 0:
+                raise AssertionError(f"page {page} is free but still charged")
+        by_uid: Counter[int] = Counter(h.uid for h in self._holder_of.values())
+        if +by_uid != +self.by_uid:
+            raise AssertionError(f"charges per uid {dict(self.by_uid)}, pages {dict(by_uid)}")

@@ -22,6 +22,7 @@ import xxhash
 
 from symphony.engine.page_pool import PagePool
 from symphony.fs import kv_format
+from symphony.fs.charges import Holder
 from symphony.fs.errors import StoreError
 
 MAX_HEADER = 4096
@@ -115,6 +116,7 @@ class Importer:
         self.token_ids: list[int] | None = None
         self.pages: list[int] = []  # references this import holds
         self.ended = False  # committed or aborted: it takes no page any more
+        self.holder: Holder | None = None  # whom the store charges its pages to
         self.error: StoreError | None = None  # what ended it: every later write says so
 
     def write(self, offset: int, data: bytes) -> None:

@@ -25,6 +25,7 @@ from symphony.fs.kv_import import ContentIndex, Importer
 from symphony.fs.namespace import Namespace
 from symphony.fs.nodes import COMPUTED, R_OK, W_OK, Cred, KVFile, Node, imported_by
 from symphony.fs.prefix_index import ROOT_HASH, PrefixIndex, page_hash
+from symphony.fs.store_invariants import check_store
 
 
 def uid_domain(cred: Cred) -> str:
@@ -184,11 +185,32 @@ class KVStore:
         indexed = self.index is not None and self.index.is_indexed(page)
         return self.pool.refcounts[page] - int(indexed) - self._held[page]
 
-    def fork(self, src: str, dst: str, cred: Cred, mode: int | None = None) -> KVFile:
-        """Make `dst` a copy-on-write copy of `src`: same tokens, every page shared."""
+    def fork(
+        self,
+        src: str,
+        dst: str,
+        cred: Cred,
+        mode: int | None = None,
+        holder: Holder | None = None,
+    ) -> KVFile:
+        """Make `dst` a copy-on-write copy of `src`: same tokens, every page shared.
+
+        Pages of another uid's that the copy shares are charged to `holder` (by default
+        `cred`'s uid) from now on: who forks keeps them alive, and the other uid's
+        unlink gives them back to it.
+
+        Raises:
+            StoreError: ENOSPC when those pages would take `holder` past its bounds.
+        """
         source = self.ns.lookup_file(src, cred, R_OK)
+        holder = self.charges.user(cred.uid) if holder is None else holder
+        taken = self.charges.foreign(source.pages, holder)
+        over = self.charges.over(holder, len(taken))
+        if over is not None:
+            raise StoreError(errno.ENOSPC, over[2])
         mode = source.mode if mode is None else mode
         copy = self.ns.create_file(dst, cred, mode, self.domain_of(cred))
+        self.charges.transfer(taken, holder)
         self.pool.incref(source.pages)
         copy.pages = list(source.pages)
         copy.token_ids = list(source.token_ids)
@@ -248,6 +270,7 @@ class KVStore:
             lambda n: self.allocate(n, holder),
             cred.uid,
         )
+        imported.holder = holder
         self._importers.append(imported)
         return imported
 
@@ -260,6 +283,14 @@ class KVStore:
             imported.abort()
             raise StoreError(errno.EBUSY, "the file changed during the import")
         assert imported.token_ids is not None
+        # pages shared by content with another uid's are the importer's from now on
+        holder = imported.holder or self.charges.user(imported.uid)
+        taken = self.charges.foreign(imported.pages, holder)
+        over = self.charges.over(holder, len(taken))
+        if over is not None:
+            imported.abort()
+            raise StoreError(errno.ENOSPC, over[2])
+        self.charges.transfer(taken, holder)
         file.pages, imported.pages = imported.pages, []
         imported.ended = True
         file.token_ids = list(imported.token_ids)
@@ -464,30 +495,5 @@ class KVStore:
         }
 
     def check_invariants(self) -> None:
-        """Raise AssertionError unless refcounts, files, index and pool all agree."""
-        self.pool.check_invariants()
-        expected = [0] * self.pool.num_pages
-        files = {f.inode: f for f in self.ns.files()} | self._orphans
-        for file in files.values():
-            n = file.num_tokens
-            if len(file.pages) != -(-n // self.page_size):
-                raise AssertionError(f"file {file.inode}: {len(file.pages)} pages for {n} tokens")
-            if len(file.page_hashes) != n // self.page_size:
-                raise AssertionError(f"file {file.inode}: wrong number of page hashes")
-            for page in file.pages:
-                expected[page] += 1
-        for plan in self._plans:
-            for page in plan.owned:
-                expected[page] += 1
-        for imported in self._importers:
-            for page in imported.pages:
-                expected[page] += 1
-        for page, count in self._held.items():
-            expected[page] += count
-        if self.index is not None:
-            self.index.check_invariants()
-            for page in range(self.pool.num_pages):
-                expected[page] += int(self.index.is_indexed(page))
-        for page, (want, got) in enumerate(zip(expected, self.pool.refcounts, strict=True)):
-            if want != got:
-                raise AssertionError(f"page {page}: refcount {got}, references {want}")
+        """Raise AssertionError unless refcounts, files, index, pool and charges agree."""
+        check_store(self)

@@ -237,7 +237,11 @@ async def _kv_stat(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
 @syscall("kv_fork")
 async def _kv_fork(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
     file = sys.store.fork(
-        _path(args, "src"), _path(args, "dst"), call.cred, A.get(args, "mode", int, None)
+        _path(args, "src"),
+        _path(args, "dst"),
+        call.cred,
+        A.get(args, "mode", int, None),
+        call.proc.account.holder,
     )
     return sys.store.file_stat(file)
 

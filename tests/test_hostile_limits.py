@@ -142,3 +142,38 @@ async def test_a_uid_returning_after_a_long_rest_gets_no_credit(autojump_clock):
     sched.submit(Task(Account(1, uid=0), store.open("r", ROOT, create=True), [1, 2, 3, 4]))
     sched.submit(Task(Account(2, uid=65534), store.open("n", ROOT, create=True), [1, 2, 3, 4]))
     assert sched.uid_service[65534] == 10_000_000  # starts level with those waiting
+
+
+def test_who_forks_another_uids_pages_holds_them():
+    """B forks A's readable file: the pages are B's to hold from then on, so A's unlink
+    gives A its share back (it used to stay charged for what B kept alive)."""
+    from tests.test_kv_import import export
+
+    pool = PagePool(1, 64, 4, 1, 2, torch.float32, "cpu")
+    store = KVStore(pool, "fake", VOCAB, 4096, uid_share=12)
+    store.ns.chmod("", ROOT, 0o1777)
+    a, b = Cred(1000, 1000), Cred(2000, 2000)
+    holder_a, holder_b = store.charges.user(a.uid), store.charges.user(b.uid)
+    file = store.ns.create_file("a.kv", a, 0o644, store.domain_of(a))
+    plan = store.begin_append(file, [1 + i % 30 for i in range(32)], need_logits=False, holder=holder_a)
+    store.finish_append(plan)
+    for i, page in enumerate(file.pages):  # no engine here: pages told apart by hand
+        pool.k_cache[0][page] = float(i + 1)
+    assert (holder_a.pages, holder_b.pages) == (8, 0)
+    store.fork("a.kv", "b.kv", b)
+    assert (holder_a.pages, holder_b.pages) == (0, 8)
+    store.unlink("a.kv", a)
+    assert holder_a.pages == 0
+    with pytest.raises(StoreError) as info:  # 8 more would take b past its share of 12
+        store.fork("b.kv", "b2.kv", Cred(3000, 3000), holder=Holder(3000, quota=4))
+    assert info.value.errno_name == "ENOSPC"
+    assert "b2.kv" not in store.ns.listdir("", ROOT)
+    # the same through bytes: a copy by content takes the pages over too
+    data = export(store, "b.kv")  # read by root: noted in root's domain
+    target = store.ns.create_file("r.kv", ROOT, 0o600, store.domain_of(ROOT))
+    importer = store.importer(ROOT)
+    importer.write(0, data)
+    store.commit_import(target, importer)
+    assert holder_b.pages == 0 and store.charges.by_uid[0] == 8
+    store.unlink("b.kv", b)
+    store.check_invariants()
