@@ -155,7 +155,8 @@ def test_who_forks_another_uids_pages_holds_them():
     a, b = Cred(1000, 1000), Cred(2000, 2000)
     holder_a, holder_b = store.charges.user(a.uid), store.charges.user(b.uid)
     file = store.ns.create_file("a.kv", a, 0o644, store.domain_of(a))
-    plan = store.begin_append(file, [1 + i % 30 for i in range(32)], need_logits=False, holder=holder_a)
+    ids = [1 + i % 30 for i in range(32)]
+    plan = store.begin_append(file, ids, need_logits=False, holder=holder_a)
     store.finish_append(plan)
     for i, page in enumerate(file.pages):  # no engine here: pages told apart by hand
         pool.k_cache[0][page] = float(i + 1)
