@@ -236,19 +236,17 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text pieces, never splitting a UTF-8 character."""
+    """Turns token ids, one at a time, into text pieces, never splitting a UTF-8
+    character: the tokenizers library's DecodeStream, so each token costs the same
+    however long the text already is."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        self._tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._emitted = 0
+        from tokenizers.decoders import DecodeStream
+
+        self._tokenizer = tokenizer._tok
+        self._stream = DecodeStream(skip_special_tokens=False)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (may be empty)."""
-        self._ids.append(token_id)
-        text = self._tokenizer.decode(self._ids)
-        if text.endswith("\ufffd"):  # a multi-byte character still incomplete
-            return ""
-        piece = text[self._emitted :]
-        self._emitted = len(text)
-        return piece
+        piece = self._stream.step(self._tokenizer, token_id)
+        return piece or ""

@@ -278,8 +278,10 @@ class Scheduler:
         if token in gen.stop_token_ids:  # appended to the file, but not part of the text
             gen.finish_reason = "stop"
         else:
+            # a stop string can only end in the new piece: look at the tail alone
+            tail = max(0, len(gen.text) - gen.longest_stop + 1)
             gen.text += gen.decoder.push(token)
-            found = [i for s in gen.stop_strings if (i := gen.text.find(s)) >= 0]
+            found = [i for s in gen.stop_strings if (i := gen.text.find(s, tail)) >= 0]
             if found:
                 cut = min(found)
                 gen.text, gen.finish_reason = gen.text[:cut], "stop"

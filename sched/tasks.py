@@ -70,6 +70,10 @@ class GenerateState:
     emitted: int = 0  # characters of `text` already streamed
     finish_reason: str | None = None
 
+    @property
+    def longest_stop(self) -> int:
+        return max((len(s) for s in self.stop_strings), default=0)
+
 
 @dataclass
 class Task:
