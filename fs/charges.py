@@ -4,9 +4,12 @@ unlink or eviction give them back."""
 
 from __future__ import annotations
 
+import errno
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from symphony.fs.errors import StoreError
 
 
 @dataclass(eq=False)
@@ -66,6 +69,20 @@ class PageCharges:
             for page in dict.fromkeys(pages)
             if (other := self._holder_of.get(page)) is not None and other.uid != holder.uid
         ]
+
+    def take_over(self, pages: list[int], holder: Holder) -> None:
+        """`holder` keeps `pages` alive from now on (a fork, a copy by content): those of
+        another uid are charged to it.
+
+        Raises:
+            StoreError: ENOSPC when they would take `holder` past its bounds (nothing
+                changes then).
+        """
+        taken = self.foreign(pages, holder)
+        over = self.over(holder, len(taken))
+        if over is not None:
+            raise StoreError(errno.ENOSPC, over[2])
+        self.transfer(taken, holder)
 
     def transfer(self, pages: list[int], holder: Holder) -> None:
         """Charge `pages` (already charged to someone, or not) to `holder` from now on."""

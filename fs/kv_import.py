@@ -97,11 +97,12 @@ class Importer:
         max_tokens: int,
         vocab_size: int,
         domain: str,
+        holder: Holder,
         allocate: Callable[[int], list[int]],
-        uid: int = 0,
     ) -> None:
         self.pool = pool
-        self.uid = uid  # who imports: the file's origin
+        self.holder = holder  # whom its pages are charged to (`allocate` charges them)
+        self.uid = holder.uid  # who imports: the file's origin
         self._allocate = allocate
         self.fingerprint = fingerprint
         self.content = content
@@ -116,7 +117,6 @@ class Importer:
         self.token_ids: list[int] | None = None
         self.pages: list[int] = []  # references this import holds
         self.ended = False  # committed or aborted: it takes no page any more
-        self.holder: Holder | None = None  # whom the store charges its pages to
         self.error: StoreError | None = None  # what ended it: every later write says so
 
     def write(self, offset: int, data: bytes) -> None:

@@ -65,7 +65,8 @@ class Namespace:
         self._next_inode = ROOT_INODE + 1
         self._on_last_link = on_last_link
 
-    def _new_inode(self) -> int:
+    def new_inode(self) -> int:
+        """A number no node has had (nameless files, such as a verification's scratch)."""
         inode = self._next_inode
         self._next_inode += 1
         return inode
@@ -129,7 +130,7 @@ class Namespace:
         parent, name = self.parent_of(path, cred)
         gid = parent.gid if parent.mode & stat.S_ISGID else cred.gid
         node = KVFile(
-            self._new_inode(), stat.S_IFREG | (mode & 0o7777), cred.uid, gid, domain=domain
+            self.new_inode(), stat.S_IFREG | (mode & 0o7777), cred.uid, gid, domain=domain
         )
         self._insert(parent, name, node, cred, path)
         return node
@@ -168,7 +169,7 @@ class Namespace:
     ) -> Directory:
         gid = parent.gid if parent.mode & stat.S_ISGID else cred.gid
         node = Directory(
-            self._new_inode(),
+            self.new_inode(),
             stat.S_IFDIR | (mode & 0o7777),
             cred.uid,
             gid,

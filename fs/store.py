@@ -204,13 +204,9 @@ class KVStore:
         """
         source = self.ns.lookup_file(src, cred, R_OK)
         holder = self.charges.user(cred.uid) if holder is None else holder
-        taken = self.charges.foreign(source.pages, holder)
-        over = self.charges.over(holder, len(taken))
-        if over is not None:
-            raise StoreError(errno.ENOSPC, over[2])
         mode = source.mode if mode is None else mode
+        self.charges.take_over(source.pages, holder)  # before the name: ENOSPC makes none
         copy = self.ns.create_file(dst, cred, mode, self.domain_of(cred))
-        self.charges.transfer(taken, holder)
         self.pool.incref(source.pages)
         copy.pages = list(source.pages)
         copy.token_ids = list(source.token_ids)
@@ -267,10 +263,9 @@ class KVStore:
             self.max_tokens,
             self.vocab_size,
             self.domain_of(cred) if domain is None else domain,
+            holder,
             lambda n: self.allocate(n, holder),
-            cred.uid,
         )
-        imported.holder = holder
         self._importers.append(imported)
         return imported
 
@@ -283,14 +278,11 @@ class KVStore:
             imported.abort()
             raise StoreError(errno.EBUSY, "the file changed during the import")
         assert imported.token_ids is not None
-        # pages shared by content with another uid's are the importer's from now on
-        holder = imported.holder or self.charges.user(imported.uid)
-        taken = self.charges.foreign(imported.pages, holder)
-        over = self.charges.over(holder, len(taken))
-        if over is not None:
+        try:  # pages shared by content with another uid's are the importer's from now on
+            self.charges.take_over(imported.pages, imported.holder)
+        except StoreError:
             imported.abort()
-            raise StoreError(errno.ENOSPC, over[2])
-        self.charges.transfer(taken, holder)
+            raise
         file.pages, imported.pages = imported.pages, []
         imported.ended = True
         file.token_ids = list(imported.token_ids)
@@ -301,7 +293,7 @@ class KVStore:
     def scratch_file(self, domain: str) -> KVFile:
         """A nameless file, open once, for work such as a verification's recomputation;
         `close` it and its pages go."""
-        file = KVFile(self.ns._new_inode(), 0o100600, 0, 0, nlink=0, domain=domain)
+        file = KVFile(self.ns.new_inode(), 0o100600, 0, 0, nlink=0, domain=domain)
         file.open_count = 1
         self._orphans[file.inode] = file
         return file

@@ -131,11 +131,11 @@ class Mount:
     def open_ctl(self, cred: Cred, pid: int, reading: bool) -> ControlSession:
         server = self.server
         assert server.syscalls is not None
-        server.admit(cred)  # a session counts as a connection of its uid
+        server.admission.admit(cred)  # a session counts as a connection of its uid
         proc = server.attach_client(pid, cred)
 
         def close() -> None:
-            server.release(cred)
+            server.admission.release(cred)
             server.detach_client(proc)
 
         return ControlSession(

@@ -201,12 +201,9 @@ class Scheduler:
         logits = self.engine.step(chunks)
         outputs: list[Any] = [None] * len(tasks)
         rows = [i for i, c in enumerate(chunks) if c.num_logits]
-        # a row whose logits are not finite fails its own call, never its neighbours'
-        finite = finite_rows(logits) if rows else []
-        for row, i in enumerate(rows):
-            if not finite[row]:
-                outputs[i] = _not_finite()
-        sampled = [i for row, i in enumerate(rows) if finite[row] and tasks[i].want == "sample"]
+        # a row whose logits are not finite fails its own call, never its neighbours':
+        # sample() says so for its rows (None), and the logprob rows are checked here
+        sampled = [i for i in rows if tasks[i].want == "sample"]
         if sampled:
             picks = [rows.index(i) for i in sampled]
             tokens = sample(
@@ -217,10 +214,15 @@ class Scheduler:
             for i, token in zip(sampled, tokens, strict=True):
                 outputs[i] = _not_finite() if token is None else {"token": token}
         for row, i in enumerate(rows):
-            if tasks[i].num_logprobs and finite[row]:
-                out = outputs[i] or {}
-                out["logprobs"] = top_logprobs(logits[row], tasks[i].num_logprobs)
-                outputs[i] = out
+            if not tasks[i].num_logprobs or isinstance(outputs[i], StoreError):
+                continue
+            if outputs[i] is None and not finite_rows(logits[row : row + 1])[0]:
+                outputs[i] = _not_finite()  # not sampled, so not checked yet
+                continue
+            outputs[i] = {
+                **(outputs[i] or {}),
+                "logprobs": top_logprobs(logits[row], tasks[i].num_logprobs),
+            }
         return outputs
 
     # bookkeeping --------------------------------------------------------------------

@@ -169,13 +169,6 @@ class Server:
             raise
         return trio.SocketListener(sock)
 
-    def admit(self, cred: Cred) -> None:
-        """Count one more connection (or /.sys/ctl session) of `cred`'s uid (EAGAIN)."""
-        self.admission.admit(cred)
-
-    def release(self, cred: Cred) -> None:
-        self.admission.release(cred)
-
     def attach_client(self, pid: int, cred: Cred) -> Proc:
         """The process table's entry for a new connection (or /.sys/ctl) of `pid`."""
         proc = self.procs.attach(pid, cred)
@@ -197,7 +190,7 @@ class Server:
         assert self.syscalls is not None
         pid, cred = peer_cred(stream.socket)
         try:
-            self.admit(cred)
+            self.admission.admit(cred)
         except StoreError as exc:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(encode(error_reply(None, exc.errno_name, exc.args[0])))
@@ -220,7 +213,7 @@ class Server:
         except Exception:  # one connection's trouble must never end the server
             log.exception("connection of pid %d failed", pid)
         finally:
-            self.release(cred)
+            self.admission.release(cred)
             self.detach_client(proc)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
