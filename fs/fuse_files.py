@@ -132,7 +132,13 @@ class FileHandles(pyfuse3.Operations):
             return self._open_for_import(fh, node, cred)
         pages = list(node.pages)
         self.store.hold(pages)  # the snapshot's pages outlive a truncate meanwhile
-        lay = kv_format.layout(self.store.pool, self.store.fingerprint, node.token_ids, len(pages))
+        lay = kv_format.layout(
+            self.store.pool,
+            self.store.fingerprint,
+            node.token_ids,
+            len(pages),
+            node.position_list(),
+        )
         node.open_count += 1
         self._handles[fh] = OpenFile(node, lay, pages, cred, domain=self.store.domain_of(cred))
         # direct_io: readers see the file as it is now, not a kernel-cached older version

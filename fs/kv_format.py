@@ -1,19 +1,23 @@
-"""The bytes of a KV file: a versioned, self-describing header, token ids, then page data.
+"""The bytes of a KV file: a versioned, self-describing header, token ids and their
+positions, then page data.
 
     magic "SYMKV\\0\\0\\1" | header length u32 | header (JSON: version, model fingerprint,
     dtype, page_size, num_layers, num_kv_heads, head_dim, num_tokens, num_pages)
-    | token ids (int32 little-endian) | pages: for each page, for each layer, K then V
-    ([page_size, num_kv_heads, head_dim] each, all slots)
+    | token ids (int32 little-endian) | positions (int32 little-endian, one per token:
+    the RoPE position its K were computed at) | pages: for each page, for each layer, K
+    then V ([page_size, num_kv_heads, head_dim] each, all slots)
 
-Reading is an export: it gives these bytes. Writing them into an empty file imports
-them (kv_import.py).
+Version 2 is written; version 1 (no positions: token i at position i) is still read.
+The header's length does not depend on the positions, so a file's size depends only on
+its token and page counts. Reading is an export: it gives these bytes. Writing them
+into an empty file imports them (kv_import.py).
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,14 +25,15 @@ import numpy as np
 from symphony.engine.page_pool import PagePool
 
 MAGIC = b"SYMKV\0\0\1"
-VERSION = 1
+VERSION = 2  # the version written
+READ_VERSIONS = (1, 2)  # the versions an import accepts
 
 
 @dataclass(frozen=True)
 class Layout:
     """Where each part of one file's bytes lies."""
 
-    head: bytes  # magic, length, header JSON and token ids
+    head: bytes  # magic, length, header JSON, token ids and positions
     page_bytes: int
     num_pages: int
     num_tokens: int
@@ -40,10 +45,10 @@ class Layout:
 
 
 def geometry(pool: PagePool, fingerprint: str) -> dict[str, object]:
-    """The header fields a file must share with this server to be imported here."""
+    """The header fields a file must share with this server to be imported here (the
+    model and the page layout; the version is checked apart: several are read)."""
     k = pool.k_cache[0]
     return {
-        "version": VERSION,
         "model": fingerprint,
         "dtype": str(k.dtype).removeprefix("torch."),
         "page_size": pool.page_size,
@@ -54,26 +59,49 @@ def geometry(pool: PagePool, fingerprint: str) -> dict[str, object]:
 
 
 def _header(pool: PagePool, fingerprint: str, num_tokens: int, num_pages: int) -> bytes:
-    fields = {**geometry(pool, fingerprint), "num_tokens": num_tokens, "num_pages": num_pages}
+    fields = {
+        "version": VERSION,
+        **geometry(pool, fingerprint),
+        "num_tokens": num_tokens,
+        "num_pages": num_pages,
+    }
     return json.dumps(fields, sort_keys=True).encode()
 
 
-def file_size(header_len: int, num_tokens: int, num_pages: int, page_bytes: int) -> int:
-    """Magic, length, header, int32 ids, pages."""
-    return len(MAGIC) + 4 + header_len + 4 * num_tokens + num_pages * page_bytes
+def file_size(
+    header_len: int, num_tokens: int, num_pages: int, page_bytes: int, version: int = VERSION
+) -> int:
+    """Magic, length, header, int32 ids (and, from version 2, int32 positions), pages."""
+    per_token = 4 if version == 1 else 8
+    return len(MAGIC) + 4 + header_len + per_token * num_tokens + num_pages * page_bytes
 
 
 def size(pool: PagePool, fingerprint: str, num_tokens: int, num_pages: int) -> int:
-    """The byte length of a file of `num_tokens` tokens over `num_pages` pages."""
+    """The byte length of a file of `num_tokens` tokens over `num_pages` pages, as
+    exported (the current version)."""
     header_len = len(_header(pool, fingerprint, num_tokens, num_pages))
     return file_size(header_len, num_tokens, num_pages, pool.bytes_per_page)
 
 
-def layout(pool: PagePool, fingerprint: str, token_ids: list[int], num_pages: int) -> Layout:
-    body = _header(pool, fingerprint, len(token_ids), num_pages)
+def layout(
+    pool: PagePool,
+    fingerprint: str,
+    token_ids: Sequence[int],
+    num_pages: int,
+    positions: Sequence[int] | None = None,
+) -> Layout:
+    """The layout of a file's export; `positions` are its tokens' (`KVFile.position_list`;
+    None: token i at position i)."""
+    num_tokens = len(token_ids)
+    if positions is None:
+        positions = range(num_tokens)
+    if len(positions) != num_tokens:
+        raise ValueError(f"{len(positions)} positions for {num_tokens} tokens")
+    body = _header(pool, fingerprint, num_tokens, num_pages)
     ids = np.asarray(token_ids, dtype="<i4").tobytes()
-    head = MAGIC + struct.pack("<I", len(body)) + body + ids
-    return Layout(head, pool.bytes_per_page, num_pages, len(token_ids), pool.page_size)
+    where = np.asarray(positions, dtype="<i4").tobytes()
+    head = MAGIC + struct.pack("<I", len(body)) + body + ids + where
+    return Layout(head, pool.bytes_per_page, num_pages, num_tokens, pool.page_size)
 
 
 def slots_filled(num_tokens: int, page_size: int, index: int) -> int:

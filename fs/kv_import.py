@@ -1,10 +1,11 @@
 """Importing a KV file from its bytes, written in order from offset 0 (`cp` into the mount).
 
-Every part is checked as it arrives: magic, version, model fingerprint, dtype, page size,
-geometry, token count and ids, lengths. A page whose bytes equal a page the store
-already holds (found by xxh3 of the bytes, then compared byte for byte) is shared, not
-copied: `cp a.kv b.kv` inside the mount makes b share every page of a. Anything wrong is
-EINVAL and gives back every page taken so far.
+Every part is checked as it arrives: magic, version (1 or 2), model fingerprint, dtype,
+page size, geometry, token count, ids and positions (version 1 has none: token i is at
+position i), lengths. A page whose bytes equal a page the store already holds (found by
+xxh3 of the bytes, then compared byte for byte) is shared, not copied: `cp a.kv b.kv`
+inside the mount makes b share every page of a. Anything wrong is EINVAL and gives back
+every page taken so far.
 """
 
 from __future__ import annotations
@@ -115,6 +116,12 @@ class Importer:
         self.size: int | None = None  # the whole file's, once its header is read
         self.header: dict[str, Any] | None = None
         self.token_ids: list[int] | None = None
+        self.positions_read = False  # a version-1 file has none to read: done at its ids
+        # once the positions are read (for the file the import is committed into): each
+        # token's position, None when they are the default 0..n-1 (and for version 1);
+        # the first token whose position is not its index, None if there is none
+        self.positions: list[int] | None = None
+        self.custom_from: int | None = None
         self.pages: list[int] = []  # references this import holds
         self.ended = False  # committed or aborted: it takes no page any more
         self.error: StoreError | None = None  # what ended it: every later write says so
@@ -182,7 +189,8 @@ class Importer:
                 return
             self.header = self._check_header(b"".join(self._take(12 + length))[12:])
             n, pages = self.header["num_tokens"], self.header["num_pages"]
-            self.size = kv_format.file_size(length, n, pages, self.pool.bytes_per_page)
+            version = self.header["version"]
+            self.size = kv_format.file_size(length, n, pages, self.pool.bytes_per_page, version)
             if self.received > self.size:
                 raise einval(f"bytes past the end of its {self.size} bytes")
         if self.token_ids is None:
@@ -193,6 +201,12 @@ class Importer:
             if any(not 0 <= t < self.vocab_size for t in ids):
                 raise einval(f"a token id outside 0..{self.vocab_size - 1}")
             self.token_ids = ids
+            self.positions_read = self.header["version"] == 1
+        if not self.positions_read:
+            need = 4 * self.header["num_tokens"]
+            if self._pending < need:
+                return
+            self._set_positions(np.frombuffer(b"".join(self._take(need)), dtype="<i4").tolist())
         page_bytes = self.pool.bytes_per_page
         while self._pending >= page_bytes:
             if len(self.pages) == self.header["num_pages"]:
@@ -206,6 +220,10 @@ class Importer:
             raise einval("header is not JSON") from None
         if not isinstance(header, dict):
             raise einval("header is not a map")
+        version = header.get("version")
+        if type(version) is not int or version not in kv_format.READ_VERSIONS:
+            versions = " and ".join(map(str, kv_format.READ_VERSIONS))
+            raise einval(f"version {version!r}; this server reads versions {versions}")
         for key, value in kv_format.geometry(self.pool, self.fingerprint).items():
             if header.get(key) != value:
                 raise einval(f"{key} is {header.get(key)!r}, this server has {value!r}")
@@ -215,6 +233,15 @@ class Importer:
         if pages != -(-n // self.pool.page_size):
             raise einval(f"{pages} pages cannot hold exactly {n} tokens")
         return header
+
+    def _set_positions(self, positions: list[int]) -> None:
+        """Check the positions read (each a position this server's context holds) and
+        keep them, None when each token is at its index."""
+        if any(not isinstance(p, int) or not 0 <= p < self.max_tokens for p in positions):
+            raise einval(f"a position outside 0..{self.max_tokens - 1}")
+        self.custom_from = next((i for i, p in enumerate(positions) if p != i), None)
+        self.positions = None if self.custom_from is None else positions
+        self.positions_read = True
 
     def _take_page(self, pieces: list[memoryview]) -> None:
         data = b"".join(pieces)
@@ -255,6 +282,7 @@ class Importer:
         return self.error is None and (
             self.header is not None
             and self.token_ids is not None
+            and self.positions_read
             and not self._pending
             and len(self.pages) == self.header["num_pages"]
         )

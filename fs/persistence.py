@@ -2,8 +2,9 @@
 
     DIR/namespace.json      directories and file names with mode, owner and group; each
                             name points at a record
-    DIR/records/ID.json     one file: domain, origin, token ids, and for each page its
-                            key (which pages are one page in memory) and blob digest
+    DIR/records/ID.json     one file: domain, origin, token ids, their positions and the
+                            first custom token (each only where set), and for each page
+                            its key (which pages are one page in memory) and blob digest
     DIR/pages/DIGEST        one page's bytes (its filled slots, the rest zeros), once
     DIR/aside/              what a restore could not use, moved there, never deleted
 
@@ -130,13 +131,18 @@ class StateDir:
             max(kv_format.slots_filled(len(token_ids), ps, i), fills.get(page, 0))
             for i, page in enumerate(pages)
         ]
-        body = {
+        body: dict[str, Any] = {
             "version": VERSION,
             "model": self.store.fingerprint,
             "domain": file.domain,
             "origin": file.origin,
             "token_ids": token_ids,
         }
+        # absent for a plain file, so its record reads as before positions were kept
+        if file.positions is not None:
+            body["positions"] = list(file.positions)
+        if file.custom_from is not None:
+            body["custom_from"] = file.custom_from
         return FileSave(record_id, pages, keys, slots, body)
 
     def prepare_tree(self) -> TreeSave:

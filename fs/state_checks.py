@@ -32,8 +32,12 @@ def read_tree(raw: bytes, store: KVStore) -> dict[str, Any]:
         if tree.get("version") != VERSION:
             raise StateFileError(f"unknown version {tree.get('version')!r}")
         geometry = kv_format.geometry(store.pool, store.fingerprint)
-        if tree.get("geometry") != geometry:
-            raise StateFileError(f"saved for {tree.get('geometry')}, this server is {geometry}")
+        saved = tree.get("geometry")
+        if isinstance(saved, dict):
+            # trees saved before version 2 of the KV format kept its version here
+            saved = {k: v for k, v in saved.items() if k != "version"}
+        if saved != geometry:
+            raise StateFileError(f"saved for {saved}, this server is {geometry}")
     if tree.get("model") != store.fingerprint:
         raise StateFileError(f"saved for the model {tree.get('model')!r}")
     if not _tree_ok(tree):
@@ -69,6 +73,7 @@ def read_record(raw: bytes, store: KVStore) -> dict[str, Any]:
         raise StateFileError(f"a token id outside 0..{store.vocab_size - 1}")
     if len(ids) > store.max_tokens:
         raise StateFileError(f"does not fit: {len(ids)} tokens, context {store.max_tokens}")
+    _check_positions(record, len(ids), store.max_tokens)
     ps = store.page_size
     if len(pages) != -(-len(ids) // ps):
         raise StateFileError(f"{len(pages)} pages for {len(ids)} tokens")
@@ -85,6 +90,19 @@ def read_record(raw: bytes, store: KVStore) -> dict[str, Any]:
         ):
             raise StateFileError(f"page {i} malformed")
     return record
+
+
+def _check_positions(record: dict[str, Any], num_tokens: int, max_tokens: int) -> None:
+    """`positions` (absent or null: token i at position i) is one position in the
+    context per token; `custom_from` (absent or null: none) the index of a token."""
+    positions, custom_from = record.get("positions"), record.get("custom_from")
+    if positions is not None:
+        if not isinstance(positions, list) or len(positions) != num_tokens:
+            raise StateFileError("positions malformed")
+        if any(not is_int(p) or not 0 <= p < max_tokens for p in positions):
+            raise StateFileError(f"does not fit: a position outside 0..{max_tokens - 1}")
+    if custom_from is not None and not (is_int(custom_from) and 0 <= custom_from < num_tokens):
+        raise StateFileError("custom_from malformed")
 
 
 def is_int(value: object) -> bool:

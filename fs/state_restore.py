@@ -114,6 +114,10 @@ class Restore:
             self.set_aside(first, str(exc), raw, path)
             return
         file.token_ids = list(record["token_ids"])
+        positions = record.get("positions")
+        if positions is not None and positions != list(range(len(positions))):
+            file.positions = list(positions)
+        file.custom_from = record.get("custom_from")
         file.pages = pages
         file.page_hashes = chain_hashes(file.token_ids, self.store, file.domain)
         file.origin = record["origin"]
@@ -229,8 +233,10 @@ class Restore:
 
 
 def chain_hashes(token_ids: Sequence[int], store: KVStore, domain: str) -> list[int]:
-    """The prefix-hash chain of a file's full pages, as the store keeps it (the pages
-    are not entered in the prefix index: they were read, not computed, here)."""
+    """The prefix-hash chain of a file's full pages, as the store keeps it. No page is
+    entered in the prefix index: they were read, not computed, here; nor could those
+    from a file's `custom_from` on ever be (their K/V are not what the tokens alone give,
+    and the hashes cover only the tokens)."""
     ps, hashes, parent = store.page_size, [], ROOT_HASH
     for i in range(len(token_ids) // ps):
         parent = page_hash(parent, token_ids[i * ps : (i + 1) * ps], store.fingerprint, domain)

@@ -40,7 +40,7 @@ def forged(store: KVStore, engine) -> bytes:  # type: ignore[no-untyped-def]
     append(engine, store, spain, SPAIN)
     data = bytearray(export(store, "spain.kv"))
     lay = kv_format.layout(store.pool, store.fingerprint, SPAIN, len(spain.pages))
-    ids_at = len(lay.head) - 4 * len(SPAIN)
+    ids_at = len(lay.head) - 8 * len(SPAIN)  # the ids, then as many positions
     data[ids_at : ids_at + 4 * len(SPAIN)] = struct.pack(f"<{len(FRANCE)}i", *FRANCE)
     store.unlink("spain.kv", OTHER)
     return bytes(data)

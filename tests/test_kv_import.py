@@ -27,7 +27,9 @@ def store_and_data() -> tuple[KVStore, bytes]:
 def export(store: KVStore, path: str) -> bytes:
     """A file's bytes as reading it on the mount gives them (noting each page's content)."""
     file = store.ns.lookup_file(path, ROOT)
-    lay = kv_format.layout(store.pool, store.fingerprint, file.token_ids, len(file.pages))
+    lay = kv_format.layout(
+        store.pool, store.fingerprint, file.token_ids, len(file.pages), file.position_list()
+    )
 
     def page_at(i: int) -> bytes:
         filled = kv_format.slots_filled(lay.num_tokens, lay.page_size, i)
