@@ -71,7 +71,7 @@ def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Gener
     return g
 
 
-def _constrain(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def constrain(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Apply logit bias and allowed/blocked masks to one row of logits."""
     if not (params.logit_bias or params.allowed_token_ids is not None or params.blocked_token_ids):
         return row
@@ -91,7 +91,7 @@ def _constrain(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def filtered_probs(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution a non-greedy request samples from: [vocab] probabilities."""
-    logits = _constrain(row.float(), params)
+    logits = constrain(row.float(), params)
     # shifted so the best is 0 before dividing: a tiny temperature then sends the others
     # to -inf (the greedy limit) instead of every logit to +-inf (NaN after softmax)
     logits = (logits - logits.max()) / params.temperature
@@ -134,7 +134,7 @@ def sample(
     for i in rows:
         p = params[i]
         if p.greedy and i not in in_plain:
-            out[i] = int(_constrain(logits[i].float(), p).argmax())
+            out[i] = int(constrain(logits[i].float(), p).argmax())
         elif not p.greedy:
             probs = filtered_probs(logits[i], p)
             if not bool(torch.isfinite(probs).all()):  # checked at the boundary; kept safe

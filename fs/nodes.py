@@ -119,6 +119,13 @@ class KVFile(Node):
     # never indexed; forks carry the origin
     origin: str = COMPUTED
     token_ids: list[int] = field(default_factory=list)
+    # the RoPE position of each token; None: token i sits at position i (the default)
+    positions: list[int] | None = None
+    # the first token computed at a position other than its index or under a mask other
+    # than causal: pages from the one holding it on never enter the prefix index, and
+    # appends after it are never fed from the index. None: every token is plain
+    custom_from: int | None = None
+    cached_tokens: int = 0  # tokens whose pages came from the prefix index, not computed
     pages: list[int] = field(default_factory=list)
     page_hashes: list[int] = field(default_factory=list)  # one per full page, chained
     open_count: int = 0
@@ -127,3 +134,27 @@ class KVFile(Node):
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    def position_list(self) -> list[int]:
+        """Every token's position (a copy)."""
+        if self.positions is None:
+            return list(range(self.num_tokens))
+        return list(self.positions)
+
+    @property
+    def next_position(self) -> int:
+        """Where a token appended without an explicit position goes: after the last."""
+        if self.positions is None or not self.positions:
+            return self.num_tokens
+        return self.positions[-1] + 1
+
+    def keep_first(self, num_tokens: int) -> None:
+        """Drop the tokens past the first `num_tokens` (their pages are the caller's)."""
+        del self.token_ids[num_tokens:]
+        if self.positions is not None:
+            del self.positions[num_tokens:]
+            if self.positions == list(range(num_tokens)):
+                self.positions = None
+        if self.custom_from is not None and self.custom_from >= num_tokens:
+            self.custom_from = None
+        self.cached_tokens = min(self.cached_tokens, num_tokens)

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import errno
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
-from symphony.engine.batch import SeqChunk
 from symphony.engine.errors import OutOfPagesError
 from symphony.engine.page_pool import PagePool
+from symphony.fs.appends import AppendPlan, Appends
 from symphony.fs.charges import Holder, PageCharges
 from symphony.fs.errors import StoreError
 from symphony.fs.kv_import import ContentIndex, Importer
 from symphony.fs.namespace import Namespace
 from symphony.fs.nodes import COMPUTED, R_OK, W_OK, Cred, KVFile, Node, imported_by
-from symphony.fs.prefix_index import ROOT_HASH, PrefixIndex, page_hash
+from symphony.fs.prefix_index import PrefixIndex
 from symphony.fs.store_invariants import check_store
 
 
@@ -33,33 +32,7 @@ def uid_domain(cred: Cred) -> str:
     return f"uid:{cred.uid}"
 
 
-@dataclass
-class AppendPlan:
-    """An append in flight: what to compute, and the page references it holds."""
-
-    file: KVFile
-    token_ids: list[int]  # every new token
-    start_pos: int  # the file's length when the plan was made
-    num_reused: int  # leading new tokens whose pages came from the prefix index
-    block_table: list[int]  # pages of the whole context after the append
-    owned: list[int] = field(default_factory=list)  # references to drop on abort
-    replaced: int | None = None  # the shared partial page that was copied
-    recompute: bool = False  # computes the file's last token again; appends nothing
-
-    @property
-    def compute_ids(self) -> list[int]:
-        return self.token_ids[self.num_reused :]
-
-    @property
-    def compute_start(self) -> int:
-        return self.start_pos + self.num_reused
-
-    def chunk(self, num_logits: int = 1) -> SeqChunk:
-        """The whole computation as one engine chunk."""
-        return SeqChunk(self.compute_ids, self.compute_start, self.block_table, num_logits)
-
-
-class KVStore:
+class KVStore(Appends):
     """KV files in a POSIX namespace, their pages, the prefix index."""
 
     def __init__(
@@ -118,7 +91,8 @@ class KVStore:
 
     def _release(self, file: KVFile) -> None:
         self.pool.decref(file.pages)
-        file.pages, file.page_hashes, file.token_ids = [], [], []
+        file.pages, file.page_hashes = [], []
+        file.keep_first(0)
 
     def _on_last_link(self, file: KVFile) -> None:
         if self.on_unlinked is not None:
@@ -210,6 +184,8 @@ class KVStore:
         self.pool.incref(source.pages)
         copy.pages = list(source.pages)
         copy.token_ids = list(source.token_ids)
+        copy.positions = None if source.positions is None else list(source.positions)
+        copy.custom_from, copy.cached_tokens = source.custom_from, source.cached_tokens
         copy.origin = source.origin
         if copy.domain == source.domain:
             copy.page_hashes = list(source.page_hashes)
@@ -233,7 +209,7 @@ class KVStore:
         self.pool.decref(file.pages[keep:])
         del file.pages[keep:]
         del file.page_hashes[num_tokens // self.page_size :]
-        del file.token_ids[num_tokens:]
+        file.keep_first(num_tokens)
         if not num_tokens:  # nothing imported is left
             file.origin = COMPUTED
         file.touch()
@@ -286,6 +262,7 @@ class KVStore:
         file.pages, imported.pages = imported.pages, []
         imported.ended = True
         file.token_ids = list(imported.token_ids)
+        file.positions, file.custom_from = imported.positions, imported.custom_from
         file.origin = imported_by(imported.uid)
         self._hash_full_pages(file)
         file.touch()
@@ -323,151 +300,6 @@ class KVStore:
 
     def unlink(self, path: str, cred: Cred) -> None:
         self.ns.unlink(path, cred)
-
-    # appends ------------------------------------------------------------------------
-
-    def _check_tokens(self, file: KVFile, token_ids: Sequence[int]) -> list[int]:
-        ids = list(token_ids)
-        if not ids:
-            raise StoreError(errno.EINVAL, "no tokens to append")
-        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise StoreError(errno.EINVAL, f"token id {bad!r} outside 0..{self.vocab_size - 1}")
-        if file.num_tokens + len(ids) > self.max_tokens:
-            raise StoreError(
-                errno.EINVAL,
-                f"{file.num_tokens} + {len(ids)} tokens exceed the context of {self.max_tokens}",
-            )
-        return ids
-
-    def begin_append(
-        self,
-        file: KVFile,
-        token_ids: Sequence[int],
-        need_logits: bool = True,
-        holder: Holder | None = None,
-    ) -> AppendPlan:
-        """Prepare appending `token_ids` to `file`; the caller computes `plan.chunk()`.
-
-        With `need_logits`, the last token is always computed (its logits are wanted),
-        so the prefix index never supplies the page holding it. New pages are charged to
-        `holder`.
-
-        Raises:
-            StoreError: EINVAL for bad tokens, EBUSY if an append is in flight, ENOSPC.
-        """
-        ids = self._check_tokens(file, token_ids)
-        if file.busy:
-            raise StoreError(errno.EBUSY, "an append to this file is in flight")
-        ps, start = self.page_size, file.num_tokens
-        plan = AppendPlan(file, ids, start, 0, list(file.pages))
-        try:
-            self._reuse_indexed_pages(plan, need_logits)
-            self._copy_shared_partial_page(plan, holder)
-            end = start + len(ids)
-            missing = -(-end // ps) - len(plan.block_table)
-            if missing > 0:
-                new = self.allocate(missing, holder)
-                plan.owned += new
-                plan.block_table += new
-        except BaseException:
-            self.pool.decref(plan.owned)
-            raise
-        file.busy = True
-        self._plans.append(plan)
-        return plan
-
-    def begin_recompute(self, file: KVFile, holder: Holder | None = None) -> AppendPlan:
-        """Prepare computing the file's last token again, for the logits that follow it.
-
-        The store keeps no logits; `generate` needs those of the last token. The token
-        is recomputed in place (in a copy of its page if that page is shared or
-        indexed); the file's tokens do not change, and an abort leaves it as it was.
-
-        Raises:
-            StoreError: EINVAL for an empty file, EBUSY if an append is in flight, ENOSPC.
-        """
-        if not file.num_tokens:
-            raise StoreError(errno.EINVAL, "the file has no token to continue from")
-        if file.busy:
-            raise StoreError(errno.EBUSY, "an append to this file is in flight")
-        n = file.num_tokens
-        plan = AppendPlan(file, [file.token_ids[-1]], n - 1, 0, list(file.pages), recompute=True)
-        self._own_last_page(plan, (n - 1) % self.page_size, holder)
-        file.busy = True
-        self._plans.append(plan)
-        return plan
-
-    def _reuse_indexed_pages(self, plan: AppendPlan, need_logits: bool) -> None:
-        file, ps = plan.file, self.page_size
-        if self.index is None or plan.start_pos % ps:
-            return
-        parent = file.page_hashes[-1] if file.page_hashes else ROOT_HASH
-        limit = len(plan.token_ids) - (1 if need_logits else 0)  # tokens that may be reused
-        while plan.num_reused + ps <= limit:
-            page_ids = plan.token_ids[plan.num_reused : plan.num_reused + ps]
-            key = page_hash(parent, page_ids, self.fingerprint, file.domain)
-            page = self.index.lookup(key, parent, page_ids)
-            if page is None:
-                break
-            self.pool.incref([page])
-            plan.owned.append(page)
-            plan.block_table.append(page)
-            plan.num_reused += ps
-            parent = key
-
-    def _copy_shared_partial_page(self, plan: AppendPlan, holder: Holder | None) -> None:
-        filled = plan.start_pos % self.page_size
-        if filled and not plan.num_reused:
-            self._own_last_page(plan, filled, holder)
-
-    def _own_last_page(self, plan: AppendPlan, filled: int, holder: Holder | None) -> None:
-        """Make the plan's last page one it may write into: that page itself if the file
-        alone holds it, else a copy of its first `filled` slots."""
-        last = plan.block_table[-1]
-        if self.pool.refcounts[last] == 1:
-            return  # this file's alone: write in place
-        (copy,) = self.allocate(1, holder)
-        plan.owned.append(copy)
-        self.pool.copy_page(last, copy, filled)
-        plan.block_table[-1] = copy
-        plan.replaced = last
-
-    def finish_append(self, plan: AppendPlan) -> None:
-        """Commit a computed append: the file now holds the new tokens and pages."""
-        file = plan.file
-        self._plans.remove(plan)
-        file.busy = False
-        # the file keeps its references to its old pages and takes over the plan's;
-        # the one to a partial page it copied goes
-        file.pages = plan.block_table
-        if plan.replaced is not None:
-            self.pool.decref([plan.replaced])
-        if not plan.recompute:
-            file.token_ids.extend(plan.token_ids)
-        self._hash_full_pages(file)
-        file.touch()
-        self._maybe_reap(file)
-
-    def abort_append(self, plan: AppendPlan) -> None:
-        """Give back every page reference the plan took; the file is as before."""
-        self._plans.remove(plan)
-        plan.file.busy = False
-        self.pool.decref(plan.owned)
-        self._maybe_reap(plan.file)
-
-    def _hash_full_pages(self, file: KVFile, index: bool = True) -> None:
-        """Extend the file's hash chain over its full pages, listing them in the index if
-        every K/V of the file was computed here (nothing derived from imported bytes)."""
-        index = index and file.origin == COMPUTED
-        ps = self.page_size
-        for i in range(len(file.page_hashes), file.num_tokens // ps):
-            parent = file.page_hashes[-1] if file.page_hashes else ROOT_HASH
-            page_ids = file.token_ids[i * ps : (i + 1) * ps]
-            key = page_hash(parent, page_ids, self.fingerprint, file.domain)
-            file.page_hashes.append(key)
-            if index and self.index is not None:
-                self.index.insert(key, parent, page_ids, file.pages[i])
 
     # the whole store ----------------------------------------------------------------
 

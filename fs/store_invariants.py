@@ -21,6 +21,8 @@ def check_store(store: KVStore) -> None:  # the store's own: it reads its privat
             raise AssertionError(f"file {file.inode}: {len(file.pages)} pages for {n} tokens")
         if len(file.page_hashes) != n // store.page_size:
             raise AssertionError(f"file {file.inode}: wrong number of page hashes")
+        if file.positions is not None and len(file.positions) != n:
+            raise AssertionError(f"file {file.inode}: {len(file.positions)} positions")
         for page in file.pages:
             expected[page] += 1
     for plan in store._plans:

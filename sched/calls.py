@@ -5,14 +5,12 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from symphony.engine.engine import Engine
-from symphony.engine.sampling import make_generator
-from symphony.engine.tokenizer import StreamDecoder
 from symphony.fs.errors import StoreError
 from symphony.fs.nodes import R_OK, W_OK, Cred
 from symphony.fs.store import KVStore
@@ -20,12 +18,11 @@ from symphony.sched import args as A
 from symphony.sched.processes import Limits, Proc, ProcessTable
 from symphony.sched.protocol import MAX_FRAME, PROTOCOL_VERSION
 from symphony.sched.scheduler import Scheduler
-from symphony.sched.tasks import GenerateState, Task
+from symphony.sched.tasks import Task
 from symphony.sched.verify import verify_file
 
 log = logging.getLogger(__name__)
 
-MAX_GENERATE = 8192
 # Characters one tokenize or chat template call takes. Tokenizing runs in a worker
 # thread, but the tokenizer holds the GIL part of the time: 1 Mi characters keep the
 # server's loop waiting 36 ms at worst here (4 Mi: 120 ms).
@@ -40,6 +37,9 @@ class Call:
     cred: Cred
     proc: Proc
     stream: Callable[[Any], Awaitable[None]]
+    # set by a cancel frame for this request: the work it waits on is cancelled, and
+    # the call answers with what that leaves (ECANCELED, or a generate's result)
+    cancelled: trio.Event = field(default_factory=trio.Event)
 
 
 Handler = Callable[["Syscalls", Call, dict[str, Any]], Awaitable[Any]]
@@ -135,6 +135,34 @@ class Syscalls:
             raise task.error
         assert task.result is not None
         return task.result
+
+    async def run_tasks(self, call: Call, tasks: list[Task]) -> list[dict[str, Any]]:
+        """Submit `tasks` together and wait for all; a cancel frame for the call, or the
+        caller going away, cancels them (each ends within one engine step).
+
+        Raises:
+            StoreError: the first task's error, in order.
+        """
+        self.scheduler.submit_many(tasks)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.cancel_on_request, call, tasks)
+                for task in tasks:
+                    await task.done.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            for task in tasks:
+                self.scheduler.cancel(task)
+        for task in tasks:
+            if task.error is not None:
+                raise task.error
+        return [task.result for task in tasks if task.result is not None]
+
+    async def cancel_on_request(self, call: Call, tasks: list[Task]) -> None:
+        """Cancel `tasks` when the caller sends a cancel frame for `call`."""
+        await call.cancelled.wait()
+        for task in tasks:
+            self.scheduler.cancel(task)
 
 
 def _path(args: dict[str, Any], name: str = "path") -> str:
@@ -281,75 +309,6 @@ async def _listdir(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
     return sys.store.ns.listdir(A.get(args, "path", str, ""), call.cred)
 
 
-@syscall("forward")
-async def _forward(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
-    sampler, mask = args.get("sampler"), args.get("mask")
-    num_logprobs = A.get(args, "logprobs", int, 0)
-    # appending needs w; anything returned about what follows reveals the file: r too
-    reveals = sampler is not None or mask is not None or num_logprobs != 0
-    file = sys.store.ns.lookup_file(_path(args), call.cred, W_OK | (R_OK if reveals else 0))
-    tokens = A.int_list(args, "tokens")
-    vocab = sys.engine.model_config.vocab_size
-    if not 0 <= num_logprobs <= 100:
-        raise A.einval("logprobs must be in 0..100")
-    if sampler is not None and not isinstance(sampler, dict):
-        raise A.einval("sampler must be a map")
-    if mask is not None:  # a token mask narrows the sampler: allowed ids
-        sampler = {**(sampler or {"temperature": 0.0}), "allowed": mask}
-    params = A.sampling_params(sampler, vocab) if sampler is not None else None
-    want = "sample" if params is not None else ("logits" if num_logprobs else "none")
-    generator = None
-    if params is not None and params.seed is not None:
-        generator = call.proc.account.stream(params.seed, sys.engine.config.device)
-    task = Task(call.proc.account, file, tokens, want, params, generator, num_logprobs)
-    return await sys.run_task(task)
-
-
-@syscall("generate")
-async def _generate(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
-    file = sys.store.ns.lookup_file(_path(args), call.cred, W_OK | R_OK)
-    max_tokens = A.get(args, "max_tokens", int, 256)
-    if not 1 <= max_tokens <= MAX_GENERATE:
-        raise A.einval(f"max_tokens must be in 1..{MAX_GENERATE}")
-    params = A.sampling_params(args.get("sampler"), sys.engine.model_config.vocab_size)
-    stop = A.get(args, "stop", list, [])
-    stop_strings = [s for s in stop if isinstance(s, str)]
-    stop_ids = [s for s in stop if isinstance(s, int) and not isinstance(s, bool)]
-    if len(stop_strings) + len(stop_ids) != len(stop):
-        raise A.einval("stop must be a list of strings and token ids")
-    if "" in stop_strings:
-        raise A.einval("a stop string may not be empty")
-    tokenizer = sys.engine.tokenizer
-    send, receive = trio.open_memory_channel[str](max_tokens + 1)
-    state = GenerateState(
-        max_tokens=max_tokens,
-        stop_token_ids=tokenizer.stop_token_ids | frozenset(stop_ids),
-        stop_strings=tuple(stop_strings),
-        decoder=StreamDecoder(tokenizer),
-        stream=send,
-    )
-    streaming = A.get(args, "stream", bool, False)
-    generator = None
-    if params.seed is not None:
-        generator = make_generator(params.seed, sys.engine.config.device)
-    # the next token needs the logits after the file's last token: computed again
-    task = Task(
-        call.proc.account, file, [], "sample", params, generator, generate=state, recompute=True
-    )
-    sys.scheduler.submit(task)
-    try:
-        async with receive:
-            async for piece in receive:  # ends when the scheduler closes the channel
-                if streaming:
-                    await call.stream(piece)
-        await task.done.wait()
-    finally:
-        sys.scheduler.cancel(task)
-    if task.error is not None:
-        raise task.error
-    return task.result
-
-
 @syscall("status")
 async def _status(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
     return sys.status()
@@ -400,3 +359,7 @@ async def _wait(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
         if proc.exit_status is not None:
             return proc.row()
         await changed.wait()
+
+
+# the prediction calls (forward, forward_many, verify, generate) register themselves
+from symphony.sched import prediction  # noqa: E402,F401

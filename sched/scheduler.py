@@ -8,7 +8,6 @@ the next step starts as soon as the last one returns and work waits.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import time
@@ -20,14 +19,20 @@ import trio
 
 from symphony.engine.batch import SeqChunk
 from symphony.engine.engine import Engine
-from symphony.engine.sampling import GREEDY, finite_rows, sample, top_logprobs
+from symphony.engine.sampling import GREEDY, finite_rows, sample
+from symphony.fs.appends import AppendPlan
 from symphony.fs.errors import StoreError
 from symphony.fs.store import KVStore
+from symphony.sched.outputs import OutputSpec, describe
+from symphony.sched.speculative import accept
 from symphony.sched.tasks import Task
 
 log = logging.getLogger(__name__)
 
 MAX_GATHER = 0.02  # seconds the loop may wait for returning per-token programs
+
+
+_NONE = OutputSpec()
 
 
 def _not_finite() -> StoreError:
@@ -65,15 +70,48 @@ class Scheduler:
         Raises:
             StoreError: EINVAL, EBUSY or ENOSPC from the store, or the page quota.
         """
-        self._begin(task)
-        # the task holds the file open: unlinked meanwhile, its pages stay until the end
-        task.file.open_count += 1
-        if task.plan is None:  # nothing to compute: everything came from the index
-            self._finish(task, {"tokens": task.file.num_tokens})
-            return
-        self._catch_up(task.account.uid)
-        self._waiting.append(task)
+        self.submit_many([task])
+
+    def submit_many(self, tasks: Sequence[Task]) -> None:
+        """Queue `tasks` to be computed together (in the same steps, as far as the
+        budget goes): all begin, or none does.
+
+        Raises:
+            StoreError: the first refusal, its message naming the task by index when
+                there are several.
+        """
+        for i, task in enumerate(tasks):
+            try:
+                self._begin(task)
+            except StoreError as exc:
+                for begun in tasks[:i]:
+                    assert begun.plan is not None
+                    self.store.abort_append(begun.plan)
+                    begun.plan = None
+                if len(tasks) > 1:
+                    raise StoreError(exc.errno, f"calls[{i}]: {exc.args[0]}") from None
+                raise
+        gang = min(task.arrival for task in tasks)
+        for task in tasks:
+            task.arrival = gang  # packed next to each other
+            # the task holds the file open: unlinked meanwhile, its pages stay until the end
+            task.file.open_count += 1
+            if not self._served(task):
+                self._catch_up(task.account.uid)
+                self._waiting.append(task)
         self._wake.set()
+
+    def _served(self, task: Task) -> bool:
+        """Finish a task with nothing to compute (the index had every page)."""
+        plan = task.plan
+        assert plan is not None
+        if plan.compute_ids:
+            return False
+        self.store.finish_append(plan)
+        task.plan = None
+        gen = task.generate
+        self._finish(task, gen.result(task.file.num_tokens) if gen else self._forward_result(task))
+        return True
 
     def _catch_up(self, uid: int) -> None:
         """A uid coming back (or new) starts at the least service of those waiting, as
@@ -126,7 +164,7 @@ class Scheduler:
                 task.in_flight = False
                 self._advance(task, chunk, output)
             self._changed_files()
-            returned = sum(1 for t in tasks if t.done.is_set() and t.want == "sample")
+            returned = sum(1 for t in tasks if t.done.is_set() and (t.samples or t.verify))
             await self._gather_returning(returned, step_seconds)
 
     def _changed_files(self) -> None:
@@ -188,63 +226,113 @@ class Scheduler:
                 if n == 0:
                     continue  # the rest of the step is the decodes'
                 prefill_budget -= n
-            ids = plan.compute_ids[task.computed : task.computed + n]
-            last = task.computed + n == len(plan.compute_ids)
-            num_logits = 1 if last and task.want != "none" else 0
-            start = plan.compute_start + task.computed
-            batch.append((task, SeqChunk(ids, start, plan.block_table, num_logits)))
+            batch.append((task, self._chunk(task, plan, n)))
             budget -= n
         return batch
 
+    @staticmethod
+    def _chunk(task: Task, plan: AppendPlan, n: int) -> SeqChunk:
+        """The next `n` tokens of the task's computation, with the rows it wants."""
+        first = task.computed
+        rows = [i - first for i in sorted(task.rows) if first <= i < first + n]
+        positions = None
+        if plan.custom or plan.file.positions is not None:
+            positions = plan.compute_positions[first : first + n]
+        visible = None
+        if task.visible is not None:  # masked: nothing reused, so new token i is row i
+            per_token = [None, *task.visible] if plan.recompute_last else task.visible
+            visible = per_token[first : first + n]
+        return SeqChunk(
+            plan.compute_ids[first : first + n],
+            plan.compute_start + first,
+            plan.block_table,
+            len(rows),
+            positions=positions,
+            visible=visible,
+            logit_rows=rows,
+        )
+
     def _compute(self, tasks: Sequence[Task], chunks: Sequence[SeqChunk]) -> list[Any]:
-        """In the engine thread: one step, then sampling for the rows that want it."""
+        """In the engine thread: one step, then each task's answers from its rows.
+
+        A row whose logits are not finite fails its own call, never its neighbours'."""
         logits = self.engine.step(chunks)
-        outputs: list[Any] = [None] * len(tasks)
-        rows = [i for i, c in enumerate(chunks) if c.num_logits]
-        # a row whose logits are not finite fails its own call, never its neighbours':
-        # sample() says so for its rows (None), and the logprob rows are checked here
-        sampled = [i for i in rows if tasks[i].want == "sample"]
+        outputs: list[Any] = [{} for _ in tasks]
+        rows: list[tuple[int, int, int]] = []  # (task, output index, row of logits)
+        for i, (task, chunk) in enumerate(zip(tasks, chunks, strict=True)):
+            base = task.computed
+            for r in chunk.logit_rows or ():
+                rows.append((i, task.rows[base + r], len(rows)))
+        ok = finite_rows(logits) if rows else []
+        sampled = [
+            (i, at, r) for i, at, r in rows if ok[r] and tasks[i].outputs.get(at, _NONE).sample
+        ]
         if sampled:
-            picks = [rows.index(i) for i in sampled]
-            tokens = sample(
-                logits[picks],
-                [tasks[i].params or GREEDY for i in sampled],
-                [tasks[i].generator for i in sampled],
+            picks = sample(
+                logits[[r for _, _, r in sampled]],
+                [tasks[i].params or GREEDY for i, _, _ in sampled],
+                [tasks[i].generator for i, _, _ in sampled],
             )
-            for i, token in zip(sampled, tokens, strict=True):
-                outputs[i] = _not_finite() if token is None else {"token": token}
-        for row, i in enumerate(rows):
-            if not tasks[i].num_logprobs or isinstance(outputs[i], StoreError):
+            tokens = {r: t for (_, _, r), t in zip(sampled, picks, strict=True)}
+        else:
+            tokens = {}
+        for i, at, r in rows:
+            task = tasks[i]
+            if not ok[r] or (r in tokens and tokens[r] is None):
+                outputs[i] = _not_finite()
                 continue
-            if outputs[i] is None and not finite_rows(logits[row : row + 1])[0]:
-                outputs[i] = _not_finite()  # not sampled, so not checked yet
+            if isinstance(outputs[i], StoreError):
                 continue
-            outputs[i] = {
-                **(outputs[i] or {}),
-                "logprobs": top_logprobs(logits[row], tasks[i].num_logprobs),
-            }
+            if task.verify is not None and at in task.verify.indices:
+                task.verify.rows[at] = logits[r].clone()
+            spec = task.outputs.get(at)
+            if spec is not None:
+                outputs[i][at] = describe(logits[r], spec, tokens.get(r))
+        for i, (task, chunk) in enumerate(zip(tasks, chunks, strict=True)):
+            v = task.verify
+            done = (
+                task.computed + chunk.num_tokens == len(task.plan.compute_ids)
+                if task.plan
+                else True
+            )
+            if v is not None and done and not isinstance(outputs[i], StoreError):
+                v.accepted, v.token = accept(
+                    [v.rows[at] for at in v.indices],
+                    v.draft,
+                    task.params or GREEDY,
+                    task.generator,
+                    v.draft_probs,
+                )
         return outputs
 
     # bookkeeping --------------------------------------------------------------------
 
     def _begin(self, task: Task) -> None:
         account = task.account
-        if task.recompute:  # generate: the logits after the file's last token, once
-            task.recompute = False
-            plan = self.store.begin_recompute(task.file, account.holder)
-        else:
-            plan = self.store.begin_append(
-                task.file, task.tokens, task.want != "none", account.holder
-            )
+        wanted = [i for i in task.outputs if i >= 0]
+        if task.verify is not None:
+            wanted += [i for i in task.verify.indices if i >= 0]
+        masked = task.visible is not None and any(v is not None for v in task.visible)
+        plan = self.store.begin_append(
+            task.file,
+            task.tokens,
+            need_logits=False,
+            holder=account.holder,
+            positions=task.positions,
+            masked=masked,
+            recompute_last=task.recompute_last,
+            logits_from=min(wanted) if wanted else None,
+            keep=task.keep,
+        )
         quota = account.token_quota
         if quota is not None and account.tokens_computed + len(plan.compute_ids) > quota:
             self.store.abort_append(plan)
             raise StoreError(errno.EDQUOT, f"token quota of {quota} tokens exceeded")
         task.computed = 0
-        if not plan.compute_ids:
-            self.store.finish_append(plan)
-            task.plan = None
-            return
+        task.cached = plan.num_reused
+        # compute index -> output index, for every prediction the task reads
+        indices = set(task.outputs) | (set(task.verify.indices) if task.verify else set())
+        task.rows = {plan.compute_index(at): at for at in indices}
         task.plan = plan
 
     def _advance(self, task: Task, chunk: SeqChunk, output: Any) -> None:
@@ -252,79 +340,77 @@ class Scheduler:
         task.account.tokens_computed += chunk.num_tokens
         self.uid_service[task.account.uid] += chunk.num_tokens
         self.num_tokens += chunk.num_tokens
+        if isinstance(output, StoreError):
+            task.failure = output
+        else:
+            task.answers.update(output)
         if task.cancelled or task.remaining:
             return  # more chunks to go, or the reaper's
-        if isinstance(output, StoreError):  # the file stays as it was before this append
-            self._fail(task, output)
+        if task.failure is not None:  # the file stays as it was before this append
+            self._fail(task, task.failure)
             return
-        assert task.plan is not None
-        self.store.finish_append(task.plan)
+        plan = task.plan
+        assert plan is not None
+        v = task.verify
+        num_new = None if v is None else len(task.tokens) - len(v.draft) + v.accepted
+        self.store.finish_append(plan, num_new)
         task.plan = None
         gen = task.generate
         if gen is None:
-            self._finish(task, {"tokens": task.file.num_tokens, **(output or {})})
+            self._finish(task, self._forward_result(task))
         elif gen.finish_reason is not None:  # the last generated token is now appended
-            self._finish(task, self._generate_result(task))
+            self._finish(task, gen.result(task.file.num_tokens))
         else:
-            self._next_token(task, output["token"])
+            answer = task.answers[max(task.outputs)]
+            if gen.num_logprobs is not None:
+                gen.logprobs.append(
+                    {
+                        "token": answer["token"],
+                        "logprob": answer["logprob"],
+                        "top": answer.get("top_k", []),
+                    }
+                )
+            self._next_token(task, answer["token"])
+
+    def _forward_result(self, task: Task) -> dict[str, Any]:
+        result: dict[str, Any] = {"tokens": task.file.num_tokens, "cached": task.cached}
+        v = task.verify
+        if v is not None:
+            assert v.token is not None
+            return {
+                **result,
+                "accepted": v.accepted,
+                "token": v.token,
+                "token_ids": [*v.draft[: v.accepted], v.token],
+            }
+        outputs = [{"at": at, **task.answers[at]} for at in sorted(task.answers)]
+        result["outputs"] = outputs
+        drawn = [o["token"] for o in outputs if "token" in o]
+        if drawn:
+            result["token"] = drawn[-1]
+        return result
 
     def _next_token(self, task: Task, token: int) -> None:
         gen = task.generate
         assert gen is not None
         if task.file.num_tokens >= self.store.max_tokens:  # full: the token cannot go in
             gen.finish_reason = "length"
-            self._stream_text(task)
-            self._finish(task, self._generate_result(task))
+            gen.stream_piece()
+            self._finish(task, gen.result(task.file.num_tokens))
             return
-        gen.token_ids.append(token)
-        if token in gen.stop_token_ids:  # appended to the file, but not part of the text
-            gen.finish_reason = "stop"
-        else:
-            # a stop string can only end in the new piece: look at the tail alone
-            tail = max(0, len(gen.text) - gen.longest_stop + 1)
-            gen.text += gen.decoder.push(token)
-            found = [i for s in gen.stop_strings if (i := gen.text.find(s, tail)) >= 0]
-            if found:
-                cut = min(found)
-                gen.text, gen.finish_reason = gen.text[:cut], "stop"
-            elif len(gen.token_ids) >= gen.max_tokens:
-                gen.finish_reason = "length"
-        self._stream_text(task)
+        gen.push(token)
+        gen.stream_piece()
         task.tokens = [token]
-        if gen.finish_reason is not None:
-            task.want = "none"  # one more step appends the last token, no logits
+        spec = max(task.outputs.items())[1]
+        # the next prediction follows this token; after the last, a step appends it alone
+        task.outputs = {} if gen.finish_reason is not None else {0: spec}
         try:
             self._begin(task)
         except StoreError as exc:  # out of pages: what was appended so far stands
             gen.finish_reason = "error"  # the last token (in the text) is not in the file
-            self._finish(task, {**self._generate_result(task), "error": str(exc)})
+            self._finish(task, gen.result(task.file.num_tokens, str(exc)))
             return
-        if task.plan is None:
-            self._finish(task, self._generate_result(task))
-
-    def _stream_text(self, task: Task) -> None:
-        gen = task.generate
-        assert gen is not None
-        # hold back what could still become a stop string
-        hold = 0 if gen.finish_reason else max((len(s) - 1 for s in gen.stop_strings), default=0)
-        end = max(gen.emitted, len(gen.text) - hold)
-        if end > gen.emitted and gen.stream is not None:
-            # a reader that stopped listening still gets the final result
-            with contextlib.suppress(
-                trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
-            ):
-                gen.stream.send_nowait(gen.text[gen.emitted : end])
-            gen.emitted = end
-
-    def _generate_result(self, task: Task) -> dict[str, Any]:
-        gen = task.generate
-        assert gen is not None
-        return {
-            "text": gen.text,
-            "token_ids": gen.token_ids,
-            "finish_reason": gen.finish_reason,
-            "tokens": task.file.num_tokens,
-        }
+        self._served(task)
 
     def _finish(self, task: Task, result: dict[str, Any]) -> None:
         self._discard(task)
@@ -347,8 +433,19 @@ class Scheduler:
             task.generate.stream.close()
 
     def _reap_cancelled(self) -> bool:
-        """Fail the cancelled tasks no step is using; whether there were any."""
+        """End the cancelled tasks no step is using; whether there were any. A file keeps
+        the whole tokens already computed; a generation answers with what it made."""
         cancelled = [t for t in self._waiting if t.cancelled and not t.in_flight]
         for task in cancelled:
-            self._fail(task, StoreError(errno.ECANCELED, "the call was cancelled"))
+            plan = task.plan
+            if plan is not None and plan.keep and task.failure is None and not task.verify:
+                task.plan = None
+                self.store.finish_append(plan, plan.whole_new(task.computed))
+            gen = task.generate
+            if gen is not None:
+                gen.finish_reason = gen.finish_reason or "cancelled"
+                gen.stream_piece()
+                self._finish(task, gen.result(task.file.num_tokens))
+            else:
+                self._fail(task, StoreError(errno.ECANCELED, "the call was cancelled"))
         return bool(cancelled)

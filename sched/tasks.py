@@ -11,11 +11,13 @@ import torch
 import trio
 
 from symphony.engine.sampling import SamplingParams, make_generator
-from symphony.engine.tokenizer import StreamDecoder
+from symphony.fs.appends import AppendPlan
 from symphony.fs.charges import Holder
 from symphony.fs.errors import StoreError
 from symphony.fs.nodes import KVFile
-from symphony.fs.store import AppendPlan
+from symphony.sched.generation import GenerateState
+from symphony.sched.outputs import OutputSpec
+from symphony.sched.speculative import VerifyState
 
 _arrivals = itertools.count()
 
@@ -57,27 +59,10 @@ class Account:
 
 
 @dataclass
-class GenerateState:
-    """The server-side decode loop of one `generate` call."""
-
-    max_tokens: int
-    stop_token_ids: frozenset[int]
-    stop_strings: tuple[str, ...]
-    decoder: StreamDecoder
-    stream: trio.MemorySendChannel[str] | None
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0  # characters of `text` already streamed
-    finish_reason: str | None = None
-
-    @property
-    def longest_stop(self) -> int:
-        return max((len(s) for s in self.stop_strings), default=0)
-
-
-@dataclass
 class Task:
-    """Append `tokens` to `file`; optionally sample the next token (and keep generating).
+    """Append `tokens` to `file`, computing them, and answer what `outputs` asks at
+    chosen new-token indices (-1: the file's last token, computed again); or verify a
+    draft; or keep generating.
 
     The batch loop owns everything here once submitted; others only read `done`.
     """
@@ -85,14 +70,20 @@ class Task:
     account: Account
     file: KVFile
     tokens: list[int]  # to append (begun or not)
-    want: str = "none"  # "none", "logits" (top logprobs) or "sample"
+    outputs: dict[int, OutputSpec] = field(default_factory=dict)
     params: SamplingParams | None = None
     generator: torch.Generator | None = None
-    num_logprobs: int = 0
+    positions: list[int] | None = None  # of the new tokens; None: after the file's last
+    visible: list[list[int] | None] | None = None  # per new token's attention ranges
+    keep: bool = True  # False: compute and answer, append nothing
     generate: GenerateState | None = None
-    recompute: bool = False  # begin by computing the file's last token again (generate)
+    verify: VerifyState | None = None
     plan: AppendPlan | None = None
     computed: int = 0  # of plan.compute_ids
+    answers: dict[int, dict[str, Any]] = field(default_factory=dict)  # by output index
+    rows: dict[int, int] = field(default_factory=dict)  # compute index -> output index
+    cached: int = 0  # new tokens the prefix index supplied
+    failure: StoreError | None = None  # a row of an earlier chunk failed
     in_flight: bool = False
     cancelled: bool = False
     arrival: int = field(default_factory=lambda: next(_arrivals))
@@ -106,6 +97,15 @@ class Task:
         if self.plan is None:
             return 0
         return len(self.plan.compute_ids) - self.computed
+
+    @property
+    def recompute_last(self) -> bool:
+        """Whether the prediction after the file's last token is wanted."""
+        return -1 in self.outputs or (self.verify is not None and self.verify.first == -1)
+
+    @property
+    def samples(self) -> bool:
+        return any(spec.sample for spec in self.outputs.values())
 
     def sort_key(self) -> tuple[int, int, int]:
         # priority classes first, then least attained service, then arrival

@@ -49,7 +49,9 @@ async def verify_file(
     store.hold(pages)  # the file may be rolled back meanwhile: its pages stay readable
     file.open_count += 1  # unlinked meanwhile, it stays until the report
     try:
-        task = Task(account, scratch, list(file.token_ids), "none")
+        # at the file's own positions, under the causal mask (masks are not stored)
+        task = Task(account, scratch, list(file.token_ids))
+        task.positions = None if file.positions is None else list(file.positions)
         scheduler.submit(task)
         try:
             await task.done.wait()

@@ -12,8 +12,10 @@ from symphony.fs.charges import Holder
 from symphony.fs.errors import StoreError
 from symphony.fs.nodes import ROOT, Cred
 from symphony.fs.store import KVStore
+from symphony.sched.generation import GenerateState
+from symphony.sched.outputs import SAMPLE
 from symphony.sched.scheduler import Scheduler
-from symphony.sched.tasks import Account, GenerateState, Task
+from symphony.sched.tasks import Account, Task
 from tests.test_scheduler import VOCAB, FakeEngine, run_until_done
 from tests.tiny import tiny_tokenizer_json
 
@@ -22,7 +24,7 @@ OTHER = Cred(65534, 65534)
 
 def generating(store: KVStore, account: Account, name: str, max_tokens: int) -> Task:
     file = store.open(name, ROOT, create=True)
-    task = Task(account, file, [1, 2, 3], "sample")
+    task = Task(account, file, [1, 2, 3], {2: SAMPLE})
     task.generate = GenerateState(
         max_tokens, frozenset(), (), StreamDecoder(Tokenizer(tiny_tokenizer_json())), None
     )
@@ -78,7 +80,7 @@ async def test_uids_take_turns_before_programs(autojump_clock):
     tasks = []
     for i, account in enumerate([one, *many]):  # both uids wait: the less served goes first
         file = store.open(f"t{i}", ROOT, create=True)
-        t = Task(account, file, [1, 2, 3, 4], "none")
+        t = Task(account, file, [1, 2, 3, 4])
         sched.submit(t)
         engine.tags[t.plan.block_table[0]] = account.uid
         tasks.append(t)

@@ -139,7 +139,7 @@ def test_corrupted_or_truncated_kv_files_are_refused(mounted, tmp_path):
                 [
                     b'"page_size": 4',
                     b'"num_layers": 2',
-                    b'"version": 1',
+                    b'"version": 2',
                     b'"num_pages": 3',
                     b'"head_dim": 16',
                 ]

@@ -14,6 +14,7 @@ from symphony.engine.page_pool import PagePool
 from symphony.engine.sampling import GREEDY
 from symphony.fs.nodes import ROOT
 from symphony.fs.store import KVStore
+from symphony.sched.outputs import SAMPLE
 from symphony.sched.scheduler import Scheduler
 from symphony.sched.tasks import Account, Task
 
@@ -36,7 +37,8 @@ class FakeEngine:
         self.steps.append([(self.tags.get(c.block_table[0], -1), c.num_tokens) for c in chunks])
         rows = []
         for c in chunks:
-            for pos in range(c.context_len - c.num_logits, c.context_len):
+            for r in c.returned_rows:
+                pos = c.start_pos + r
                 row = torch.zeros(VOCAB)
                 row[(pos + 1) % VOCAB] = 1.0
                 rows.append(row)
@@ -53,7 +55,8 @@ def setup(budget: int, gate: threading.Event | None = None):
 
 def task(engine, store, name: str, account: Account, tokens: list[int], tag: int, want="sample"):
     file = store.open(name, ROOT, create=True)
-    t = Task(account, file, tokens, want, GREEDY if want == "sample" else None)
+    outputs = {len(tokens) - 1: SAMPLE} if want == "sample" else {}
+    t = Task(account, file, tokens, outputs, GREEDY if want == "sample" else None)
     return t, tag
 
 
@@ -113,7 +116,7 @@ async def test_token_budget_splits_prefill_and_packs_decodes(autojump_clock):
 
 async def test_generation_continues_in_later_steps_and_appends_everything(autojump_clock):
     from symphony.engine.tokenizer import StreamDecoder, Tokenizer
-    from symphony.sched.tasks import GenerateState
+    from symphony.sched.generation import GenerateState
     from tests.tiny import tiny_tokenizer_json
 
     engine, store, sched = setup(budget=8)
