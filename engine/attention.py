@@ -1,9 +1,11 @@
 """Paged attention behind one interface, with two backends.
 
 - `SdpaAttention`: torch scaled_dot_product_attention over K/V gathered from the pages
-  (CPU and any GPU). Decode sequences go in one padded call; prefill chunks one by one.
+  (CPU and any GPU). Decode sequences go in one padded call; prefill chunks, and chunks
+  with explicit visible ranges, one by one with a boolean mask.
 - `FlashAttention`: flash-attn's varlen kernel reading K/V straight from the pages
-  through the block table (CUDA with flash_attn installed).
+  through the block table (CUDA with flash_attn installed); causal only, so a step with
+  visible ranges goes through SDPA over the same pages.
 
 Both read K/V from the page pool, which the model has already written for this step.
 """
@@ -57,6 +59,28 @@ class _SdpaPlan:
     shared_mask: torch.Tensor | None = None
 
 
+def visible_mask(ranges: list[list[int] | None], start_pos: int, context_len: int) -> torch.Tensor:
+    """[n, context_len] bool, True where query j (at slot start_pos + j) sees a key.
+
+    `ranges[j]` is None (causal) or a checked flat list of half-open slot ranges. Built
+    on the host from +1/-1 marks at each range's ends and one cumulative sum, so the cost
+    is per range, not per key.
+    """
+    rows: list[int] = []
+    bounds: list[int] = []
+    for j, own in enumerate(ranges):
+        seen = [0, start_pos + j + 1] if own is None else own
+        rows += [j] * (len(seen) // 2)
+        bounds += seen
+    rows_t = torch.tensor(rows, dtype=torch.long)
+    bounds_t = torch.tensor(bounds, dtype=torch.long).view(-1, 2)
+    marks = torch.zeros(len(ranges), context_len + 1, dtype=torch.int8)
+    one = torch.ones(len(rows), dtype=torch.int8)
+    marks.index_put_((rows_t, bounds_t[:, 0]), one, accumulate=True)
+    marks.index_put_((rows_t, bounds_t[:, 1]), -one, accumulate=True)
+    return marks.cumsum(1, dtype=torch.int8)[:, :context_len] > 0
+
+
 class SdpaAttention:
     """torch SDPA over gathered pages: the always-available backend."""
 
@@ -95,16 +119,20 @@ class SdpaAttention:
         for i in meta.prefill_seq_ids:
             n, ctx = meta.query_lens[i], meta.context_lens[i]
             num_pages = -(-ctx // self.page_size)
-            # query j sits at position ctx - n + j and sees keys 0..ctx - n + j
-            q_pos = torch.arange(ctx - n, ctx, device=device)
-            causal = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]
+            ranges = meta.visible[i]
+            if ranges is None:
+                # query j sits at slot ctx - n + j and sees keys 0..ctx - n + j
+                q_pos = torch.arange(ctx - n, ctx, device=device)
+                mask = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]
+            else:
+                mask = visible_mask(ranges, ctx - n, ctx).to(device)
             plan.prefills.append(
                 _PrefillPlan(
                     start=meta.query_starts[i],
                     length=n,
                     pages=torch.tensor(meta.block_tables[i][:num_pages], device=device),
                     context_len=ctx,
-                    mask=causal.repeat(self.group, 1),
+                    mask=mask.repeat(self.group, 1),
                 )
             )
         return plan
@@ -199,17 +227,23 @@ class FlashAttention:
     """flash-attn's varlen kernel over paged K/V (CUDA only).
 
     flash-attn's paged KV wants pages of a multiple of 256 tokens; EngineConfig
-    refuses this backend for other page sizes.
+    refuses this backend for other page sizes. The kernel is causal only: a step in
+    which any chunk has visible ranges is planned and run by an `SdpaAttention` over
+    the same pages instead (same [num_pages, page_size, kv_heads, head_dim] layout);
+    steps without them keep the flash kernel.
     """
 
     name = "flash"
 
-    def __init__(self) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int) -> None:
         from flash_attn import flash_attn_varlen_func
 
         self._varlen = flash_attn_varlen_func
+        self._masked = SdpaAttention(num_heads, num_kv_heads, head_dim, page_size)
 
-    def prepare(self, meta: AttnMetadata) -> dict[str, Any]:
+    def prepare(self, meta: AttnMetadata) -> dict[str, Any] | _SdpaPlan:
+        if meta.masked:
+            return self._masked.prepare(meta)
         cu_k = torch.zeros(len(meta.context_lens) + 1, dtype=torch.int32)
         cu_k[1:] = torch.tensor(meta.context_lens).cumsum(0)
         return {
@@ -221,8 +255,14 @@ class FlashAttention:
         }
 
     def __call__(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: dict[str, Any]
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        plan: dict[str, Any] | _SdpaPlan,
     ) -> torch.Tensor:
+        if isinstance(plan, _SdpaPlan):
+            return self._masked(q, k_cache, v_cache, plan)
         return self._varlen(q, k_cache, v_cache, causal=True, **plan)
 
 
@@ -237,7 +277,7 @@ def make_attention(
                 "the flash attention backend needs CUDA, the flash_attn package and a "
                 "page_size that is a multiple of 256"
             )
-        return FlashAttention()
+        return FlashAttention(num_heads, num_kv_heads, head_dim, page_size)
     if choice == "auto" and flash_ok:
-        return FlashAttention()
+        return FlashAttention(num_heads, num_kv_heads, head_dim, page_size)
     return SdpaAttention(num_heads, num_kv_heads, head_dim, page_size)

@@ -113,17 +113,25 @@ class Engine:
         """Compute every chunk's tokens, writing their K/V into the chunk's pages.
 
         Returns:
-            logits [sum of num_logits, vocab] in fp32, chunk by chunk in order.
+            logits [sum of len(chunk.returned_rows), vocab] in fp32: each chunk's rows
+            (its `logit_rows`, else its last `num_logits`) in order, chunk by chunk.
 
         Raises:
-            ValueError: a chunk is malformed (see `build_step_input`) or runs past the
-                model's maximum context.
+            ValueError: a chunk is malformed (see `build_step_input`), runs past the
+                model's maximum context, or has a position outside 0..max_position-1.
         """
+        limit = self.model_config.max_position
         longest = max((c.context_len for c in chunks), default=0)
-        if longest > self.model_config.max_position:
-            raise ValueError(
-                f"context of {longest} tokens exceeds the model's {self.model_config.max_position}"
-            )
+        if longest > limit:
+            raise ValueError(f"context of {longest} tokens exceeds the model's {limit}")
+        for c in chunks:
+            # checked here, not left to the rope table's indexing: on CUDA an index
+            # out of range is a device assert that ends the process, not an exception
+            if not c.positions:
+                continue
+            low, high = min(c.positions), max(c.positions)
+            if low < 0 or high >= limit:
+                raise ValueError(f"positions {low}..{high} are not all within 0..{limit - 1}")
         step = build_step_input(chunks, self.config.page_size, self.config.device)
         plan = self.attention.prepare(step.attn)
         logits = self.model(

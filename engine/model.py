@@ -130,8 +130,8 @@ class LlamaModel(nn.Module):
     def forward(
         self,
         token_ids: torch.Tensor,  # [num_tokens]
-        positions: torch.Tensor,  # [num_tokens]
-        slot_mapping: torch.Tensor,  # [num_tokens]
+        positions: torch.Tensor,  # [num_tokens] rotary positions (not the slots)
+        slot_mapping: torch.Tensor,  # [num_tokens] where each token's K/V goes
         logits_indices: torch.Tensor,  # [num_logits]
         pool: PagePool,
         attention: AttentionBackend,
