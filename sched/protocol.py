@@ -6,6 +6,19 @@ connection. The server answers each with exactly one final frame,
 `{"id", "ok": true, "result"}` or `{"id", "ok": false, "errno": "ENOENT", "message"}`,
 possibly preceded by stream frames `{"id", "stream": value}` (generated text,
 a program's output).
+
+Ids must be unique among a connection's requests in flight: a request whose id is
+already in flight is answered EINVAL (a reply with that id, so a client that reuses ids
+cannot tell it from the first request's) and not run. A request that is not a map with
+an integer id is answered EINVAL with id null.
+
+A frame `{"cancel": id}` (no "call") cancels that request of the same connection. It has
+no reply of its own: the request ends within one engine step and answers as its call
+says (forward and verify: ECANCELED, keeping the tokens already computed; generate: its
+result, finish_reason "cancelled"); calls that do not wait on the engine may just finish.
+An id not in flight (unknown, finished, not an integer) is ignored. A cancel frame takes
+none of the connection's request slots nor of its uid's budget. Closing the connection
+cancels all its requests.
 """
 
 from __future__ import annotations

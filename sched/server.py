@@ -12,7 +12,7 @@ import select
 import socket
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 DEFAULT_SOCKET = "/tmp/symphony.sock"
 _PEERCRED = struct.Struct("3i")
 FRAME_SECONDS = 30.0  # a frame begun must be whole within this, or the connection ends
+# requests read from one connection but waiting for a slot: past either bound the server
+# stops reading it (until then it reads on, for the cancel frames behind them)
+PENDING_REQUESTS = 64
+PENDING_BYTES = 1 << 20
+Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def default_socket() -> str:
@@ -219,50 +224,68 @@ class Server:
                 await stream.aclose()
 
     async def _read_requests(
-        self, stream: trio.SocketStream, send: Any, nursery: trio.Nursery, cred: Cred, proc: Any
+        self, stream: trio.SocketStream, send: Send, nursery: trio.Nursery, cred: Cred, proc: Proc
     ) -> bool:
-        """Start a task per request until the peer stops sending; True if it ended its
-        side cleanly (end of file), False if it sent something unreadable or was reset.
+        """Read frames until the peer stops sending; True if it ended its side cleanly
+        (end of file), False if it sent something unreadable or was reset.
 
-        At most `max_in_flight` requests run at once: past that the server stops reading
-        (the socket's buffers push back on the client). A frame begun must be whole
-        within FRAME_SECONDS: a half-sent frame pins memory.
+        A request waits for one of `max_in_flight` slots (and its uid's budget) in a
+        bounded queue (PENDING_REQUESTS, PENDING_BYTES) that `_start_requests` takes
+        from; while the queue is full the server stops reading (the socket's buffers push
+        back on the client). Cancel frames are handled here, as they are read: they take
+        no slot, so a request can be cancelled while all the slots are busy. A frame
+        begun must be whole within FRAME_SECONDS: a half-sent frame pins memory.
         """
         frames = FrameBuffer(max_array=MAX_ARRAY)
-        in_flight = trio.Semaphore(self.config.max_in_flight)
-        uid_budget = self.admission.in_flight(cred)
+        conn = _Connection(cred, proc, send)
         deadline = math.inf
-        try:
-            while True:
-                data = b""
-                with trio.move_on_at(deadline) as waiting:
-                    data = await stream.receive_some(65536)
-                if waiting.cancelled_caught:
-                    message = f"a frame was not completed within {FRAME_SECONDS:g} s"
-                    await send(error_reply(None, "ETIMEDOUT", message))
-                    return False
-                if not data:
-                    return True
-                was_partial = frames.partial
-                frames.feed(data)
-                try:
-                    requests = frames.frames()
-                except FrameError as exc:
-                    await send(error_reply(None, "EPROTO", str(exc)))
-                    return False  # the stream is unusable: close the connection
-                for request, size in zip(requests, frames.sizes, strict=True):
-                    await in_flight.acquire()
-                    units = 0 if uid_budget is None else await uid_budget.take(size)
-                    release = functools.partial(self._release_slot, in_flight, uid_budget, units)
-                    nursery.start_soon(self._serve_one, release, request, cred, proc, send)
-                # a frame's clock runs from when the server reads again: waiting for a
-                # free slot above is the server's doing, not the client's
-                if not frames.partial:
-                    deadline = math.inf
-                elif not was_partial or requests:  # a new frame begins
-                    deadline = trio.current_time() + FRAME_SECONDS
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False  # reset by the peer
+        nursery.start_soon(self._start_requests, conn, nursery)
+        with conn.queue:
+            try:
+                while True:
+                    if conn.full:
+                        await conn.room()
+                        # a frame's clock runs from when the server reads again: waiting
+                        # for a free slot is the server's doing, not the client's
+                        if frames.partial:
+                            deadline = trio.current_time() + FRAME_SECONDS
+                    data = b""
+                    with trio.move_on_at(deadline) as waiting:
+                        data = await stream.receive_some(65536)
+                    if waiting.cancelled_caught:
+                        message = f"a frame was not completed within {FRAME_SECONDS:g} s"
+                        await send(error_reply(None, "ETIMEDOUT", message))
+                        return False
+                    if not data:
+                        return True
+                    was_partial = frames.partial
+                    frames.feed(data)
+                    try:
+                        received = frames.frames()
+                    except FrameError as exc:
+                        await send(error_reply(None, "EPROTO", str(exc)))
+                        return False  # the stream is unusable: close the connection
+                    for request, size in zip(received, frames.sizes, strict=True):
+                        await conn.take(request, size)
+                    if not frames.partial:
+                        deadline = math.inf
+                    elif not was_partial or received:  # a new frame begins
+                        deadline = trio.current_time() + FRAME_SECONDS
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False  # reset by the peer
+
+    async def _start_requests(self, conn: _Connection, nursery: trio.Nursery) -> None:
+        """Start each queued request once it has a slot and its uid's budget; ends when
+        the reader does and the queue is empty."""
+        in_flight = trio.Semaphore(self.config.max_in_flight)
+        uid_budget = self.admission.in_flight(conn.cred)
+        with conn.queued:
+            async for rid, call, request, size in conn.queued:
+                await in_flight.acquire()
+                units = 0 if uid_budget is None else await uid_budget.take(size)
+                conn.started(size)
+                release = functools.partial(self._release_slot, in_flight, uid_budget, units)
+                nursery.start_soon(self._serve_one, release, conn, rid, call, request)
 
     @staticmethod
     def _release_slot(in_flight: trio.Semaphore, uid_budget: InFlight | None, units: int) -> None:
@@ -273,27 +296,21 @@ class Server:
     async def _serve_one(
         self,
         release: Callable[[], None],
+        conn: _Connection,
+        rid: int,
+        call: Call,
         request: dict[str, Any],
-        cred: Cred,
-        proc: Any,
-        send: Any,
     ) -> None:
         try:
-            await self._serve_call(request, cred, proc, send)
+            await self._serve_call(conn, rid, call, request)
         finally:
+            conn.forget(rid, call)
             release()
 
-    async def _serve_call(self, request: dict[str, Any], cred: Cred, proc: Any, send: Any) -> None:
+    async def _serve_call(
+        self, conn: _Connection, rid: int, call: Call, request: dict[str, Any]
+    ) -> None:
         assert self.syscalls is not None
-        rid = request.get("id")
-        if not isinstance(rid, int) or isinstance(rid, bool):
-            await _send_quietly(send, error_reply(None, "EINVAL", "a request needs an integer id"))
-            return
-
-        async def stream(value: Any) -> None:
-            await send({"id": rid, "stream": value})
-
-        call = Call(cred, proc, stream)
         try:
             outcome = await self.syscalls.answer(call, request.get("call"), request.get("args", {}))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -303,12 +320,85 @@ class Server:
         else:
             reply = ok_reply(rid, outcome)
         await self.after_call()
+        # answered from here on: a cancel frame now is for a finished call, and the id is
+        # free again once the client has the reply
+        conn.forget(rid, call)
         try:
-            await send(reply)
+            await conn.send(reply)
         except FrameError as exc:
-            await _send_quietly(send, error_reply(rid, "E2BIG", str(exc)))
+            await _send_quietly(conn.send, error_reply(rid, "E2BIG", str(exc)))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+
+
+Queued = tuple[int, Call, dict[str, Any], int]  # request id, its call, the frame, its size
+
+
+class _Connection:
+    """One connection's requests by id, from when they are read until they are answered
+    (so a cancel frame finds its call), and the bounded queue of those read but waiting
+    for a slot."""
+
+    def __init__(self, cred: Cred, proc: Proc, send: Send) -> None:
+        self.cred = cred
+        self.proc = proc
+        self.send = send
+        self.calls: dict[int, Call] = {}
+        self.queue, self.queued = trio.open_memory_channel[Queued](math.inf)  # bounded by full
+        self._num_queued = 0
+        self._queued_bytes = 0
+        self._room = trio.Event()
+
+    async def take(self, frame: dict[str, Any], size: int) -> None:
+        """A cancel frame cancels its call; a request is queued for a slot (or refused,
+        answered EINVAL, for want of a fresh integer id)."""
+        if "cancel" in frame and "call" not in frame:
+            self.cancel(frame["cancel"])  # no reply: the call itself answers
+            return
+        rid = frame.get("id")
+        if not isinstance(rid, int) or isinstance(rid, bool):
+            message = "a request needs an integer id"
+            await _send_quietly(self.send, error_reply(None, "EINVAL", message))
+            return
+        if rid in self.calls:
+            message = f"request id {rid} is already in flight on this connection"
+            await _send_quietly(self.send, error_reply(rid, "EINVAL", message))
+            return
+        send = self.send
+
+        async def stream(value: Any) -> None:
+            await send({"id": rid, "stream": value})
+
+        call = self.calls[rid] = Call(self.cred, self.proc, stream)
+        self._num_queued += 1
+        self._queued_bytes += size
+        self.queue.send_nowait((rid, call, frame, size))
+
+    def cancel(self, rid: Any) -> None:
+        """Set `cancelled` on the call of `rid`; an unknown or finished id is ignored."""
+        call = self.calls.get(rid) if isinstance(rid, int) else None
+        if call is not None:
+            call.cancelled.set()
+
+    def forget(self, rid: int, call: Call) -> None:
+        if self.calls.get(rid) is call:
+            del self.calls[rid]
+
+    @property
+    def full(self) -> bool:
+        """Whether the queue holds as much as a connection may have waiting."""
+        return self._num_queued >= PENDING_REQUESTS or self._queued_bytes >= PENDING_BYTES
+
+    def started(self, size: int) -> None:
+        self._num_queued -= 1
+        self._queued_bytes -= size
+        self._room.set()
+
+    async def room(self) -> None:
+        """Wait until the queue is no longer full."""
+        while self.full:
+            self._room = trio.Event()
+            await self._room.wait()
 
 
 async def _send_quietly(send: Any, message: dict[str, Any]) -> None:
