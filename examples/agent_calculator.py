@@ -60,7 +60,7 @@ with connect() as lip:
     expression: list[int] = []
     pending = opening[-1]  # fed with the next forward, which returns what follows it
     for _ in range(24):
-        token = kv.forward([pending], temperature=0.0, mask=allowed)["token"]
+        token = kv.forward([pending], temperature=0.0, allowed=allowed).token
         if token == close and expression:
             break
         expression.append(token)
@@ -73,6 +73,6 @@ with connect() as lip:
         result = f"error: {exc}"
     print(f"calc: {text} = {result}")
     kv.append(lip.tokenize(f") = {result}. So the answer is"))
-    answer = kv.generate(max_tokens=24, temperature=0.0, stop=["\n"])
+    answer = kv.generate(max_tokens=24, temperature=0.0, stop=["\n"]).text
     print(f"answer: So the answer is{answer}")
     kv.unlink()

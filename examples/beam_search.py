@@ -28,8 +28,9 @@ with connect() as lip:
             if chosen and chosen[-1] in stop:
                 candidates.append((score, kv, None, chosen))  # finished beams stay
                 continue
-            out = kv.forward([pending], logprobs=BEAMS)  # feed the token, see the next ones
-            for token, logprob in out["logprobs"]:
+            # feed the token, see the likeliest next ones
+            out = kv.forward([pending], outputs=[{"top_k": BEAMS}])
+            for token, logprob in out.outputs[0].top_k or ():
                 candidates.append((score + logprob, kv, token, [*chosen, token]))
         candidates.sort(key=lambda c: -c[0])
         survivors, used = [], set()

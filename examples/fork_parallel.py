@@ -30,9 +30,10 @@ async def main() -> None:
 
         async def run(i: int) -> None:
             # branch 0 greedy, the others sampled with their own seeds
-            texts[i] = await branches[i].generate(
+            result = await branches[i].generate(
                 max_tokens=MAX_TOKENS, temperature=0.0 if i == 0 else 0.8, seed=i
             )
+            texts[i] = result.text
 
         t1 = time.perf_counter()
         async with trio.open_nursery() as nursery:

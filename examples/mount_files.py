@@ -26,7 +26,7 @@ with connect() as lip:
     print("copy shares:", os.getxattr(dst, "user.kv.shared_pages").decode(), "pages")
     print("copy blocks:", os.stat(dst).st_blocks, "(only pages it does not share count)")
     copy = lip.kv(f"{name}-copy.kv")  # and back to the syscalls on the same path
-    print("continues:", repr(copy.generate(max_tokens=8, temperature=0)))
+    print("continues:", repr(copy.generate(max_tokens=8, temperature=0).text))
     with open(src, "rb") as f:
         print("format:", f.read(8))
     os.unlink(dst)

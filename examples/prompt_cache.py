@@ -40,6 +40,6 @@ with connect() as lip:
         q = system.fork(f"cache/q-{time.time_ns()}-{i}.kv")
         t0 = time.perf_counter()
         q.append(ids[len(system_ids) :])
-        answer = q.generate(max_tokens=48, temperature=0.0)
+        answer = q.generate(max_tokens=48, temperature=0.0).text
         print(f"Q: {question}\nA: {answer.strip()}  ({time.perf_counter() - t0:.2f} s)")
         q.unlink()

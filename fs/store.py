@@ -140,6 +140,7 @@ class KVStore(Appends):
     def file_stat(self, file: KVFile) -> dict[str, Any]:
         return {
             "tokens": file.num_tokens,
+            "next_position": file.next_position,
             "pages": len(file.pages),
             "shared_pages": self.num_shared(file),
             "mode": file.mode,

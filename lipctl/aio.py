@@ -402,8 +402,9 @@ class AsyncKV:
             SymphonyError: EINVAL for an empty file or choice; EAGAIN when the file
                 changed length meanwhile (score again).
         """
-        num_tokens = int((await self.stat())["tokens"])
-        args = score_args(self.path, num_tokens, choices)
+        stat = await self.stat()
+        num_tokens = int(stat["tokens"])
+        args = score_args(self.path, num_tokens, choices, stat.get("next_position"))
         result = decode(await self.lip.call("forward", **args), ForwardResult)
         return score_means(result, num_tokens, choices)
 

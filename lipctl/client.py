@@ -191,13 +191,16 @@ def generate_args(
     return args
 
 
-def score_args(path: str, num_tokens: int, choices: Sequence[Sequence[int]]) -> dict[str, Any]:
+def score_args(
+    path: str, num_tokens: int, choices: Sequence[Sequence[int]], next_position: int | None = None
+) -> dict[str, Any]:
     """One keep=False forward scoring every choice after a file of `num_tokens` tokens.
 
     The choices are concatenated; each one's tokens take the positions right after the
-    file's end (num_tokens, num_tokens + 1...) and see the file and its own earlier
-    tokens, never another choice. The output at -1 asks the logprobs of every choice's
-    first token; the one at each choice token but its last, that of its next token.
+    file's end (`next_position`, by default num_tokens, then on) and see the file and
+    their own earlier tokens, never another choice. The output at -1 asks the logprobs
+    of every choice's first token; the one at each choice token but its last, that of
+    its next token.
 
     Raises:
         SymphonyError: EINVAL for an empty file (nothing predicts a first token) or an
@@ -217,7 +220,7 @@ def score_args(path: str, num_tokens: int, choices: Sequence[Sequence[int]]) -> 
         for j, token in enumerate(choice):
             own = num_tokens + start  # the choice's first token, as an index of the file
             tokens.append(token)
-            positions.append(num_tokens + j)
+            positions.append((num_tokens if next_position is None else next_position) + j)
             # the first choice follows the file: causal is what it needs
             attention.append(None if start == 0 else [0, num_tokens, own, own + j + 1])
             if j + 1 < len(choice):
@@ -562,15 +565,16 @@ class KV:
 
     def score(self, choices: Sequence[Sequence[int]]) -> list[float]:
         """The mean logprob per token of each choice (token ids) following the file, in
-        one forward that appends nothing (`score_args`). Assumes the file's positions
-        are the default ones (its end is position `tokens`).
+        one forward that appends nothing (`score_args`), at the positions after the
+        file's last.
 
         Raises:
             SymphonyError: EINVAL for an empty file or choice; EAGAIN when the file
                 changed length meanwhile (score again).
         """
-        num_tokens = int(self.stat()["tokens"])
-        args = score_args(self.path, num_tokens, choices)
+        stat = self.stat()
+        num_tokens = int(stat["tokens"])
+        args = score_args(self.path, num_tokens, choices, stat.get("next_position"))
         result = decode(self.lip.call("forward", **args), ForwardResult)
         return score_means(result, num_tokens, choices)
 

@@ -358,7 +358,21 @@ async def _wait(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
             await call.stream({"fd": fd, "data": data})
         if proc.exit_status is not None:
             return proc.row()
-        await changed.wait()
+        if call.cancelled.is_set():  # the waiter gave up; the program runs on
+            raise StoreError(errno.ECANCELED, "the wait was cancelled")
+        await first_of(changed, call.cancelled)
+
+
+async def first_of(*events: trio.Event) -> None:
+    """Return when one of `events` is set."""
+    async with trio.open_nursery() as nursery:
+
+        async def one(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in events:
+            nursery.start_soon(one, event)
 
 
 # the prediction calls (forward, forward_many, verify, generate) register themselves

@@ -28,7 +28,7 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: forward with outputs, verify, cancel frames, results
 MAX_FRAME = 16 * 1024 * 1024
 # Elements of one array or map in a request: decoding a frame runs on the server's loop,
 # and 16 MiB of small ints would hold it for 0.4 s (262,144 take about 6 ms).

@@ -173,7 +173,7 @@ def test_an_id_in_flight_is_refused_then_free_again_once_answered(tiny_server, s
     sock.sendall(encode({"cancel": 7}))
     assert reader.next()["result"] == "cancelled"
     sock.sendall(request(7, "hello"))  # answered: the id may be used again
-    assert reader.next()["result"]["protocol"] == 1
+    assert reader.next()["result"]["protocol"] == 2
     sock.close()
 
 

@@ -84,7 +84,7 @@ BRANCH_LIP = textwrap.dedent(
     with connect() as lip:
         kv = lip.kv("shared/prefix.kv").fork(f"shared/branch-{i}.kv")
         kv.append(lip.tokenize(f"Topic number {i}: "))
-        print(kv.generate(max_tokens=10, temperature=0))
+        print(kv.generate(max_tokens=10, temperature=0).text)
     """
 )
 
@@ -103,7 +103,7 @@ def test_32_concurrent_lips_generate_what_each_does_alone(server):
         for i in range(n):  # each alone: nothing else runs on the server meanwhile
             kv = prefix.fork(f"shared/alone-{i}.kv")
             kv.append(lip.tokenize(f"Topic number {i}: "))
-            alone.append(kv.generate(max_tokens=10, temperature=0))
+            alone.append(kv.generate(max_tokens=10, temperature=0).text)
             kv.unlink()
         pids = [lip.spawn(BRANCH_LIP, [str(i)], name="branch.py") for i in range(n)]
         results = [wait_program(lip, pid) for pid in pids]
@@ -156,7 +156,7 @@ def test_sigkill_mid_generate_leaves_no_page_held(server):
         assert lip.status()["pages"]["used"] == baseline + stat["pages"]
         victim.unlink()
         assert lip.status()["pages"]["used"] == baseline
-        assert lip.call("hello")["protocol"] == 1
+        assert lip.call("hello")["protocol"] == 2
 
 
 OTHER_UID_CLIENT = textwrap.dedent(

@@ -35,12 +35,19 @@ def test_anything_that_reveals_content_needs_read(tiny_server):
     with connect(server.server.config.socket_path) as lip:
         kv = lip.kv("drop.kv", create=True, mode=0o622)  # others may write, not read
         kv.append(lip.tokenize("secret"))
-    for extra in [{"sampler": {}}, {"sampler": {"temperature": 0}}, {"logprobs": 1}, {"mask": [3]}]:
+    for extra in [
+        {"sampler": {}},
+        {"sampler": {"temperature": 0}},
+        {"outputs": [{"top_k": 1}]},
+        {"outputs": [{"entropy": True}]},
+        {"outputs": [{"at": -1, "logits": True}]},
+        {"keep": False},
+    ]:
         got = call_as(server, OTHER, "forward", path="drop.kv", tokens=[5], **extra)
         assert isinstance(got, StoreError) and got.errno_name == "EACCES", extra
     # a blind append is what w allows
     got = call_as(server, OTHER, "forward", path="drop.kv", tokens=[5])
-    assert got == {"tokens": 7}
+    assert got["tokens"] == 7 and got["outputs"] == []
     server.run_sync(server.server.store.check_invariants)
 
 
@@ -54,7 +61,7 @@ with connect(sys.argv[1]) as lip:
     out = []
     for _ in range(12):  # the same context each time: only the draw can differ
         kv.truncate(3)
-        out.append(kv.forward([4], temperature=5.0, seed=11)["token"])
+        out.append(kv.forward([4], temperature=5.0, seed=11).token)
 print(*out)
 """
 

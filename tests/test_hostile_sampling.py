@@ -125,5 +125,5 @@ def test_a_context_with_non_finite_kv_fails_alone(server):
     assert errors == ["EINVAL"] * 6
     assert file.token_ids == tokens_before
     with connect(socket) as lip, pytest.raises(SymphonyError) as info:
-        lip.kv("nan.kv").forward([5], logprobs=3)
+        lip.kv("nan.kv").forward([5], outputs=[{"top_k": 3}])
     assert info.value.errno == "EINVAL"

@@ -66,7 +66,7 @@ def test_a_half_sent_frame_times_out(tiny_server, monkeypatch):
     assert sock.recv(10) == b""  # and the connection is closed
     assert time.monotonic() - t0 < 5
     with connect(tiny_server.server.config.socket_path) as lip:  # others are served
-        assert lip.info["protocol"] == 1
+        assert lip.info["protocol"] == 2
 
 
 def test_oversized_arrays_and_texts_are_refused(tiny_server):

@@ -46,7 +46,7 @@ def test_the_shell_scenario(mounted):
     with connect(socket) as lip:
         st = lip.kv("ctx/b.kv").stat()
         assert (st["tokens"], st["pages"]) == (9, 3)
-        assert lip.kv("ctx/b.kv").forward([5], temperature=0)["tokens"] == 10
+        assert lip.kv("ctx/b.kv").forward([5], temperature=0).tokens == 10
     assert os.stat(path("ctx/b.kv")).st_blocks > 0  # it wrote into its own partial page
     step("mv", path("ctx/b.kv"), path("moved.kv"))
     step("ln", path("moved.kv"), path("hard.kv"))
@@ -101,7 +101,7 @@ def test_cp_forks_without_a_page_and_round_trips_through_disk(mounted, tmp_path)
     assert sh("cmp", path("orig.kv"), path("copy.kv")).returncode == 0
     # out to disk, gone from the store, back in: the same bytes, the same continuation
     with connect(socket) as lip:
-        before = lip.kv("orig.kv").fork("probe.kv").generate(max_tokens=6, temperature=0)
+        before = lip.kv("orig.kv").fork("probe.kv").generate(max_tokens=6, temperature=0).text
         lip.kv("probe.kv").unlink()
     assert sh("cp", path("orig.kv"), str(tmp_path / "saved.kv")).returncode == 0
     assert sh("rm", path("orig.kv"), path("copy.kv")).returncode == 0
@@ -109,7 +109,7 @@ def test_cp_forks_without_a_page_and_round_trips_through_disk(mounted, tmp_path)
     assert sh("cp", str(tmp_path / "saved.kv"), path("back.kv")).returncode == 0
     assert sh("cmp", str(tmp_path / "saved.kv"), path("back.kv")).returncode == 0
     with connect(socket) as lip:
-        assert lip.kv("back.kv").generate(max_tokens=6, temperature=0) == before
+        assert lip.kv("back.kv").generate(max_tokens=6, temperature=0).text == before
     assert status(mount)["invariants"] == "ok"
 
 
@@ -220,7 +220,7 @@ def test_files_persist_across_restart_and_fsynced_ones_across_sigkill(stateful):
         lip.mkdir("d", mode=0o750)
         kv = lip.kv("d/kept.kv", create=True, mode=0o640)
         kv.append(list(range(3, 12)))
-        before = kv.fork("d/probe.kv").generate(max_tokens=5, temperature=0)
+        before = kv.fork("d/probe.kv").generate(max_tokens=5, temperature=0).text
         lip.kv("d/probe.kv").unlink()
     stateful.stop()  # a clean stop writes everything
     stateful.start()
@@ -229,7 +229,7 @@ def test_files_persist_across_restart_and_fsynced_ones_across_sigkill(stateful):
         st = kv.stat()
         assert (st["tokens"], st["mode"] & 0o777) == (9, 0o640)
         assert oct(os.stat(os.path.join(stateful.mount, "d")).st_mode & 0o777) == "0o750"
-        assert kv.fork("d/probe.kv").generate(max_tokens=5, temperature=0) == before
+        assert kv.fork("d/probe.kv").generate(max_tokens=5, temperature=0).text == before
         lip.kv("d/probe.kv").unlink()
         # fsync writes one file through; later appends and other files are not
         kv.append([20, 21])

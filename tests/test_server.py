@@ -40,9 +40,10 @@ def test_calls_and_errors(server):
         assert (st["tokens"], st["pages"], st["mode"] & 0o777) == (5, 2, 0o600)
         b = kv.fork("b.kv")
         assert b.stat()["shared_pages"] == 2
-        out = b.forward([7], temperature=0.0, logprobs=3)
-        assert out["tokens"] == 6 and len(out["logprobs"]) == 3
-        assert out["token"] == out["logprobs"][0][0]  # greedy takes the likeliest
+        out = b.forward([7], temperature=0.0, outputs=[{"sample": True, "top_k": 3}])
+        (top,) = out.outputs
+        assert out.tokens == 6 and len(top.top_k) == 3
+        assert out.token == top.top_k[0][0]  # greedy takes the likeliest
         b.truncate(2)
         assert b.stat()["tokens"] == 2
         for call, errno_name in [
@@ -89,13 +90,14 @@ def test_streaming_and_stop_strings(server):
             except StopIteration as stop:
                 result = stop.value
                 break
-        assert "".join(pieces) == result["text"]
+        assert "".join(p.text for p in pieces) == result.text
+        assert [t for p in pieces for t in p.token_ids] == result.token_ids
         kv.truncate(3)
-        full = kv.generate(max_tokens=20, temperature=0.0)
+        full = kv.generate(max_tokens=20, temperature=0.0).text
         kv.truncate(3)
         if len(full) > 3:
             cut = full[2:4]
-            text = kv.generate(max_tokens=20, temperature=0.0, stop=[cut])
+            text = kv.generate(max_tokens=20, temperature=0.0, stop=[cut]).text
             assert text == full[: full.index(cut)]
     invariants(server)
 
@@ -146,7 +148,7 @@ def test_malformed_frames_get_an_error_or_a_closed_connection(server):
     assert replies[4]["errno"] == "EINVAL"
     s.close()
     with connect(path) as lip:
-        assert lip.call("hello")["protocol"] == 1  # still serving
+        assert lip.call("hello")["protocol"] == 2  # still serving
     invariants(server)
 
 
@@ -200,7 +202,7 @@ def test_a_client_that_leaves_before_its_reply_does_not_stop_the_server(server):
     s.shutdown(socket.SHUT_WR)
     assert [r["errno"] for r in read_replies(s)] == ["EPROTO"]
     with connect(path) as lip:
-        assert lip.call("hello")["protocol"] == 1
+        assert lip.call("hello")["protocol"] == 2
     invariants(server)
 
 
@@ -219,7 +221,7 @@ def test_unlinking_a_file_mid_generate_keeps_its_context(server):
             except StopIteration as stop:
                 result = stop.value
                 break
-    assert result["tokens"] == len(prompt) + 30
+    assert result.tokens == len(prompt) + 30
     assert invariants(server)["pages"]["used"] == 0
 
 

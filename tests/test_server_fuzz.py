@@ -99,7 +99,7 @@ def test_fuzzed_frames_never_crash_or_leak(tmp_path):
     try:
         run()
         with connect(path) as lip:
-            assert lip.call("hello")["protocol"] == 1
+            assert lip.call("hello")["protocol"] == 2
             for name in lip.listdir(""):
                 with contextlib.suppress(Exception):
                     lip.call("kv_unlink", path=name)
