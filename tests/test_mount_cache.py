@@ -88,7 +88,8 @@ def parse_kv(data: bytes, page_bytes: int) -> int:
     assert data[:8] == b"SYMKV\0\0\1"
     (length,) = struct.unpack("<I", data[8:12])
     header = json.loads(data[12 : 12 + length])
-    head = 12 + length + 4 * header["num_tokens"]
+    assert header["version"] == 2
+    head = 12 + length + 8 * header["num_tokens"]  # ids, then positions
     assert header["num_pages"] == -(-header["num_tokens"] // header["page_size"])
     assert len(data) == head + header["num_pages"] * page_bytes
     return int(header["num_tokens"])
