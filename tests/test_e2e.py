@@ -218,6 +218,8 @@ def test_another_uid_cannot_touch_roots_file_nor_hit_its_prefix(server):
         ("prompt_cache.py", ["Name a prime number."], "A: "),
         ("beam_search.py", ["2", "4"], "beam 1:"),
         ("agent_calculator.py", ["What is 12 times 7?"], "calc: "),
+        ("select_choice.py", ["Which is a fruit?", "an apple", "a car"], "chosen: "),
+        ("speculative.py", ["24"], "same tokens: True"),
     ],
 )
 def test_example_lips_run(server, example, args, expect):
