@@ -9,7 +9,7 @@ TORCH   := torch==2.13.0
 # with; `make lock` refreshes it from a fresh environment.
 LOCK    := requirements.lock
 
-.PHONY: install lock demo test lint bench clean
+.PHONY: install lock demo test lint docs bench clean
 
 install: $(STAMP)
 
@@ -51,6 +51,9 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy engine fs sched lipctl
+
+docs: install  # the protocol table, from sched/schema.py and sched/results.py
+	$(PY) -m symphony.sched.protocol_table > docs/protocol.md
 
 bench: install
 	$(PY) bench/engine.py

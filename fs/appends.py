@@ -28,7 +28,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class AppendPlan:
-    """An append in flight: what to compute, and the page references it holds."""
+    """An append in flight: what to compute, and the page references it holds.
+
+    What to compute is fixed when the plan is made (`seal`): a scratch plan's file may
+    change meanwhile, and nothing here reads it again.
+    """
 
     file: KVFile
     token_ids: list[int]  # every new token
@@ -36,33 +40,40 @@ class AppendPlan:
     start_pos: int  # the file's length when the plan was made
     num_reused: int  # leading new tokens whose pages came from the prefix index
     block_table: list[int]  # pages of the whole context after the append
+    visible: list[list[int] | None] | None = None  # each new token's attention ranges
     owned: list[int] = field(default_factory=list)  # references to drop on abort
     replaced: int | None = None  # the shared partial page that was copied
     recompute_last: bool = False  # computes the file's last token again first
     custom: bool = False  # a position or mask other than the default: never indexed
     keep: bool = True  # False: a scratch computation, committed never
+    # what the engine computes, from `seal`
+    compute_ids: list[int] = field(default_factory=list)
+    compute_positions: list[int] | None = None  # None: the default ones
+    compute_visible: list[list[int] | None] | None = None  # None: causal
 
-    @property
-    def compute_ids(self) -> list[int]:
+    def seal(self) -> None:
+        """Fix what the engine computes: the new tokens the index did not supply, after
+        the file's last token (with its position and mask) when it is computed again."""
+        file, n = self.file, self.num_reused
+        self.compute_ids = self.token_ids[n:]
+        positioned = self.custom or file.positions is not None
+        self.compute_positions = self.positions[n:] if positioned else None
+        self.compute_visible = None if self.visible is None else self.visible[n:]
         if self.recompute_last:
-            return [self.file.token_ids[self.start_pos - 1], *self.token_ids]
-        return self.token_ids[self.num_reused :]
-
-    @property
-    def compute_positions(self) -> list[int]:
-        if self.recompute_last:
-            return [self.last_position, *self.positions]
-        return self.positions[self.num_reused :]
+            last = self.start_pos - 1
+            self.compute_ids = [file.token_ids[last], *self.compute_ids]
+            if self.compute_positions is not None:
+                self.compute_positions = [file.position_list()[last], *self.compute_positions]
+            mask = file.masks.get(last)
+            if mask is not None or self.compute_visible is not None:
+                self.compute_visible = [
+                    mask,
+                    *(self.compute_visible or [None] * len(self.token_ids)),
+                ]
 
     @property
     def compute_start(self) -> int:
         return self.start_pos - 1 if self.recompute_last else self.start_pos + self.num_reused
-
-    @property
-    def last_position(self) -> int:
-        """The position of the file's last token when the plan was made."""
-        file = self.file
-        return self.start_pos - 1 if file.positions is None else file.positions[-1]
 
     def compute_index(self, at: int) -> int:
         """Where the prediction after new token `at` (-1: the file's last) lies among
@@ -74,8 +85,15 @@ class AppendPlan:
         return max(0, self.num_reused + computed - (1 if self.recompute_last else 0))
 
     def chunk(self, num_logits: int = 1) -> SeqChunk:
-        """The whole computation as one engine chunk (default positions and mask)."""
-        return SeqChunk(self.compute_ids, self.compute_start, self.block_table, num_logits)
+        """The whole computation as one engine chunk."""
+        return SeqChunk(
+            self.compute_ids,
+            self.compute_start,
+            self.block_table,
+            num_logits,
+            positions=self.compute_positions,
+            visible=self.compute_visible,
+        )
 
 
 class Appends:
@@ -89,16 +107,19 @@ class Appends:
         holder: Holder | None = None,
         *,
         positions: Sequence[int] | None = None,
-        masked: bool = False,
+        visible: Sequence[list[int] | None] | None = None,
         recompute_last: bool = False,
         logits_from: int | None = None,
         keep: bool = True,
+        reuse: bool = True,
     ) -> AppendPlan:
         """Prepare appending `token_ids` to `file`; the caller computes the plan.
 
         `positions` (default: after the file's last) are the new tokens' RoPE positions;
-        `masked` says they attend under a mask other than causal. Either makes the append
-        custom: nothing comes from the prefix index and its pages never enter it. With
+        `visible`, per new token, the ranges it attends to (None: causal). Either makes
+        the append custom: nothing comes from the prefix index and its pages never enter
+        it. `reuse=False` takes nothing from the index either (a caller who is not the
+        file's owner must not learn what the owner's cache domain holds). With
         `need_logits` the last new token is computed (its logits are wanted), and with
         `logits_from` every new token from that index on; the prefix index never supplies
         their pages. `recompute_last` also computes the file's last token again (the
@@ -116,6 +137,12 @@ class Appends:
         start = file.num_tokens
         default = list(range(file.next_position, file.next_position + len(ids)))
         new_positions = default if positions is None else list(positions)
+        if new_positions and max(new_positions) >= self.max_tokens:
+            raise StoreError(
+                errno.EINVAL,
+                f"position {max(new_positions)} is past the model's context of {self.max_tokens}",
+            )
+        masked = visible is not None and any(v is not None for v in visible)
         custom = masked or new_positions != default
         plan = AppendPlan(
             file,
@@ -124,6 +151,7 @@ class Appends:
             start,
             0,
             list(file.pages),
+            visible=list(visible) if masked and visible is not None else None,
             recompute_last=recompute_last,
             custom=custom,
             keep=keep,
@@ -132,7 +160,7 @@ class Appends:
             self.pool.incref(plan.block_table)
             plan.owned += plan.block_table
         try:
-            if not (custom or recompute_last or file.custom_from is not None):
+            if reuse and not (custom or recompute_last or file.custom_from is not None):
                 limit = len(ids) - (1 if need_logits else 0)
                 if logits_from is not None:
                     limit = min(limit, logits_from)
@@ -150,6 +178,7 @@ class Appends:
         except BaseException:
             self.pool.decref(plan.owned)
             raise
+        plan.seal()
         if keep:
             file.busy = True
         self._plans.append(plan)
@@ -236,8 +265,13 @@ class Appends:
         if num_new:
             if plan.custom and file.custom_from is None:
                 file.custom_from = plan.start_pos
-            if file.positions is not None or plan.custom:
-                file.positions = file.position_list() + plan.positions[:num_new]
+            if file.positions is None and plan.custom:
+                file.positions = file.position_list()
+            if file.positions is not None:  # extended, not rebuilt: O(new tokens)
+                file.positions.extend(plan.positions[:num_new])
+            for j, ranges in enumerate((plan.visible or [])[:num_new]):
+                if ranges is not None:
+                    file.masks[plan.start_pos + j] = ranges
             file.token_ids.extend(plan.token_ids[:num_new])
             file.cached_tokens += min(plan.num_reused, num_new)
         self._hash_full_pages(file)

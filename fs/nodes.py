@@ -125,6 +125,9 @@ class KVFile(Node):
     # than causal: pages from the one holding it on never enter the prefix index, and
     # appends after it are never fed from the index. None: every token is plain
     custom_from: int | None = None
+    # the attention ranges of each token computed under a mask (by index): computing the
+    # last token again (for the prediction after it) needs its mask
+    masks: dict[int, list[int]] = field(default_factory=dict)
     cached_tokens: int = 0  # tokens whose pages came from the prefix index, not computed
     pages: list[int] = field(default_factory=list)
     page_hashes: list[int] = field(default_factory=list)  # one per full page, chained
@@ -157,4 +160,6 @@ class KVFile(Node):
                 self.positions = None
         if self.custom_from is not None and self.custom_from >= num_tokens:
             self.custom_from = None
+        if self.masks:
+            self.masks = {i: r for i, r in self.masks.items() if i < num_tokens}
         self.cached_tokens = min(self.cached_tokens, num_tokens)

@@ -187,6 +187,7 @@ class KVStore(Appends):
         copy.token_ids = list(source.token_ids)
         copy.positions = None if source.positions is None else list(source.positions)
         copy.custom_from, copy.cached_tokens = source.custom_from, source.cached_tokens
+        copy.masks = dict(source.masks)
         copy.origin = source.origin
         if copy.domain == source.domain:
             copy.page_hashes = list(source.page_hashes)

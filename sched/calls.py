@@ -15,6 +15,7 @@ from symphony.fs.errors import StoreError
 from symphony.fs.nodes import R_OK, W_OK, Cred
 from symphony.fs.store import KVStore
 from symphony.sched import args as A
+from symphony.sched import schema as S
 from symphony.sched.processes import Limits, Proc, ProcessTable
 from symphony.sched.protocol import MAX_FRAME, PROTOCOL_VERSION
 from symphony.sched.scheduler import Scheduler
@@ -23,11 +24,10 @@ from symphony.sched.verify import verify_file
 
 log = logging.getLogger(__name__)
 
-# Characters one tokenize or chat template call takes. Tokenizing runs in a worker
-# thread, but the tokenizer holds the GIL part of the time: 1 Mi characters keep the
-# server's loop waiting 36 ms at worst here (4 Mi: 120 ms).
-MAX_TEXT = 1 << 20
-MAX_IDS = 1 << 16  # token ids one detokenize call takes (decoding holds the GIL: ~13 ms)
+# Characters one tokenize or chat template call takes (schema.MAX_TEXT). Tokenizing runs
+# in a worker thread, but the tokenizer holds the GIL part of the time: 1 Mi characters
+# keep the server's loop waiting 36 ms at worst here (4 Mi: 120 ms). Token ids one
+# detokenize call takes: schema.MAX_IDS (decoding holds the GIL: ~13 ms).
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Call:
     cancelled: trio.Event = field(default_factory=trio.Event)
 
 
-Handler = Callable[["Syscalls", Call, dict[str, Any]], Awaitable[Any]]
+Handler = Callable[["Syscalls", Call, Any], Awaitable[Any]]  # Any: the call's S.Args
 HANDLERS: dict[str, Handler] = {}
 
 
@@ -90,10 +90,9 @@ class Syscalls:
         handler = HANDLERS.get(name) if isinstance(name, str) else None
         if handler is None:
             raise StoreError(errno.ENOSYS, f"no such call: {name!r}")
-        if not isinstance(args, dict):
-            raise A.einval("args must be a map")
         call.proc.syscalls += 1
-        return await handler(self, call, args)
+        spec = S.CALLS.get(name)  # every call of this server has one (tested); a test's may not
+        return await handler(self, call, A.parse(args, spec.args) if spec else args)
 
     async def answer(self, call: Call, name: Any, args: Any) -> Any:
         """The call's result, or the StoreError it ends with; a bug is logged and ends
@@ -165,12 +164,8 @@ class Syscalls:
             self.scheduler.cancel(task)
 
 
-def _path(args: dict[str, Any], name: str = "path") -> str:
-    return A.get(args, name, str)
-
-
 @syscall("hello")
-async def _hello(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+async def _hello(sys: Syscalls, call: Call, a: S.NoArgs) -> Any:
     mc, ec = sys.engine.model_config, sys.engine.config
     return {
         "protocol": PROTOCOL_VERSION,
@@ -187,56 +182,41 @@ async def _hello(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
     }
 
 
-def _text(args: dict[str, Any], name: str = "text") -> str:
-    text = A.get(args, name, str)
-    if len(text) > MAX_TEXT:
-        raise StoreError(errno.E2BIG, f"{name} of {len(text)} characters; at most {MAX_TEXT}")
+def _bounded(text: str, what: str) -> str:
+    if len(text) > S.MAX_TEXT:
+        raise StoreError(errno.E2BIG, f"{what} of {len(text)} characters; at most {S.MAX_TEXT}")
     return text
 
 
 @syscall("tokenize")
-async def _tokenize(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
-    special = A.get(args, "special", bool, True)  # control tokens written in the text count
-    return await sys.in_worker(call, sys.engine.tokenizer.encode, _text(args), special)
+async def _tokenize(sys: Syscalls, call: Call, a: S.Tokenize) -> Any:
+    text = _bounded(a.text, "text")
+    return await sys.in_worker(call, sys.engine.tokenizer.encode, text, a.special)
 
 
 @syscall("detokenize")
-async def _detokenize(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
-    ids = A.get(args, "ids", list)
-    if len(ids) > MAX_IDS:
-        raise StoreError(errno.E2BIG, f"{len(ids)} token ids; at most {MAX_IDS} a call")
-    skip_special = A.get(args, "skip_special", bool, False)
+async def _detokenize(sys: Syscalls, call: Call, a: S.Detokenize) -> Any:
+    if len(a.ids) > S.MAX_IDS:
+        raise StoreError(errno.E2BIG, f"{len(a.ids)} token ids; at most {S.MAX_IDS} a call")
     vocab = sys.engine.tokenizer.vocab_size
 
     def decode() -> str:
-        if not all(type(i) is int and 0 <= i < vocab for i in ids):
+        if not all(0 <= i < vocab for i in a.ids):
             raise A.einval(f"ids must be token ids in 0..{vocab - 1}")
-        return sys.engine.tokenizer.decode(ids, skip_special=skip_special)
+        return sys.engine.tokenizer.decode(a.ids, skip_special=a.skip_special)
 
     return await sys.in_worker(call, decode)
 
 
 @syscall("apply_chat_template")
-async def _chat(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
-    messages = A.get(args, "messages", list)
-    for m in messages:
-        if not (
-            isinstance(m, dict)
-            and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str)
-        ):
-            raise A.einval("messages must be maps with string 'role' and 'content'")
-
-    size = sum(len(m["role"]) + len(m["content"]) for m in messages)
-    if size > MAX_TEXT:
-        raise StoreError(errno.E2BIG, f"messages of {size} characters; at most {MAX_TEXT}")
-    add_generation_prompt = A.get(args, "add_generation_prompt", bool, True)
-    special = A.get(args, "special", bool, False)  # control tokens in contents count
+async def _chat(sys: Syscalls, call: Call, a: S.ChatTemplate) -> Any:
+    messages = [{"role": m.role, "content": m.content} for m in a.messages]
+    _bounded("".join(m["role"] + m["content"] for m in messages), "messages")
 
     def render() -> list[int]:
         try:
             return sys.engine.tokenizer.apply_chat_template(
-                messages, add_generation_prompt, special
+                messages, a.add_generation_prompt, a.special
             )
         except Exception as exc:  # a template can fail in any way on odd input
             raise A.einval(f"chat template failed: {exc}") from None
@@ -245,105 +225,85 @@ async def _chat(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
 
 
 @syscall("kv_open")
-async def _kv_open(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
-    mode = A.get(args, "mode", int, 0o600)
-    file = sys.store.open(
-        _path(args),
-        call.cred,
-        A.get(args, "create", bool, False),
-        A.get(args, "exclusive", bool, False),
-        mode,
-    )
+async def _kv_open(sys: Syscalls, call: Call, a: S.KvOpen) -> Any:
+    file = sys.store.open(a.path, call.cred, a.create, a.exclusive, a.mode)
     return sys.store.file_stat(file)
 
 
 @syscall("kv_stat")
-async def _kv_stat(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
-    return sys.store.stat(_path(args), call.cred)
+async def _kv_stat(sys: Syscalls, call: Call, a: S.KvPath) -> Any:
+    return sys.store.stat(a.path, call.cred)
 
 
 @syscall("kv_fork")
-async def _kv_fork(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
-    file = sys.store.fork(
-        _path(args, "src"),
-        _path(args, "dst"),
-        call.cred,
-        A.get(args, "mode", int, None),
-        call.proc.account.holder,
-    )
+async def _kv_fork(sys: Syscalls, call: Call, a: S.KvFork) -> Any:
+    file = sys.store.fork(a.src, a.dst, call.cred, a.mode, call.proc.account.holder)
     return sys.store.file_stat(file)
 
 
 @syscall("kv_truncate")
-async def _kv_truncate(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
-    sys.store.truncate(_path(args), A.get(args, "n", int), call.cred)
-    return sys.store.stat(_path(args), call.cred)
+async def _kv_truncate(sys: Syscalls, call: Call, a: S.KvTruncate) -> Any:
+    sys.store.truncate(a.path, a.n, call.cred)
+    return sys.store.stat(a.path, call.cred)
 
 
 @syscall("kv_verify")
-async def _kv_verify(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
-    file = sys.store.ns.lookup_file(_path(args), call.cred, R_OK)
+async def _kv_verify(sys: Syscalls, call: Call, a: S.KvPath) -> Any:
+    file = sys.store.ns.lookup_file(a.path, call.cred, R_OK)
     may_adopt = file.allows(call.cred, W_OK)
     account = call.proc.account
     return await verify_file(sys.engine, sys.store, sys.scheduler, account, file, may_adopt)
 
 
 @syscall("kv_unlink")
-async def _kv_unlink(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
-    sys.store.unlink(_path(args), call.cred)
+async def _kv_unlink(sys: Syscalls, call: Call, a: S.KvPath) -> Any:
+    sys.store.unlink(a.path, call.cred)
     return None
 
 
 @syscall("mkdir")
-async def _mkdir(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
-    path, mode = _path(args), A.get(args, "mode", int, 0o755)
-    if A.get(args, "parents", bool, False):
-        sys.store.ns.makedirs(path, call.cred, mode)  # one walk: linear in the depth
+async def _mkdir(sys: Syscalls, call: Call, a: S.Mkdir) -> Any:
+    if a.parents:
+        sys.store.ns.makedirs(a.path, call.cred, a.mode)  # one walk: linear in the depth
     else:
-        sys.store.ns.mkdir(path, call.cred, mode)
+        sys.store.ns.mkdir(a.path, call.cred, a.mode)
     return None
 
 
 @syscall("listdir")
-async def _listdir(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
-    return sys.store.ns.listdir(A.get(args, "path", str, ""), call.cred)
+async def _listdir(sys: Syscalls, call: Call, a: S.Listdir) -> Any:
+    return sys.store.ns.listdir(a.path, call.cred)
 
 
 @syscall("status")
-async def _status(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+async def _status(sys: Syscalls, call: Call, a: S.NoArgs) -> Any:
     return sys.status()
 
 
 @syscall("ps")
-async def _ps(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+async def _ps(sys: Syscalls, call: Call, a: S.NoArgs) -> Any:
     return [p.row() for p in sorted(sys.procs.procs.values(), key=lambda p: p.pid)]
 
 
 @syscall("spawn")
-async def _spawn(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
-    program = A.get(args, "program", str)
-    argv = A.str_list(args, "args")
-    env = A.get(args, "env", dict, {})
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-        raise A.einval("env must map strings to strings")
-    limits = Limits.from_args(A.get(args, "limits", dict, {}))
+async def _spawn(sys: Syscalls, call: Call, a: S.Spawn) -> Any:
+    limits = Limits.from_args(a.limits)
     if limits.priority > 0 and not call.cred.is_root:
         raise StoreError(errno.EPERM, "only root may raise a program's priority")
-    name = A.get(args, "name", str, "program.py")
     sys.procs.reap_finished()
-    proc = await sys.procs.spawn(sys.nursery, call.cred, program, argv, name, env, limits)
+    proc = await sys.procs.spawn(sys.nursery, call.cred, a.program, a.args, a.name, a.env, limits)
     return {"pid": proc.pid}
 
 
 @syscall("kill")
-async def _kill(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
-    return sys.procs.kill(A.get(args, "pid", int), call.cred).row()
+async def _kill(sys: Syscalls, call: Call, a: S.Pid) -> Any:
+    return sys.procs.kill(a.pid, call.cred).row()
 
 
 @syscall("wait")
-async def _wait(sys: Syscalls, call: Call, args: dict[str, Any]) -> Any:
+async def _wait(sys: Syscalls, call: Call, a: S.Pid) -> Any:
     """Stream a spawned program's output from the start, then return its exit status."""
-    pid = A.get(args, "pid", int)
+    pid = a.pid
     proc = sys.procs.procs.get(pid)
     if proc is None or not proc.spawned:
         raise StoreError(errno.ESRCH, f"no program {pid} run by this server")

@@ -1,9 +1,10 @@
 """What a forward returns about the predictions after chosen tokens.
 
-The wire form is a list of maps, each `{"at": i | [i, ...], "sample", "logprob",
-"logprobs": [ids], "top_k": k, "entropy", "logits"}`; `at` counts the new tokens from 0,
-and -1 is the file's last token before them (computed again). Each asked index becomes
-one `OutputSpec`; its answer is computed from that row's logits in the engine thread.
+The wire form is a list of `schema.OutputAsk` maps, each `{"at": i | [i, ...], "sample",
+"logprob", "logprobs": [ids], "top_k": k, "entropy", "logits"}`; `at` counts the new
+tokens from 0, and -1 is the file's last token before them (computed again). Each asked
+index becomes one `OutputSpec`; its answer comes from that row's logits in the engine
+thread.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from typing import Any
 import torch
 
 from symphony.sched import args as A
+from symphony.sched import schema as S
 
-MAX_TOP_K = 100
 MAX_IDS = 1024  # ids one output may ask the logprobs of
 MAX_LOGIT_ROWS = 32  # raw logits rows a call may ask (4 bytes x vocab each)
 MAX_ROWS = 4096  # output rows one call may ask
+MAX_VALUES = 1 << 16  # logprobs asked (ids and top-k), over all rows of a call
 
 
 @dataclass(frozen=True)
@@ -50,11 +52,10 @@ class OutputSpec:
 
 
 SAMPLE = OutputSpec(sample=True)
-_FIELDS = {"at", "sample", "logprob", "logprobs", "top_k", "entropy", "logits"}
 
 
 def parse_outputs(
-    spec: Any, num_new: int, sampling: bool, vocab_size: int
+    asks: list[S.OutputAsk] | None, num_new: int, sampling: bool, vocab_size: int
 ) -> dict[int, OutputSpec]:
     """The outputs a forward asks, by index (-1..num_new-1).
 
@@ -63,49 +64,36 @@ def parse_outputs(
     Raises:
         StoreError: EINVAL naming what is wrong.
     """
-    if spec is None:
+    if asks is None:
         return {num_new - 1: SAMPLE} if sampling and num_new else {}
-    if not isinstance(spec, list):
-        raise A.einval("outputs must be a list of maps")
     found: dict[int, OutputSpec] = {}
-    for item in spec:
-        if not isinstance(item, dict):
-            raise A.einval("outputs must be a list of maps")
-        if bad := set(item) - _FIELDS:
-            raise A.einval(f"unknown output field {sorted(map(str, bad))[0]!r}")
-        one = _one_output(item, vocab_size)
+    mentions = 0  # indices named over all asks: what the loop below costs
+    for ask in asks:
+        if len(ask.logprobs) > MAX_IDS:
+            raise A.einval(f"logprobs of at most {MAX_IDS} ids at one index")
+        if any(not 0 <= i < vocab_size for i in ask.logprobs):
+            raise A.einval(f"logprobs ids must be token ids in 0..{vocab_size - 1}")
+        one = OutputSpec(
+            ask.sample, ask.logprob, tuple(ask.logprobs), ask.top_k, ask.entropy, ask.logits
+        )
         if one.sample and not sampling:
             raise A.einval("an output samples, but the call has no sampler")
-        at = item.get("at", num_new - 1)
+        at = num_new - 1 if ask.at is None else ask.at
         indices = at if isinstance(at, list) else [at]
-        for i in indices:
-            if type(i) is not int or not -1 <= i < num_new:
-                raise A.einval(f"output index {i!r} outside -1..{num_new - 1}")
-            found[i] = found[i].merge(one) if i in found else one
-        if len(found) > MAX_ROWS:
+        mentions += len(indices)
+        if mentions > MAX_ROWS:
             raise A.einval(f"more than {MAX_ROWS} output rows")
+        for i in indices:
+            if not -1 <= i < num_new:
+                raise A.einval(f"output index {i} outside -1..{num_new - 1}")
+            found[i] = found[i].merge(one) if i in found else one
+            if len(found[i].logprobs) > MAX_IDS:
+                raise A.einval(f"logprobs of at most {MAX_IDS} ids at one index")
+    if sum(len(s.logprobs) + s.top_k for s in found.values()) > MAX_VALUES:
+        raise A.einval(f"more than {MAX_VALUES} logprobs asked in one call")
     if sum(1 for s in found.values() if s.logits) > MAX_LOGIT_ROWS:
         raise A.einval(f"raw logits of at most {MAX_LOGIT_ROWS} rows a call")
     return found
-
-
-def _one_output(item: dict[str, Any], vocab_size: int) -> OutputSpec:
-    ids = A.int_list(item, "logprobs", [])
-    if len(ids) > MAX_IDS:
-        raise A.einval(f"logprobs of at most {MAX_IDS} ids an output")
-    if any(not 0 <= i < vocab_size for i in ids):
-        raise A.einval(f"logprobs ids must be token ids in 0..{vocab_size - 1}")
-    top_k = A.get(item, "top_k", int, 0)
-    if not 0 <= top_k <= MAX_TOP_K:
-        raise A.einval(f"top_k must be in 0..{MAX_TOP_K}")
-    return OutputSpec(
-        sample=A.get(item, "sample", bool, False),
-        logprob=A.get(item, "logprob", bool, False),
-        logprobs=tuple(ids),
-        top_k=top_k,
-        entropy=A.get(item, "entropy", bool, False),
-        logits=A.get(item, "logits", bool, False),
-    )
 
 
 def describe(row: torch.Tensor, spec: OutputSpec, token: int | None) -> dict[str, Any]:

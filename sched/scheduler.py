@@ -86,8 +86,7 @@ class Scheduler:
             except StoreError as exc:
                 for begun in tasks[:i]:
                     assert begun.plan is not None
-                    self.store.abort_append(begun.plan)
-                    begun.plan = None
+                    self.store.abort_append(self._drop_plan(begun))
                 if len(tasks) > 1:
                     raise StoreError(exc.errno, f"calls[{i}]: {exc.args[0]}") from None
                 raise
@@ -235,13 +234,11 @@ class Scheduler:
         """The next `n` tokens of the task's computation, with the rows it wants."""
         first = task.computed
         rows = [i - first for i in sorted(task.rows) if first <= i < first + n]
-        positions = None
-        if plan.custom or plan.file.positions is not None:
+        positions = visible = None
+        if plan.compute_positions is not None:
             positions = plan.compute_positions[first : first + n]
-        visible = None
-        if task.visible is not None:  # masked: nothing reused, so new token i is row i
-            per_token = [None, *task.visible] if plan.recompute_last else task.visible
-            visible = per_token[first : first + n]
+        if plan.compute_visible is not None:
+            visible = plan.compute_visible[first : first + n]
         return SeqChunk(
             plan.compute_ids[first : first + n],
             plan.compute_start + first,
@@ -295,7 +292,8 @@ class Scheduler:
                 if task.plan
                 else True
             )
-            if v is not None and done and not isinstance(outputs[i], StoreError):
+            failed = task.failure is not None or isinstance(outputs[i], StoreError)
+            if v is not None and done and not failed and set(v.indices) <= set(v.rows):
                 v.accepted, v.token = accept(
                     [v.rows[at] for at in v.indices],
                     v.draft,
@@ -312,20 +310,21 @@ class Scheduler:
         wanted = [i for i in task.outputs if i >= 0]
         if task.verify is not None:
             wanted += [i for i in task.verify.indices if i >= 0]
-        masked = task.visible is not None and any(v is not None for v in task.visible)
         plan = self.store.begin_append(
             task.file,
             task.tokens,
             need_logits=False,
             holder=account.holder,
             positions=task.positions,
-            masked=masked,
+            visible=task.visible,
+            reuse=task.reuse,
             recompute_last=task.recompute_last,
             logits_from=min(wanted) if wanted else None,
             keep=task.keep,
         )
         quota = account.token_quota
-        if quota is not None and account.tokens_computed + len(plan.compute_ids) > quota:
+        planned = account.tokens_computed + account.tokens_planned + len(plan.compute_ids)
+        if quota is not None and planned > quota:
             self.store.abort_append(plan)
             raise StoreError(errno.EDQUOT, f"token quota of {quota} tokens exceeded")
         task.computed = 0
@@ -334,10 +333,20 @@ class Scheduler:
         indices = set(task.outputs) | (set(task.verify.indices) if task.verify else set())
         task.rows = {plan.compute_index(at): at for at in indices}
         task.plan = plan
+        account.tokens_planned += len(plan.compute_ids)
+
+    def _drop_plan(self, task: Task) -> AppendPlan:
+        """Take the task's plan off it, its tokens still to compute no longer planned."""
+        plan = task.plan
+        assert plan is not None
+        task.account.tokens_planned -= task.remaining
+        task.plan = None
+        return plan
 
     def _advance(self, task: Task, chunk: SeqChunk, output: Any) -> None:
         task.computed += chunk.num_tokens
         task.account.tokens_computed += chunk.num_tokens
+        task.account.tokens_planned -= chunk.num_tokens
         self.uid_service[task.account.uid] += chunk.num_tokens
         self.num_tokens += chunk.num_tokens
         if isinstance(output, StoreError):
@@ -361,16 +370,7 @@ class Scheduler:
         elif gen.finish_reason is not None:  # the last generated token is now appended
             self._finish(task, gen.result(task.file.num_tokens))
         else:
-            answer = task.answers[max(task.outputs)]
-            if gen.num_logprobs is not None:
-                gen.logprobs.append(
-                    {
-                        "token": answer["token"],
-                        "logprob": answer["logprob"],
-                        "top": answer.get("top_k", []),
-                    }
-                )
-            self._next_token(task, answer["token"])
+            self._next_token(task, task.answers[max(task.outputs)])
 
     def _forward_result(self, task: Task) -> dict[str, Any]:
         result: dict[str, Any] = {"tokens": task.file.num_tokens, "cached": task.cached}
@@ -390,14 +390,19 @@ class Scheduler:
             result["token"] = drawn[-1]
         return result
 
-    def _next_token(self, task: Task, token: int) -> None:
+    def _next_token(self, task: Task, answer: dict[str, Any]) -> None:
         gen = task.generate
         assert gen is not None
-        if task.file.num_tokens >= self.store.max_tokens:  # full: the token cannot go in
-            gen.finish_reason = "length"
+        file = task.file
+        if max(file.num_tokens, file.next_position) >= self.store.max_tokens:
+            gen.finish_reason = "length"  # full: the token cannot go in
             gen.stream_piece()
-            self._finish(task, gen.result(task.file.num_tokens))
+            self._finish(task, gen.result(file.num_tokens))
             return
+        token = answer["token"]
+        if gen.num_logprobs is not None:
+            top = answer.get("top_k", [])
+            gen.logprobs.append({"token": token, "logprob": answer["logprob"], "top": top})
         gen.push(token)
         gen.stream_piece()
         task.tokens = [token]
@@ -419,8 +424,7 @@ class Scheduler:
 
     def _fail(self, task: Task, error: StoreError) -> None:
         if task.plan is not None:
-            self.store.abort_append(task.plan)
-            task.plan = None
+            self.store.abort_append(self._drop_plan(task))
         self._discard(task)
         task.error = error
         task.done.set()
@@ -439,8 +443,7 @@ class Scheduler:
         for task in cancelled:
             plan = task.plan
             if plan is not None and plan.keep and task.failure is None and not task.verify:
-                task.plan = None
-                self.store.finish_append(plan, plan.whole_new(task.computed))
+                self.store.finish_append(self._drop_plan(task), plan.whole_new(task.computed))
             gen = task.generate
             if gen is not None:
                 gen.finish_reason = gen.finish_reason or "cancelled"

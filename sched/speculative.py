@@ -18,8 +18,6 @@ import torch
 from symphony.engine.sampling import SamplingParams, constrain, filtered_probs
 from symphony.sched import args as A
 
-MAX_DRAFT = 64
-
 
 @dataclass
 class VerifyState:
@@ -39,28 +37,21 @@ class VerifyState:
 
 
 def parse_draft_probs(
-    spec: object, draft: Sequence[int], vocab_size: int
+    spec: list[dict[int, float]], draft: Sequence[int], vocab_size: int
 ) -> list[dict[int, float]]:
-    """`draft_probs` from the wire: per draft token a map {id: prob}."""
-    if not isinstance(spec, list) or len(spec) != len(draft):
-        raise A.einval("draft_probs must be a list with one map per draft token")
-    out = []
-    for token, dist in zip(draft, spec, strict=True):
-        if not isinstance(dist, dict) or len(dist) > vocab_size:
-            raise A.einval("draft_probs must be a list of {token id: probability} maps")
-        probs: dict[int, float] = {}
-        for k, v in dist.items():
-            if type(k) is not int or not 0 <= k < vocab_size:
-                raise A.einval(f"draft_probs ids must be token ids in 0..{vocab_size - 1}")
-            if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                raise A.einval("draft_probs values must be probabilities in [0, 1]")
-            probs[k] = float(v)
+    """`draft_probs` (per draft token, the drafter's {id: prob}), checked."""
+    if len(spec) != len(draft):
+        raise A.einval("draft_probs must hold one map per draft token")
+    for token, probs in zip(draft, spec, strict=True):
+        if len(probs) > vocab_size or any(not 0 <= k < vocab_size for k in probs):
+            raise A.einval(f"draft_probs ids must be token ids in 0..{vocab_size - 1}")
+        if any(not 0.0 <= v <= 1.0 for v in probs.values()):  # NaN fails too
+            raise A.einval("draft_probs values must be probabilities in [0, 1]")
         if probs.get(token, 0.0) <= 0.0:
             raise A.einval(f"draft token {token} has probability 0 in its draft_probs")
         if sum(probs.values()) > 1.0 + 1e-3:
             raise A.einval("a draft_probs map sums past 1")
-        out.append(probs)
-    return out
+    return spec
 
 
 def accept(

@@ -32,6 +32,7 @@ class Account:
     pid: int
     priority: int = 0  # higher runs first
     tokens_computed: int = 0  # attained service, for least-attained-service order
+    tokens_planned: int = 0  # begun and not yet computed (the token quota counts them)
     page_quota: int | None = None
     token_quota: int | None = None
     uid: int = 0  # whose share of the pool its pages count in, and whose service
@@ -76,6 +77,7 @@ class Task:
     positions: list[int] | None = None  # of the new tokens; None: after the file's last
     visible: list[list[int] | None] | None = None  # per new token's attention ranges
     keep: bool = True  # False: compute and answer, append nothing
+    reuse: bool = True  # may take pages from the prefix index (the file's owner asks)
     generate: GenerateState | None = None
     verify: VerifyState | None = None
     plan: AppendPlan | None = None

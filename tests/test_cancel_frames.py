@@ -49,7 +49,7 @@ class FakeGenerate:
 
     async def __call__(self, sys: Any, call: calls.Call, args: dict[str, Any]) -> Any:
         ids: list[int] = []
-        while not call.cancelled.is_set() and len(ids) < args["max_tokens"]:
+        while not call.cancelled.is_set() and len(ids) < args.max_tokens:
             ids.append(len(ids))
             await call.stream({"text": "x", "token_ids": [ids[-1]]})
             with trio.move_on_after(0.001):
@@ -257,7 +257,7 @@ async def test_the_trio_wait_stream_and_its_result(tiny_server, monkeypatch):
     async def two_lines(sys: Any, call: calls.Call, args: dict[str, Any]) -> Any:
         await call.stream({"fd": 1, "data": b"a\n"})
         await call.stream({"fd": 1, "data": b"b\n"})
-        return {"pid": args["pid"], "exit_status": 0}
+        return {"pid": args.pid, "exit_status": 0}
 
     monkeypatch.setitem(calls.HANDLERS, "wait", two_lines)
     async with aio.connect(tiny_server.server.config.socket_path) as lip:

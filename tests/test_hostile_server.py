@@ -18,8 +18,8 @@ import pytest
 
 from symphony.lipctl import SymphonyError, connect
 from symphony.sched import server as server_module
-from symphony.sched.calls import MAX_TEXT
 from symphony.sched.protocol import HEADER, MAX_ARRAY, FrameBuffer, encode
+from symphony.sched.schema import MAX_TEXT
 from tests.conftest import make_tiny_engine
 from tests.server_helpers import ServerThread
 from tests.spawn_helpers import reachable_by_others
@@ -210,7 +210,7 @@ IN_FLIGHT_PROBE = """
 import socket, sys, time
 from symphony.lipctl import connect
 from symphony.sched.protocol import encode
-path, junk = sys.argv[1], "j" * int(sys.argv[2])  # bytes an argument nobody reads holds
+path, junk = sys.argv[1], "j" * int(sys.argv[2])  # bytes of a stop string never met
 with connect(path) as lip:
     for i in range(6):
         lip.kv(f"g{i}.kv", create=True).append([1, 2, 3])
@@ -220,7 +220,8 @@ for c in range(2):  # two connections, three long generates each
     s.connect(path)
     for i in range(3):
         args = {"path": f"g{3 * c + i}.kv", "max_tokens": 400, "sampler": {"temperature": 0}}
-        args["junk"] = junk
+        if junk:
+            args["stop"] = [junk]
         s.sendall(encode({"id": i, "call": "generate", "args": args}))
     socks.append(s)
 print("sent", flush=True)

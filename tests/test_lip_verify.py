@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -116,18 +118,27 @@ def test_sampled_verification_keeps_the_target_distribution(lip) -> None:
     assert chi2 < 16.27, (counts, p)  # df 3, p = 0.001
 
 
+LOOP = """
+import sys
+from symphony.lipctl import connect
+socket, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with connect(socket) as lip:
+    lip.call("kv_open", path=path, create=True)
+    token, out = 84, []
+    sampler = {"temperature": 1.0, "seed": 1234}
+    for _ in range(n):  # forward the last token, sample with one seed, again
+        r = lip.call("forward", path=path, tokens=[token], sampler=sampler)
+        token = r["token"]
+        out.append(token)
+print(*out)
+"""
+
+
 def seeded_loop(socket: str, path: str, n: int) -> list[int]:
-    """A per-token program: forward the last token, sample with one seed, again."""
-    with connect(socket) as lip:
-        lip.call("kv_open", path=path, create=True)
-        token = PROMPT[0]
-        out = []
-        for _ in range(n):
-            sampler = {"temperature": 1.0, "seed": 1234}
-            r = lip.call("forward", path=path, tokens=[token], sampler=sampler)
-            token = r["token"]
-            out.append(token)
-        return out
+    """A per-token program of its own (a process: a program is its pid)."""
+    argv = [sys.executable, "-c", LOOP, socket, path, str(n)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
+    return [int(t) for t in done.stdout.split()]
 
 
 def test_a_seed_is_a_stream_that_reproduces_beside_other_programs(socket) -> None:
