@@ -143,6 +143,8 @@ class StateDir:
             body["positions"] = list(file.positions)
         if file.custom_from is not None:
             body["custom_from"] = file.custom_from
+        if file.masks:  # JSON keys are strings: a list of [index, ranges] pairs
+            body["masks"] = [[i, list(r)] for i, r in sorted(file.masks.items())]
         return FileSave(record_id, pages, keys, slots, body)
 
     def prepare_tree(self) -> TreeSave:

@@ -103,6 +103,27 @@ def _check_positions(record: dict[str, Any], num_tokens: int, max_tokens: int) -
             raise StateFileError(f"does not fit: a position outside 0..{max_tokens - 1}")
     if custom_from is not None and not (is_int(custom_from) and 0 <= custom_from < num_tokens):
         raise StateFileError("custom_from malformed")
+    masks = record.get("masks", [])
+    if not isinstance(masks, list):
+        raise StateFileError("masks malformed")
+    for entry in masks:  # [index, [start, end, ...]]: sorted ranges ending with the token
+        if not (isinstance(entry, list) and len(entry) == 2 and is_int(entry[0])):
+            raise StateFileError("masks malformed")
+        index, ranges = entry
+        if not 0 <= index < num_tokens or not _ranges_ok(ranges, index):
+            raise StateFileError(f"the mask of token {index} malformed")
+
+
+def _ranges_ok(ranges: object, index: int) -> bool:
+    if not isinstance(ranges, list) or not ranges or len(ranges) % 2:
+        return False
+    if not all(is_int(v) for v in ranges):
+        return False
+    pairs = list(zip(ranges[::2], ranges[1::2], strict=True))
+    ordered = all(a < b for a, b in pairs) and all(
+        pairs[k][1] <= pairs[k + 1][0] for k in range(len(pairs) - 1)
+    )
+    return ordered and ranges[0] >= 0 and ranges[-1] == index + 1
 
 
 def is_int(value: object) -> bool:

@@ -118,6 +118,7 @@ class Restore:
         if positions is not None and positions != list(range(len(positions))):
             file.positions = list(positions)
         file.custom_from = record.get("custom_from")
+        file.masks = {index: list(ranges) for index, ranges in record.get("masks", [])}
         file.pages = pages
         file.page_hashes = chain_hashes(file.token_ids, self.store, file.domain)
         file.origin = record["origin"]

@@ -472,6 +472,7 @@ def custom_and_plain(run: Run) -> dict[str, KVFile]:
     custom = run.new("custom.kv", list(range(3, 3 + 2 * PS + 5)))
     custom.positions = list(range(10)) + list(range(20, 20 + custom.num_tokens - 10))
     custom.custom_from = 10
+    custom.masks = {36: [0, 5, 36, 37], 12: [12, 13]}  # two tokens computed under masks
     run.new("plain.kv", list(range(40, 40 + PS + 2)))
     run.state.save_all()
     return run.files()
@@ -507,7 +508,8 @@ def test_positions_survive_a_restart_and_a_plain_file_has_none(tmp_path):
     restored = again.files()
     custom, plain = restored["custom.kv"], restored["plain.kv"]
     assert (custom.positions, custom.custom_from) == (files["custom.kv"].positions, 10)
-    assert (plain.positions, plain.custom_from) == (None, None)
+    assert custom.masks == {36: [0, 5, 36, 37], 12: [12, 13]}
+    assert (plain.positions, plain.custom_from, plain.masks) == (None, None, {})
     assert again.view() == before
     assert again.store.index is not None  # restored pages are not indexed, custom or not
     assert not any(again.store.index.is_indexed(p) for f in restored.values() for p in f.pages)
@@ -535,6 +537,11 @@ def test_a_record_saved_before_positions_were_kept_restores_at_default_positions
         {"custom_from": 37},
         {"custom_from": -1},
         {"custom_from": "10"},
+        {"masks": [[36, [0, 5, 36]]]},  # odd
+        {"masks": [[36, [0, 5, 3, 37]]]},  # overlapping
+        {"masks": [[36, [0, 36]]]},  # not the token itself
+        {"masks": [[37, [0, 38]]]},  # no such token
+        {"masks": {"36": [0, 37]}},
     ],
 )
 def test_a_record_with_bad_positions_is_set_aside_and_the_rest_restores(tmp_path, fields):
