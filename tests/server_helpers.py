@@ -9,7 +9,9 @@ from pathlib import Path
 import trio
 
 from symphony.engine.engine import Engine
+from symphony.fs.nodes import Cred
 from symphony.lipctl.launch import start_server, stop_server
+from symphony.sched.calls import Call
 from symphony.sched.server import Server, ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +57,20 @@ class ServerThread:
     def run_sync(self, fn, *args):  # type: ignore[no-untyped-def]
         """Call `fn` inside the server's trio thread (to read its state safely)."""
         return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    def call_as(self, cred: Cred, name: str, **args):  # type: ignore[no-untyped-def]
+        """Run one syscall inside the server as `cred`; its result or its StoreError."""
+        syscalls = self.server.syscalls
+        assert syscalls is not None
+
+        async def no_stream(_: object) -> None:
+            pass
+
+        async def run():  # type: ignore[no-untyped-def]
+            proc = self.server.procs.attach(4_000_000 + cred.uid, cred)
+            return await syscalls.answer(Call(cred, proc, no_stream), name, args)
+
+        return trio.from_thread.run(run, trio_token=self._token)
 
 
 def start_server_process(socket_path: str, *extra: str, timeout: float = 120) -> subprocess.Popen:

@@ -5,29 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import trio
-
 from symphony.fs.errors import StoreError
 from symphony.fs.nodes import Cred
 from symphony.lipctl import connect
-from symphony.sched.calls import Call
 
 OTHER = Cred(65534, 65534)
-
-
-def call_as(server, cred: Cred, name: str, **args):  # type: ignore[no-untyped-def]
-    """Run one syscall inside the server as `cred`; its result or its StoreError."""
-    srv = server.server
-
-    async def run():  # type: ignore[no-untyped-def]
-        proc = srv.procs.attach(4_000_000 + cred.uid, cred)
-
-        async def stream(_: object) -> None:
-            pass
-
-        return await srv.syscalls.answer(Call(cred, proc, stream), name, args)
-
-    return trio.from_thread.run(run, trio_token=server._token)
 
 
 def test_anything_that_reveals_content_needs_read(tiny_server):
@@ -43,10 +25,10 @@ def test_anything_that_reveals_content_needs_read(tiny_server):
         {"outputs": [{"at": -1, "logits": True}]},
         {"keep": False},
     ]:
-        got = call_as(server, OTHER, "forward", path="drop.kv", tokens=[5], **extra)
+        got = server.call_as(OTHER, "forward", path="drop.kv", tokens=[5], **extra)
         assert isinstance(got, StoreError) and got.errno_name == "EACCES", extra
     # a blind append is what w allows
-    got = call_as(server, OTHER, "forward", path="drop.kv", tokens=[5])
+    got = server.call_as(OTHER, "forward", path="drop.kv", tokens=[5])
     assert got["tokens"] == 7 and got["outputs"] == []
     server.run_sync(server.server.store.check_invariants)
 

@@ -4,19 +4,16 @@ context, costly outputs, another user's cache domain; a masked last token recomp
 from __future__ import annotations
 
 import array
-import os
 import socket
 import time
 
 import pytest
-import trio
 
 from symphony.engine.config import EngineConfig
 from symphony.engine.engine import Engine
 from symphony.fs.errors import StoreError
 from symphony.fs.nodes import Cred
 from symphony.lipctl import SymphonyError, connect
-from symphony.sched.calls import Call
 from symphony.sched.protocol import FrameBuffer, encode
 from tests.server_helpers import ServerThread
 from tests.tiny import tiny_model_files
@@ -39,22 +36,6 @@ def fresh(lip, path: str, tokens: list[int], mode: int = 0o600) -> None:  # type
 def logits(result: dict, at: int) -> list[float]:
     (out,) = [o for o in result["outputs"] if o["at"] == at]
     return array.array("f", out["logits"]).tolist()
-
-
-def call_as(tiny_server, cred: Cred, name: str, **args):  # type: ignore[no-untyped-def]
-    server = tiny_server.server
-
-    async def run():  # type: ignore[no-untyped-def]
-        async def no_stream(_: object) -> None:
-            pass
-
-        proc = server.attach_client(os.getpid(), cred)
-        try:
-            return await server.syscalls.answer(Call(cred, proc, no_stream), name, args)
-        finally:
-            server.detach_client(proc)
-
-    return trio.from_thread.run(run, trio_token=tiny_server._token)
 
 
 def test_scratch_work_on_a_file_truncated_meanwhile_harms_nobody(lip, tiny_server) -> None:
@@ -164,8 +145,7 @@ def test_another_users_calls_are_not_fed_from_the_owners_cache(lip, tiny_server)
     lip.call("forward", path="private.kv", tokens=secret)
     mine = lip.call("forward", path="shared.kv", tokens=secret, keep=False, outputs=[{"top_k": 1}])
     assert mine["cached"] == 4  # the owner's own calls are served from its domain
-    theirs = call_as(
-        tiny_server,
+    theirs = tiny_server.call_as(
         OTHER,
         "forward",
         path="shared.kv",

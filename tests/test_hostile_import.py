@@ -158,7 +158,6 @@ def test_kv_verify_by_a_reader_reports_but_changes_nothing(tiny_server):
     """Adopting the recomputed pages changes the file: a reader who may not write gets
     the report only."""
     from symphony.lipctl import connect
-    from tests.test_hostile_calls import call_as
 
     srv = tiny_server.server
     with connect(srv.config.socket_path) as lip:
@@ -170,7 +169,7 @@ def test_kv_verify_by_a_reader_reports_but_changes_nothing(tiny_server):
     tiny_server.run_sync(copy)
     file = tiny_server.run_sync(lambda: srv.store.ns.lookup_file("copy.kv", ROOT))
     mtime, pages = file.mtime_ns, list(file.pages)
-    report = call_as(tiny_server, OTHER, "kv_verify", path="copy.kv")
+    report = tiny_server.call_as(OTHER, "kv_verify", path="copy.kv")
     assert report["match"] and report["origin"] == "imported by uid 0"
     assert (file.mtime_ns, file.pages, file.origin) == (mtime, pages, "imported by uid 0")
     tiny_server.run_sync(srv.store.check_invariants)

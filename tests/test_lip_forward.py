@@ -4,15 +4,12 @@ forward_many, and the old forms' errors (raw calls on the tiny-model server)."""
 from __future__ import annotations
 
 import array
-import os
 
 import pytest
-import trio
 
 from symphony.fs.errors import StoreError
 from symphony.fs.nodes import Cred
 from symphony.lipctl import SymphonyError, connect
-from symphony.sched.calls import Call
 
 PROMPT = [72, 101, 108, 108, 111, 32, 119, 111, 114, 108]  # 10 byte tokens
 NEW = [100, 33, 10]
@@ -167,30 +164,11 @@ def test_keep_false_scores_without_appending(lip, tiny_server) -> None:
     assert status["pages"]["used"] >= 1
 
 
-def call_as(tiny_server, cred: Cred, name: str, **args):  # type: ignore[no-untyped-def]
-    """The outcome of one syscall made by `cred` (a result or a StoreError)."""
-    server = tiny_server.server
-
-    async def run():  # type: ignore[no-untyped-def]
-        proc = server.attach_client(os.getpid(), cred)
-        try:
-            return await server.syscalls.answer(Call(cred, proc, _no_stream), name, args)
-        finally:
-            server.detach_client(proc)
-
-    return trio.from_thread.run(run, trio_token=tiny_server._token)
-
-
-async def _no_stream(value: object) -> None:
-    pass
-
-
 def test_keep_false_needs_only_read_permission(lip, tiny_server) -> None:
     lip.call("kv_open", path="shared.kv", create=True, mode=0o644)
     lip.call("forward", path="shared.kv", tokens=PROMPT)
     other = Cred(65534, 65534)
-    scored = call_as(
-        tiny_server,
+    scored = tiny_server.call_as(
         other,
         "forward",
         path="shared.kv",
@@ -200,11 +178,11 @@ def test_keep_false_needs_only_read_permission(lip, tiny_server) -> None:
     )
     assert not isinstance(scored, StoreError), scored
     assert len(scored["outputs"][0]["top_k"]) == 3
-    refused = call_as(tiny_server, other, "forward", path="shared.kv", tokens=NEW)
+    refused = tiny_server.call_as(other, "forward", path="shared.kv", tokens=NEW)
     assert isinstance(refused, StoreError) and refused.errno_name == "EACCES"
     lip.call("kv_open", path="private.kv", create=True, mode=0o600)
     lip.call("forward", path="private.kv", tokens=PROMPT)
-    hidden = call_as(tiny_server, other, "forward", path="private.kv", tokens=NEW, keep=False)
+    hidden = tiny_server.call_as(other, "forward", path="private.kv", tokens=NEW, keep=False)
     assert isinstance(hidden, StoreError) and hidden.errno_name == "EACCES"
     assert lip.call("kv_stat", path="shared.kv")["tokens"] == len(PROMPT)
     tiny_server.run_sync(tiny_server.server.store.check_invariants)
