@@ -32,12 +32,9 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
-from symphony.lipctl.client import (
-    ForwardResult,
-    GenerateResult,
-    Piece,
+from symphony.lipctl.results import ForwardResult, GenerateResult, Piece, VerifyResult
+from symphony.lipctl.wire import (
     SymphonyError,
-    VerifyResult,
     decode,
     final_result,
     forward_args,
