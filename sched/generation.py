@@ -31,8 +31,8 @@ class GenerateState:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0  # characters of `text` already streamed
+    streamed: list[str] = field(default_factory=list)  # the text sent (or to send) so far
+    pending: str = ""  # text after it, held back: a stop string could still begin there
     emitted_ids: int = 0  # tokens of `token_ids` already streamed
     finish_reason: str | None = None
 
@@ -40,18 +40,23 @@ class GenerateState:
     def longest_stop(self) -> int:
         return max((len(s) for s in self.stop_strings), default=0)
 
+    @property
+    def text(self) -> str:
+        """The text generated so far (joined: for the result, not for every token)."""
+        return "".join(self.streamed) + self.pending
+
     def push(self, token: int) -> None:
         """Take one generated token (the caller appends it to the file)."""
         self.token_ids.append(token)
         if token in self.stop_token_ids:  # appended to the file, but not part of the text
             self.finish_reason = "stop"
             return
-        # a stop string can only end in the new piece: look at the tail alone
-        tail = max(0, len(self.text) - self.longest_stop + 1)
-        self.text += self.decoder.push(token)
-        found = [i for s in self.stop_strings if (i := self.text.find(s, tail)) >= 0]
+        # a stop string can only end in the new piece, so it begins in what is held back
+        # (the last longest_stop - 1 characters at least) or in the piece
+        self.pending += self.decoder.push(token)
+        found = [i for s in self.stop_strings if (i := self.pending.find(s)) >= 0]
         if found:
-            self.text, self.finish_reason = self.text[: min(found)], "stop"
+            self.pending, self.finish_reason = self.pending[: min(found)], "stop"
         elif len(self.token_ids) >= self.max_tokens:
             self.finish_reason = "length"
 
@@ -59,17 +64,18 @@ class GenerateState:
         """Send the text no stop string can still take back, with the tokens since the
         last piece; a reader that stopped listening still gets the final result."""
         hold = 0 if self.finish_reason else max(self.longest_stop - 1, 0)
-        end = max(self.emitted, len(self.text) - hold)
-        if (end == self.emitted and not self.finish_reason) or self.stream is None:
-            return
+        ready = self.pending[: max(0, len(self.pending) - hold)]
         ids = self.token_ids[self.emitted_ids :]
-        if end == self.emitted and not ids:
+        if not ready and not (self.finish_reason and ids):
             return
-        with contextlib.suppress(
-            trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
-        ):
-            self.stream.send_nowait({"text": self.text[self.emitted : end], "token_ids": ids})
-        self.emitted, self.emitted_ids = end, len(self.token_ids)
+        self.pending = self.pending[len(ready) :]
+        self.streamed.append(ready)
+        self.emitted_ids = len(self.token_ids)
+        if self.stream is not None:
+            with contextlib.suppress(
+                trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
+            ):
+                self.stream.send_nowait({"text": ready, "token_ids": ids})
 
     def result(self, file_tokens: int, error: str | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -50,3 +50,20 @@ def test_the_last_piece_carries_the_last_tokens_even_without_text():
     assert state.finish_reason == "length"
     assert [t for p in pieces for t in p["token_ids"]] == state.token_ids
     assert "".join(p["text"] for p in pieces) == state.text == "hi"
+
+
+def test_the_work_per_token_does_not_grow_with_the_text():
+    """What a token's stop-string search reads (the held-back tail) stays bounded
+    however long the text: the text is joined once, at the end."""
+    tok = Tokenizer(tiny_tokenizer_json(), CHATML, bos_token_id=257, eos_token_id=258)
+    state = GenerateState(10_000, frozenset(), ("END!",), StreamDecoder(tok), None)
+    longest_pending = 0
+    for token in tok.encode("lorem ipsum dolor sit amet " * 200 + "the END!"):
+        state.push(token)
+        longest_pending = max(longest_pending, len(state.pending))
+        state.stream_piece()
+        if state.finish_reason:
+            break
+    assert state.finish_reason == "stop"
+    assert state.text == "lorem ipsum dolor sit amet " * 200 + "the "
+    assert longest_pending <= len("END!")
