@@ -1,4 +1,5 @@
-"""Programs on the server: syscall latency, LIP-driven decode, fork vs prompts, prompt caching.
+"""Programs on the server: syscall latency, LIP-driven decode, fork vs prompts, prompt caching,
+and (bench/steer.py) speculative decoding, score, cancel latency, long streams.
 
 Starts `lipctl serve` on the embedded model (twice: prefix index on, then off), drives it
 from trio tasks here, each with its own connection, as concurrent programs would.
@@ -19,6 +20,7 @@ from datetime import date
 from functools import partial
 from pathlib import Path
 
+import steer  # bench/steer.py
 import trio
 from common import RESULTS, round_trips, save_results  # bench/common.py
 
@@ -26,6 +28,8 @@ from symphony.lipctl import connect as connect_sync
 from symphony.lipctl.aio import connect
 from symphony.lipctl.launch import start_server, stop_server
 
+# a generate streamed to token 4,100: its tokens 50..150 against 3,950..4,050
+STREAM = (4100, (50, 150), (3950, 4050))
 WORDS = "the river bends past the mill where farmers bring grain and children race along "
 
 
@@ -37,7 +41,7 @@ def text_tokens(socket: str, n: int, salt: str = "") -> list[int]:
         return ids[:n]
 
 
-async def timed_programs(programs: int, setup, body) -> float:  # type: ignore[no-untyped-def]
+async def timed_programs(programs: int, setup, body) -> float:
     """Run `programs` concurrent programs; time only their bodies, started together."""
     ready, go = trio.Semaphore(0), trio.Event()
     ends: list[float] = []
@@ -66,12 +70,12 @@ async def per_token_vs_generate(socket: str, programs: int, tokens: int) -> dict
         lips = [await nursery.start(_hold_connection, socket) for _ in range(programs)]
         for mode in ("generate", "lip"):
 
-            async def setup(i: int, mode: str = mode):  # type: ignore[no-untyped-def]
+            async def setup(i: int, mode: str = mode):
                 kv = await lips[i].kv(f"pt-{mode}-{i}.kv", create=True)
                 await kv.append(prompt[:-1])
                 return kv
 
-            async def body(i: int, kv, mode: str = mode) -> None:  # type: ignore[no-untyped-def]
+            async def body(i: int, kv, mode: str = mode) -> None:
                 if mode == "generate":
                     await lips[i].call(
                         "generate",
@@ -83,7 +87,7 @@ async def per_token_vs_generate(socket: str, programs: int, tokens: int) -> dict
                 else:  # the LIP drives each token: forward it, get the next one back
                     token = prompt[-1]
                     for _ in range(tokens):
-                        token = (await kv.forward([token], temperature=0.0))["token"]
+                        token = (await kv.forward([token], temperature=0.0)).token
                 await kv.unlink()
 
             out[mode] = programs * tokens / await timed_programs(programs, setup, body)
@@ -92,7 +96,7 @@ async def per_token_vs_generate(socket: str, programs: int, tokens: int) -> dict
     return out
 
 
-async def _hold_connection(socket: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+async def _hold_connection(socket: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     async with connect(socket) as lip:
         task_status.started(lip)
         await trio.sleep_forever()
@@ -155,12 +159,12 @@ async def aggregate_decode(socket: str, programs: int, tokens: int) -> float:
     async with trio.open_nursery() as nursery:
         lips = [await nursery.start(_hold_connection, socket) for _ in range(programs)]
 
-        async def setup(i: int):  # type: ignore[no-untyped-def]
+        async def setup(i: int):
             kv = await lips[i].kv(f"agg-{i}.kv", create=True)
             await kv.append(prompt)
             return kv
 
-        async def body(i: int, kv) -> None:  # type: ignore[no-untyped-def]
+        async def body(i: int, kv) -> None:
             await lips[i].call(
                 "generate", path=kv.path, max_tokens=tokens, sampler={"temperature": 0.0}, stop=[]
             )
@@ -177,7 +181,8 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig, grid = plt.subplots(2, 3, figsize=(13, 8))
+    axes = grid[0]
     pt = results["per_token"]
     labels = [f"{n} LIPs" for n in pt]
     axes[0].bar(
@@ -203,9 +208,61 @@ def plot(results: dict, path: Path) -> None:
     axes[2].bar([f"{n} LIPs" for n in agg], list(agg.values()))
     axes[2].set_title(f"aggregate decode; prompt cache {pc['speedup']:.1f}x")
     axes[2].set_ylabel("tokens/s")
+    plot_steering(results, grid[1])
     fig.suptitle(f"Symphony on SmolLM2-135M, {platform.machine()}, {date.today()}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def plot_steering(results: dict, axes) -> None:
+    sp, sc, st, ca = (results[k] for k in ("speculative", "score", "stream", "cancel"))
+    axes[0].bar(["prompt lookup\n+ verify", "generate"], [sp["lookup_tok_s"], sp["generate_tok_s"]])
+    axes[0].set_title(f"greedy decode: {sp['speedup']:.2f}x, {sp['mean_accepted']:.1f} accepted")
+    axes[0].set_ylabel("tokens/s")
+    arms = {
+        "score": "score_ms",
+        "8 forks\nin turn": "forks_ms",
+        "8 forks\nat once": "forks_concurrent_ms",
+    }
+    axes[1].bar(list(arms), [sc[k] for k in arms.values()])
+    axes[1].set_title(f"8 choices: score {sc['speedup']:.1f}x faster than forks in turn")
+    axes[1].set_ylabel("ms per selection")
+    windows = list(st["windows"])
+    for dx, key, label in ((-0.2, "stream_ms", "streamed"), (0.2, "plain_ms", "plain generate")):
+        heights = [st["windows"][w][key] for w in windows]
+        axes[2].bar([x + dx for x in range(len(windows))], heights, 0.4, label=label)
+    axes[2].set_xticks(range(len(windows)), [f"tokens {w}" for w in windows])
+    axes[2].set_ylabel("ms per token")
+    axes[2].set_title(
+        f"cancel {ca['mean_latency_ms']:.0f} ms ({ca['latency_steps']:.2f} steps)", fontsize=10
+    )
+    axes[2].legend(fontsize=8, loc="lower center")
+
+
+def print_steering(results: dict) -> None:
+    sp, sc, ca, st = (results[k] for k in ("speculative", "score", "cancel", "stream"))
+    same = "same tokens" if sp["same_tokens"] else f"DIFFERENT from token {sp['first_difference']}"
+    print(
+        f"prompt lookup + verify: {sp['lookup_tok_s']:.1f} tok/s vs generate "
+        f"{sp['generate_tok_s']:.1f}: {sp['speedup']:.2f}x, {sp['mean_accepted']:.2f} accepted "
+        f"per verify, {sp['generated']} tokens, {same}"
+    )
+    print(
+        f"score 8 choices: {sc['score_ms']:.0f} ms vs 8 forks {sc['forks_ms']:.0f} ms "
+        f"({sc['speedup']:.1f}x), at once {sc['forks_concurrent_ms']:.0f} ms "
+        f"({sc['speedup_vs_concurrent']:.1f}x); same argmax: {sc['same_argmax']}"
+    )
+    print(
+        f"cancel beside {ca['others']} generates: {ca['mean_latency_ms']:.0f} ms mean, "
+        f"{ca['max_latency_ms']:.0f} max; step {ca['mean_step_ms']:.0f} ms: "
+        f"{ca['latency_steps']:.2f} steps"
+    )
+    for w, v in st["windows"].items():
+        print(
+            f"stream, tokens {w}: {v['stream_ms']:.1f} ms/token streamed, {v['plain_ms']:.1f} "
+            f"plain generate, overhead {v['overhead_ms']:+.1f} ms"
+        )
+    print(f"stream late/early: {st['stream_ratio']:.2f}x (plain generate {st['plain_ratio']:.2f}x)")
 
 
 def main() -> None:
@@ -227,6 +284,11 @@ def main() -> None:
             n: trio.run(aggregate_decode, socket, n, 8 if quick else 32) for n in (1, 8, 32)
         }
         on = trio.run(prompt_cache, socket, 300 if quick else 1500, 8 if quick else 32, 8)
+        results["speculative"] = trio.run(steer.speculative, socket, 64 if quick else 300)
+        results["score"] = trio.run(steer.score, socket, 2 if quick else 5)
+        results["cancel"] = trio.run(steer.cancel_latency, socket, 4, 1 if quick else 5)
+        length, early, late = (250, (50, 100), (150, 200)) if quick else STREAM
+        results["stream"] = trio.run(steer.stream_cost, socket, length, early, late)
     finally:
         stop_server(server)
     server = start_server(socket, "--pages", "8192", "--no-prefix-cache")
@@ -257,6 +319,7 @@ def main() -> None:
     )
     for n, v in results["aggregate_decode"].items():
         print(f"aggregate decode, {n:>2} LIPs: {v:.1f} tok/s")
+    print_steering(results)
     path = save_results("lips", results, quick=quick)
     plot(results, RESULTS / "lips.png")
     print(f"wrote {path} and {RESULTS / 'lips.png'}")
