@@ -17,6 +17,7 @@ lines not yet answered, unless it was opened write-only: `echo CMD > ctl` runs C
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import re
@@ -42,6 +43,8 @@ POSITIONAL = {
     "mkdir": ("path",),
     "listdir": ("path",),
     "forward": ("path", "tokens"),
+    "verify": ("path", "draft"),
+    "kv_verify": ("path",),
     "generate": ("path",),
     "kill": ("pid",),
     "wait": ("pid",),
@@ -119,7 +122,15 @@ def _json_or_text(word: str) -> Any:
 
 
 def format_reply(result: Any) -> str:
-    return "ok " + json.dumps(result, ensure_ascii=False, separators=(",", ":")) + "\n"
+    """`ok JSON`; bytes (a forward's raw logits) are written as base64 text."""
+    text = json.dumps(result, ensure_ascii=False, separators=(",", ":"), default=_bytes_as_text)
+    return "ok " + text + "\n"
+
+
+def _bytes_as_text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def format_error(exc: StoreError) -> str:

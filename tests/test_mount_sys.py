@@ -103,3 +103,30 @@ def test_a_line_too_long_is_answered_e2big_and_the_next_one_runs(mounted):
     assert len(replies) == 2 and replies[0].startswith("error E2BIG ")
     assert replies[1] == "ok null"
     assert os.path.isdir(os.path.join(mount, "after"))
+
+
+def test_ctl_answers_the_new_forward_in_json(mounted):
+    """Outputs, raw logits (base64 of the fp32 bytes) and verify, as shell lines."""
+    import base64
+    import struct
+
+    mount, _ = mounted
+    replies = ctl(
+        mount,
+        "kv_open o.kv create=true",
+        'forward o.kv text="abc" outputs=[{"at": [0, 2], "top_k": 2, "logits": true}]',
+        "verify o.kv draft=[100, 101]",
+        "forward o.kv tokens=[5] mask=[1]",
+    )
+    assert [r.split()[0] for r in replies] == ["ok", "ok", "ok", "error"], replies
+    forward = json.loads(replies[1].removeprefix("ok "))
+    assert [o["at"] for o in forward["outputs"]] == [0, 2]
+    raw = base64.b64decode(forward["outputs"][1]["logits"])
+    logits = struct.unpack(f"<{len(raw) // 4}f", raw)
+    assert (
+        len(logits) == 259
+        and max(range(259), key=logits.__getitem__) == forward["outputs"][1]["top_k"][0][0]
+    )
+    verified = json.loads(replies[2].removeprefix("ok "))
+    assert verified["token_ids"][-1] == verified["token"]
+    assert replies[3].startswith("error EINVAL ") and "allowed" in replies[3]
