@@ -128,6 +128,7 @@ async def _verify(sys: Syscalls, call: Call, a: S.Verify) -> Any:
     state = VerifyState(list(a.draft), len(a.tokens) - 1, draft_probs)
     tokens = [*a.tokens, *a.draft]
     task = Task(call.proc.account, file, tokens, {}, params, generator, verify=state)
+    task.reuse = call.cred.uid == file.uid  # as forward's: the owner's cache is the owner's
     (result,) = await sys.run_tasks(call, [task])
     return result
 
