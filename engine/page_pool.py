@@ -152,6 +152,18 @@ class PagePool:
         for cache in (*self.k_cache, *self.v_cache):
             cache[dst, :n].copy_(cache[src, :n])
 
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        """Copy the K/V of flat slots `src` (page * page_size + offset) into `dst`, in
+        every layer. The two lists must not overlap."""
+        if not src:
+            return
+        device = self.k_cache[0].device
+        a = torch.tensor(src, dtype=torch.long, device=device)
+        b = torch.tensor(dst, dtype=torch.long, device=device)
+        for cache in (*self.k_cache, *self.v_cache):
+            flat = cache.view(-1, *cache.shape[2:])
+            flat.index_copy_(0, b, flat.index_select(0, a))
+
     def max_abs_diff(self, pages_a: list[int], pages_b: list[int], num_tokens: int) -> float:
         """The largest |a - b| over the K/V of the first `num_tokens` slots of two page
         lists holding the same tokens (the slots past them are not compared)."""

@@ -20,6 +20,7 @@ from symphony.engine.page_pool import PagePool
 from symphony.fs.appends import AppendPlan, Appends
 from symphony.fs.charges import Holder, PageCharges
 from symphony.fs.errors import StoreError
+from symphony.fs.kv_edit import drop_range
 from symphony.fs.kv_import import ContentIndex, Importer
 from symphony.fs.namespace import Namespace
 from symphony.fs.nodes import COMPUTED, R_OK, W_OK, Cred, KVFile, Node, imported_by
@@ -215,6 +216,19 @@ class KVStore(Appends):
         if not num_tokens:  # nothing imported is left
             file.origin = COMPUTED
         file.touch()
+
+    def drop(
+        self, path: str, start: int, end: int, cred: Cred, holder: Holder | None = None
+    ) -> None:
+        """Remove tokens [start, end) of `path` (kv_edit.drop_range)."""
+        file = self.ns.lookup_file(path, cred, W_OK)
+        drop_range(
+            self, file, start, end, self.charges.user(cred.uid) if holder is None else holder
+        )
+
+    def rehash(self, file: KVFile) -> None:
+        """Extend the file's page hash chain after an edit cut it back."""
+        self._hash_full_pages(file)
 
     def hold(self, pages: list[int]) -> None:
         """Keep `pages` alive for a reader of a file's snapshot (the file may change).

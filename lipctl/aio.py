@@ -460,6 +460,10 @@ class AsyncKV:
         """Roll back to the first `num_tokens` tokens."""
         await self.lip.call("kv_truncate", path=self.path, n=num_tokens)
 
+    async def drop(self, start: int, end: int) -> None:
+        """Remove tokens [start, end); the tokens after keep their positions and K/V."""
+        await self.lip.call("kv_drop", path=self.path, start=start, end=end)
+
     async def unlink(self) -> None:
         """Remove the file's name (its pages go with its last name and user)."""
         await self.lip.call("kv_unlink", path=self.path)

@@ -418,6 +418,10 @@ class KV:
         """Roll back to the first `num_tokens` tokens."""
         self.lip.call("kv_truncate", path=self.path, n=num_tokens)
 
+    def drop(self, start: int, end: int) -> None:
+        """Remove tokens [start, end); the tokens after keep their positions and K/V."""
+        self.lip.call("kv_drop", path=self.path, start=start, end=end)
+
     def unlink(self) -> None:
         """Remove the file's name (its pages go with its last name and user)."""
         self.lip.call("kv_unlink", path=self.path)

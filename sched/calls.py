@@ -247,6 +247,12 @@ async def _kv_truncate(sys: Syscalls, call: Call, a: S.KvTruncate) -> Any:
     return sys.store.stat(a.path, call.cred)
 
 
+@syscall("kv_drop")
+async def _kv_drop(sys: Syscalls, call: Call, a: S.KvDrop) -> Any:
+    sys.store.drop(a.path, a.start, a.end, call.cred, call.proc.account.holder)
+    return sys.store.stat(a.path, call.cred)
+
+
 @syscall("kv_verify")
 async def _kv_verify(sys: Syscalls, call: Call, a: S.KvPath) -> Any:
     file = sys.store.ns.lookup_file(a.path, call.cred, R_OK)

@@ -39,6 +39,7 @@ POSITIONAL = {
     "kv_stat": ("path",),
     "kv_fork": ("src", "dst"),
     "kv_truncate": ("path", "n"),
+    "kv_drop": ("path", "start", "end"),
     "kv_unlink": ("path",),
     "mkdir": ("path",),
     "listdir": ("path",),

@@ -148,6 +148,12 @@ class KvTruncate(Args):
     n: Annotated[int, doc("tokens kept")]
 
 
+class KvDrop(Args):
+    path: Path
+    start: Annotated[int, doc("the first token removed")]
+    end: Annotated[int, doc("the token after the last removed")]
+
+
 class Mkdir(Args):
     path: Path
     mode: int = 0o755
@@ -188,6 +194,7 @@ CALLS: dict[str, CallSpec] = {
     "kv_fork": CallSpec(KvFork, R.Stat, "a copy-on-write copy sharing every page"),
     "kv_truncate": CallSpec(KvTruncate, R.Stat, "roll back to the first n tokens"),
     "kv_verify": CallSpec(KvPath, dict[str, Any], "recompute a file, report its deviation"),
+    "kv_drop": CallSpec(KvDrop, R.Stat, "remove tokens [start, end); the rest keep positions"),
     "kv_unlink": CallSpec(KvPath, None, "remove a name"),
     "mkdir": CallSpec(Mkdir, None, "make a directory"),
     "listdir": CallSpec(Listdir, list[str], "a directory's names"),
