@@ -81,6 +81,12 @@ class PagePool:
         for page in pages:
             self.refcounts[page] = 1
             self.generation[page] += 1
+        # zeroed: a slot no token fills yet is read (masked) by batched attention, and a
+        # value left there by the page's last user (a NaN) would poison that softmax
+        if pages:
+            index = torch.tensor(pages, dtype=torch.long, device=self.k_cache[0].device)
+            for cache in (*self.k_cache, *self.v_cache):
+                cache.index_fill_(0, index, 0.0)
         return pages
 
     def incref(self, pages: Iterable[int], quiet: bool = False) -> None:

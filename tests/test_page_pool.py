@@ -58,3 +58,27 @@ def test_copy_page_copies_the_leading_slots_of_every_layer():
 def test_bytes_per_page():
     # 2 layers x (K and V) x 4 slots x 2 heads x 8 dims x 4 bytes
     assert make_pool().bytes_per_page == 2 * 2 * 4 * 2 * 8 * 4
+
+
+def test_a_reused_page_holds_nothing_of_its_last_user(tiny_engine):
+    """Pages holding NaN (however they got there) go back to the pool; whoever takes
+    one next must not read the NaN in its slots no token has filled yet, which batched
+    decode attention reads, masked."""
+    import math
+
+    import torch
+
+    from symphony.engine.batch import SeqChunk
+
+    engine = tiny_engine
+    pool = engine.pool
+    poisoned = pool.allocate(2)
+    for cache in (*pool.k_cache, *pool.v_cache):
+        cache[poisoned] = math.nan
+    pool.decref(poisoned)
+    short = pool.allocate(1)  # a poisoned page again, most likely: the free list is a stack
+    assert short[0] in poisoned
+    long = pool.allocate(3)
+    engine.step([SeqChunk([1], 0, short, num_logits=0), SeqChunk(list(range(1, 11)), 0, long, 0)])
+    logits = engine.step([SeqChunk([2], 1, short), SeqChunk([3], 10, long)])
+    assert bool(torch.isfinite(logits).all())
