@@ -212,18 +212,25 @@ def _checked_visible(chunk: SeqChunk) -> list[list[int] | None] | None:
             continue
         slot = chunk.start_pos + j
         bounds = list(ranges)
-        shown = f"{bounds[:8]}{'...' if len(bounds) > 8 else ''}"
-        if not bounds or len(bounds) % 2:
-            raise ValueError(f"token {j}: visible needs pairs [start, end, ...], got {shown}")
-        end = 0  # each range starts at or after the previous one's end
-        for s, e in zip(bounds[::2], bounds[1::2], strict=True):
-            if not end <= s < e <= slot + 1:
-                raise ValueError(
-                    f"token {j} at slot {slot}: visible ranges {shown} are not sorted, "
-                    f"disjoint, non-empty ranges within 0..{slot + 1}"
-                )
-            end = e
-        if end != slot + 1:
-            raise ValueError(f"token {j} at slot {slot}: visible ranges {shown} omit its own slot")
+        problem = ranges_problem(bounds, slot)
+        if problem is not None:
+            shown = f"{bounds[:8]}{'...' if len(bounds) > 8 else ''}"
+            raise ValueError(f"token {j} at slot {slot}: visible {shown} {problem}")
         out.append(bounds)
     return out
+
+
+def ranges_problem(bounds: Sequence[int], own: int) -> str | None:
+    """What is wrong with `bounds` as the visible ranges of the token at index `own`
+    (None: nothing): a flat list [s0, e0, s1, e1, ...] of sorted, disjoint, non-empty
+    half-open ranges within 0..own + 1, the last ending with the token itself."""
+    if not bounds or len(bounds) % 2:
+        return "must be a flat list [start, end, ...]"
+    end = 0  # each range starts at or after the previous one's end
+    for s, e in zip(bounds[::2], bounds[1::2], strict=True):
+        if not end <= s < e <= own + 1:
+            return f"ranges must be sorted, disjoint, non-empty and within 0..{own + 1}"
+        end = e
+    if end != own + 1:
+        return f"must include the token itself (index {own})"
+    return None

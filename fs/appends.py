@@ -63,7 +63,8 @@ class AppendPlan:
             last = self.start_pos - 1
             self.compute_ids = [file.token_ids[last], *self.compute_ids]
             if self.compute_positions is not None:
-                self.compute_positions = [file.position_list()[last], *self.compute_positions]
+                at = last if file.positions is None else file.positions[last]
+                self.compute_positions = [at, *self.compute_positions]
             mask = file.masks.get(last)
             if mask is not None or self.compute_visible is not None:
                 self.compute_visible = [
@@ -183,17 +184,6 @@ class Appends:
             file.busy = True
         self._plans.append(plan)
         return plan
-
-    def begin_recompute(self: KVStore, file: KVFile, holder: Holder | None = None) -> AppendPlan:
-        """Prepare computing the file's last token again, for the logits that follow it:
-        the store keeps no logits. The file's tokens do not change, and an abort leaves
-        it as it was (the token is recomputed in a copy of its page if that page is
-        shared or indexed).
-
-        Raises:
-            StoreError: EINVAL for an empty file, EBUSY if an append is in flight, ENOSPC.
-        """
-        return self.begin_append(file, [], holder=holder, recompute_last=True)
 
     def _check_tokens(
         self: KVStore, file: KVFile, token_ids: Sequence[int], allow_empty: bool = False

@@ -7,6 +7,7 @@ import json
 import re
 from typing import Any
 
+from symphony.engine.batch import ranges_problem
 from symphony.fs import kv_format
 from symphony.fs.state_files import DIGEST_RE, StateFileError, unseal
 from symphony.fs.store import KVStore
@@ -115,15 +116,9 @@ def _check_positions(record: dict[str, Any], num_tokens: int, max_tokens: int) -
 
 
 def _ranges_ok(ranges: object, index: int) -> bool:
-    if not isinstance(ranges, list) or not ranges or len(ranges) % 2:
+    if not isinstance(ranges, list) or not all(is_int(v) for v in ranges):
         return False
-    if not all(is_int(v) for v in ranges):
-        return False
-    pairs = list(zip(ranges[::2], ranges[1::2], strict=True))
-    ordered = all(a < b for a, b in pairs) and all(
-        pairs[k][1] <= pairs[k + 1][0] for k in range(len(pairs) - 1)
-    )
-    return ordered and ranges[0] >= 0 and ranges[-1] == index + 1
+    return ranges_problem(ranges, index) is None
 
 
 def is_int(value: object) -> bool:

@@ -34,10 +34,10 @@ import trio
 
 from symphony.lipctl.results import ForwardResult, GenerateResult, Piece, VerifyResult
 from symphony.lipctl.wire import (
+    ForwardRequests,
     SymphonyError,
     decode,
     final_result,
-    forward_args,
     generate_args,
     score_args,
     score_means,
@@ -306,7 +306,7 @@ class AsyncLip:
         return self.stream_call("wait", pid=pid)
 
 
-class AsyncKV:
+class AsyncKV(ForwardRequests):
     """A KV file, by path, for trio programs."""
 
     def __init__(self, lip: AsyncLip, path: str) -> None:
@@ -324,32 +324,6 @@ class AsyncKV:
         """Prefill: append and compute `token_ids`; returns the file's token count."""
         result = await self.lip.call("forward", path=self.path, tokens=list(token_ids))
         return int(result["tokens"])
-
-    def request(
-        self,
-        tokens: Sequence[int],
-        *,
-        positions: Sequence[int] | None = None,
-        attention: Sequence[Sequence[int] | None] | None = None,
-        outputs: Sequence[Mapping[str, Any]] | None = None,
-        keep: bool = True,
-        **sampler: Any,
-    ) -> dict[str, Any]:
-        """The argument map of a forward on this file, for `lip.forward_many`; takes what
-        `forward` takes and sends nothing (not a coroutine).
-
-        Raises:
-            TypeError: an old form (logprobs=k, mask=...) or a field no sampler has.
-        """
-        return forward_args(
-            self.path,
-            tokens,
-            positions=positions,
-            attention=attention,
-            outputs=outputs,
-            keep=keep,
-            sampler=sampler,
-        )
 
     async def forward(
         self,

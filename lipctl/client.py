@@ -30,10 +30,10 @@ from symphony.lipctl.results import (
     logit_values,
 )
 from symphony.lipctl.wire import (
+    ForwardRequests,
     SymphonyError,
     decode,
     final_result,
-    forward_args,
     generate_args,
     mapped,
     score_args,
@@ -232,7 +232,7 @@ class Lip:
         return self.stream_call("wait", pid=pid)
 
 
-class KV:
+class KV(ForwardRequests):
     """A KV file, by path."""
 
     def __init__(self, lip: Lip, path: str) -> None:
@@ -249,32 +249,6 @@ class KV:
     def append(self, token_ids: Sequence[int]) -> int:
         """Prefill: append and compute `token_ids`; returns the file's token count."""
         return int(self.lip.call("forward", path=self.path, tokens=list(token_ids))["tokens"])
-
-    def request(
-        self,
-        tokens: Sequence[int],
-        *,
-        positions: Sequence[int] | None = None,
-        attention: Sequence[Sequence[int] | None] | None = None,
-        outputs: Sequence[Mapping[str, Any]] | None = None,
-        keep: bool = True,
-        **sampler: Any,
-    ) -> dict[str, Any]:
-        """The argument map of a forward on this file, for `lip.forward_many`; takes what
-        `forward` takes and sends nothing.
-
-        Raises:
-            TypeError: an old form (logprobs=k, mask=...) or a field no sampler has.
-        """
-        return forward_args(
-            self.path,
-            tokens,
-            positions=positions,
-            attention=attention,
-            outputs=outputs,
-            keep=keep,
-            sampler=sampler,
-        )
 
     def forward(
         self,

@@ -245,3 +245,35 @@ def mapped(
             yield item(raw)
     finally:
         items.close()
+
+
+class ForwardRequests:
+    """What both flavours' KV files share: building a forward's arguments."""
+
+    path: str
+
+    def request(
+        self,
+        tokens: Sequence[int],
+        *,
+        positions: Sequence[int] | None = None,
+        attention: Sequence[Sequence[int] | None] | None = None,
+        outputs: Sequence[Mapping[str, Any]] | None = None,
+        keep: bool = True,
+        **sampler: Any,
+    ) -> dict[str, Any]:
+        """The argument map of a forward on this file, for `lip.forward_many`; takes what
+        `forward` takes and sends nothing (not a coroutine in either client).
+
+        Raises:
+            TypeError: an old form (logprobs=k, mask=...) or a field no sampler has.
+        """
+        return forward_args(
+            self.path,
+            tokens,
+            positions=positions,
+            attention=attention,
+            outputs=outputs,
+            keep=keep,
+            sampler=sampler,
+        )

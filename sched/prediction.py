@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import trio
 
-from symphony.engine.sampling import GREEDY, make_generator
+from symphony.engine.batch import ranges_problem
+from symphony.engine.sampling import GREEDY, SamplingParams, make_generator
 from symphony.engine.tokenizer import StreamDecoder
 from symphony.fs.errors import StoreError
 from symphony.fs.nodes import R_OK, W_OK
@@ -38,15 +40,20 @@ def forward_task(sys: Syscalls, call: Call, a: S.Forward) -> Task:
     params = A.sampling_params(a.sampler, vocab) if sampling else None
     positions = _positions(a.positions, len(a.tokens), sys.engine.model_config.max_position)
     visible = _attention(a.attention, len(a.tokens), file.num_tokens)
-    generator = None
-    if params is not None and params.seed is not None:
-        generator = call.proc.account.stream(params.seed, sys.engine.config.device)
+    generator = _stream(sys, call, params)
     task = Task(call.proc.account, file, list(a.tokens), outputs, params, generator)
     task.positions, task.visible, task.keep = positions, visible, a.keep
     # only the owner's calls are fed from the owner's cache domain: another user could
     # tell what it holds from `cached` or the time a call takes
     task.reuse = call.cred.uid == file.uid
     return task
+
+
+def _stream(sys: Syscalls, call: Call, params: SamplingParams | None) -> torch.Generator | None:
+    """The program's random stream its sampler's seed names (None: unseeded)."""
+    if params is None or params.seed is None:
+        return None
+    return call.proc.account.stream(params.seed, sys.engine.config.device)
 
 
 def _positions(positions: list[int] | None, num_new: int, max_position: int) -> list[int] | None:
@@ -73,22 +80,12 @@ def _attention(
         if entry is None:
             visible.append(None)
             continue
-        own = num_old + j
-        if not entry or len(entry) % 2:
-            raise A.einval(f"attention[{j}] must be null or a flat list [start, end, ...]")
         total += len(entry) // 2
         if total > MAX_RANGES:
             raise A.einval(f"more than {MAX_RANGES} attention ranges in one call")
-        last = 0
-        for s, e in zip(entry[::2], entry[1::2], strict=True):
-            if not last <= s < e <= own + 1:
-                raise A.einval(
-                    f"attention[{j}]: ranges must be sorted, disjoint, non-empty and within "
-                    f"0..{own + 1} (a token sees only what comes before it, and itself)"
-                )
-            last = e
-        if entry[-1] != own + 1:
-            raise A.einval(f"attention[{j}] must include the token itself (index {own})")
+        problem = ranges_problem(entry, num_old + j)
+        if problem is not None:
+            raise A.einval(f"attention[{j}] {problem}")
         visible.append(list(entry))
     return None if all(v is None for v in visible) else visible
 
@@ -122,9 +119,7 @@ async def _verify(sys: Syscalls, call: Call, a: S.Verify) -> Any:
     if a.draft_probs is not None:
         draft_probs = parse_draft_probs(a.draft_probs, a.draft, vocab)
     file = sys.store.ns.lookup_file(a.path, call.cred, W_OK | R_OK)
-    generator = None
-    if params.seed is not None:
-        generator = call.proc.account.stream(params.seed, sys.engine.config.device)
+    generator = _stream(sys, call, params)
     state = VerifyState(list(a.draft), len(a.tokens) - 1, draft_probs)
     tokens = [*a.tokens, *a.draft]
     task = Task(call.proc.account, file, tokens, {}, params, generator, verify=state)

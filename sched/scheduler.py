@@ -280,7 +280,7 @@ class Scheduler:
                 continue
             if isinstance(outputs[i], StoreError):
                 continue
-            if task.verify is not None and at in task.verify.indices:
+            if task.verify is not None:  # a verify task's rows are all its checks
                 task.verify.rows[at] = logits[r].clone()
             spec = task.outputs.get(at)
             if spec is not None:
@@ -307,9 +307,9 @@ class Scheduler:
 
     def _begin(self, task: Task) -> None:
         account = task.account
-        wanted = [i for i in task.outputs if i >= 0]
-        if task.verify is not None:
-            wanted += [i for i in task.verify.indices if i >= 0]
+        # every prediction the task reads, by new-token index (-1: the file's last token)
+        indices = set(task.outputs) | set(task.verify.indices if task.verify else ())
+        wanted = [i for i in indices if i >= 0]
         plan = self.store.begin_append(
             task.file,
             task.tokens,
@@ -329,9 +329,7 @@ class Scheduler:
             raise StoreError(errno.EDQUOT, f"token quota of {quota} tokens exceeded")
         task.computed = 0
         task.cached = plan.num_reused
-        # compute index -> output index, for every prediction the task reads
-        indices = set(task.outputs) | (set(task.verify.indices) if task.verify else set())
-        task.rows = {plan.compute_index(at): at for at in indices}
+        task.rows = {plan.compute_index(at): at for at in indices}  # compute index -> at
         task.plan = plan
         account.tokens_planned += len(plan.compute_ids)
 

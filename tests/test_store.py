@@ -257,13 +257,13 @@ def test_recomputing_the_last_token_leaves_the_file_as_it_was(engine, store):
     f = store.open("r.kv", ROOT, create=True)
     want = append(engine, store, f, list(range(3, 11)))  # 8 tokens: two full, indexed pages
     g = store.fork("r.kv", "g.kv", ROOT)
-    plan = store.begin_recompute(g)
+    plan = store.begin_append(g, [], recompute_last=True)
     assert plan.replaced is not None  # the shared, indexed last page is not written
     got = engine.step([plan.chunk()])
     store.finish_append(plan)
     torch.testing.assert_close(got, want)
     assert g.token_ids == f.token_ids and g.pages[0] == f.pages[0] and g.pages[1] != f.pages[1]
-    plan = store.begin_recompute(g)
+    plan = store.begin_append(g, [], recompute_last=True)
     store.abort_append(plan)
     assert store.stat("g.kv", ROOT)["tokens"] == 8
     store.check_invariants()
