@@ -17,6 +17,7 @@ from symphony.engine.model import LlamaModel
 from symphony.engine.model_files import ModelFiles, load_model_files
 from symphony.engine.page_pool import PagePool
 from symphony.engine.quant import input_absmax, quantize_linears
+from symphony.engine.rope import rotate_cached_keys
 from symphony.engine.sampling import SamplingParams, sample
 from symphony.engine.tokenizer import Tokenizer
 
@@ -144,6 +145,15 @@ class Engine:
             plan,
         )
         return logits
+
+    def rotate_keys(self, slots: Sequence[int], shifts: Sequence[int]) -> None:
+        """Move the cached keys in flat `slots` of the pool from their position p to
+        p + shifts[i] (RoPE rotates them there), in every layer; values stay as they are.
+
+        Raises:
+            ValueError: a shift past the model's positions.
+        """
+        rotate_cached_keys(self.pool, slots, shifts, self.model.rope_cos, self.model.rope_sin)
 
     def sample(
         self,

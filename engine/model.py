@@ -13,25 +13,12 @@ from symphony.engine.config import ModelConfig
 from symphony.engine.errors import LoadError
 from symphony.engine.page_pool import PagePool
 from symphony.engine.quant import Linear
-
-
-def rope_tables(config: ModelConfig, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every position, [max_position, head_dim / 2], in fp32."""
-    d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    angles = torch.outer(torch.arange(config.max_position, dtype=torch.float32), inv_freq)
-    return angles.cos().to(device), angles.sin().to(device)
+from symphony.engine.rope import apply_rope, rope_tables
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight over the last dimension (fewer kernels than F.rms_norm on CPU)."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rope. x: [num_tokens, num_heads, head_dim]; cos, sin: [num_tokens, 1, d / 2]."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 class DecoderLayer(nn.Module):

@@ -118,25 +118,33 @@ def sample(
     logits: torch.Tensor,  # [num_rows, vocab]
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
+    allowed: Sequence[torch.Tensor | None] | None = None,
 ) -> list[int | None]:
     """One token per row, or None for a row whose logits are not finite (its context's
-    K/V are out of range): that row fails alone. Each row's result depends only on its
-    own logits, params and generator, never on the other rows of the batch."""
+    K/V are out of range): that row fails alone. `allowed[i]` ([vocab] bool, a grammar's
+    mask) leaves row i only those tokens. Each row's result depends only on its own
+    logits, params, mask and generator, never on the other rows of the batch."""
     ok = finite_rows(logits)
     out: list[int | None] = [None] * logits.shape[0]
+    masks = allowed if allowed is not None else [None] * len(params)
     rows = [i for i in range(len(params)) if ok[i]]
-    plain = [i for i in rows if params[i] == GREEDY]  # argmax together
+    plain = [i for i in rows if params[i] == GREEDY and masks[i] is None]  # argmax together
     in_plain = set(plain)
     if plain:
         ids = logits[plain].argmax(dim=-1).tolist()
         for i, token in zip(plain, ids, strict=True):
             out[i] = token
     for i in rows:
-        p = params[i]
-        if p.greedy and i not in in_plain:
-            out[i] = int(constrain(logits[i].float(), p).argmax())
-        elif not p.greedy:
-            probs = filtered_probs(logits[i], p)
+        if i in in_plain:
+            continue
+        p, row = params[i], logits[i]
+        mask = masks[i]
+        if mask is not None:
+            row = row.float().masked_fill(~mask.to(row.device), float("-inf"))
+        if p.greedy:
+            out[i] = int(constrain(row.float(), p).argmax())
+        else:
+            probs = filtered_probs(row, p)
             if not bool(torch.isfinite(probs).all()):  # checked at the boundary; kept safe
                 continue
             out[i] = int(torch.multinomial(probs, 1, generator=generators[i]))

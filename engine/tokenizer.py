@@ -111,6 +111,7 @@ class Tokenizer:
         # the same tokenizer reading control tokens' text as plain text (chat content)
         self._plain = HFTokenizer.from_str(tokenizer_json)
         self._plain.encode_special_tokens = True
+        self.json = tokenizer_json  # as served (llguidance builds its own from it)
         self.chat_template = chat_template
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id

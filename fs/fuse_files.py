@@ -24,12 +24,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyfuse3
+import trio
 
 from symphony.fs import kv_format
 from symphony.fs.errors import StoreError
 from symphony.fs.fuse_cache import KernelCache
 from symphony.fs.fuse_sys import CTL as SYS_CTL
 from symphony.fs.fuse_sys import SysHandle, SysTree, is_virtual
+from symphony.fs.grammar import Grammar, parse_record
 from symphony.fs.kv_import import Importer, digest_of
 from symphony.fs.nodes import Cred, KVFile, Node
 from symphony.fs.store import KVStore
@@ -138,6 +140,7 @@ class FileHandles(pyfuse3.Operations):
             node.token_ids,
             len(pages),
             node.position_list(),
+            None if node.grammar is None else node.grammar.record,
         )
         node.open_count += 1
         self._handles[fh] = OpenFile(node, lay, pages, cred, domain=self.store.domain_of(cred))
@@ -210,8 +213,31 @@ class FileHandles(pyfuse3.Operations):
         if not importer.complete():
             importer.abort()
             raise pyfuse3.FUSEError(errno.EINVAL)
+        try:
+            grammar = await self._imported_grammar(importer)
+        except StoreError as exc:
+            importer.abort()
+            log.warning("import refused: %s", exc.args[0])
+            raise pyfuse3.FUSEError(exc.errno) from None
         self.store.commit_import(handle.file, importer)
+        if grammar is not None:
+            self.store.constrain(handle.file, grammar)
         self.cache.invalidate_attributes()
+
+    async def _imported_grammar(self, importer: Importer) -> Grammar | None:
+        """The grammar an imported file's header carries, fed its tokens (a worker's
+        work: it grows with them), or None."""
+        assert importer.header is not None and importer.token_ids is not None
+        record = importer.header.get("grammar")
+        if record is None:
+            return None
+        grammars = self.store.grammars
+        if grammars is None:
+            raise StoreError(errno.ENOTSUP, "this server has no grammar compiler")
+        spec, start = parse_record(record, len(importer.token_ids))
+        tokens = importer.token_ids[start:]
+        grammar: Grammar = await trio.to_thread.run_sync(grammars.replay, spec, start, tokens)
+        return grammar
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handles.get(fh)

@@ -23,7 +23,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from symphony.fs import kv_format
+from symphony.fs import fuse_grammar, kv_format
 from symphony.fs.errors import StoreError
 from symphony.fs.fuse_cache import ENTRY_TIMEOUT
 from symphony.fs.fuse_files import FileHandles, cred_of, guard_handlers
@@ -64,9 +64,12 @@ class KVFileSystem(FileHandles):
     # attributes ---------------------------------------------------------------------
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (one filesystem object per mount)
-    def _size(self, num_tokens: int, num_pages: int) -> int:
-        """A KV file's byte length (cached: `ls -l` of many files asks it often)."""
-        return kv_format.size(self.store.pool, self.store.fingerprint, num_tokens, num_pages)
+    def _size(self, num_tokens: int, num_pages: int, grammar: str | None) -> int:
+        """A KV file's byte length (cached: `ls -l` of many files asks it often);
+        `grammar` is its grammar's record as JSON."""
+        record = None if grammar is None else json.loads(grammar)
+        pool, fingerprint = self.store.pool, self.store.fingerprint
+        return kv_format.size(pool, fingerprint, num_tokens, num_pages, record)
 
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -80,7 +83,8 @@ class KVFileSystem(FileHandles):
         a.st_mode, a.st_nlink, a.st_uid, a.st_gid = node.mode, node.nlink, node.uid, node.gid
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.atime_ns, node.mtime_ns, node.ctime_ns
         if isinstance(node, KVFile):
-            a.st_size = self._size(node.num_tokens, len(node.pages))
+            grammar = None if node.grammar is None else json.dumps(node.grammar.record)
+            a.st_size = self._size(node.num_tokens, len(node.pages), grammar)
             # du shows real memory: only the pages this file does not share, in 512-byte units
             own = len(node.pages) - self.store.num_shared(node)
             a.st_blocks = own * self.store.pool.bytes_per_page // 512
@@ -250,7 +254,10 @@ class KVFileSystem(FileHandles):
     # xattrs -------------------------------------------------------------------------
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        return list(XATTRS) if isinstance(self.store.node(inode), KVFile) else []
+        node = self.store.node(inode)
+        if not isinstance(node, KVFile):
+            return []
+        return [*XATTRS, fuse_grammar.GRAMMAR] if node.grammar is not None else list(XATTRS)
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if not name.startswith(b"user."):
@@ -259,6 +266,8 @@ class KVFileSystem(FileHandles):
         node = self.store.node(inode)  # an open file unlinked answers as before
         if isinstance(node, KVFile) and name == VERIFY:
             return await self._verify(node, cred_of(ctx))
+        if isinstance(node, KVFile) and name == fuse_grammar.GRAMMAR:
+            return fuse_grammar.read(node)
         if not isinstance(node, KVFile) or name not in XATTRS:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         value = {
@@ -304,6 +313,10 @@ class KVFileSystem(FileHandles):
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         node = self.store.node(inode)
+        if isinstance(node, KVFile) and name == fuse_grammar.GRAMMAR:
+            await fuse_grammar.write(self.store, node, value, cred_of(ctx))
+            self.cache.invalidate_attributes()  # the size counts the grammar
+            return
         if not isinstance(node, KVFile) or name != b"user.kv.tokens":
             raise pyfuse3.FUSEError(errno.EPERM if name in (*XATTRS, VERIFY) else errno.ENOTSUP)
         try:
@@ -312,6 +325,13 @@ class KVFileSystem(FileHandles):
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         self.store.ns.check(node, cred_of(ctx), W_OK, "")
         self.store.truncate_file(node, n)  # rollback
+        self.cache.invalidate_attributes()
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self.store.node(inode)
+        if not isinstance(node, KVFile) or name != fuse_grammar.GRAMMAR:
+            raise pyfuse3.FUSEError(errno.EPERM if name in (*XATTRS, VERIFY) else pyfuse3.ENOATTR)
+        fuse_grammar.remove(self.store, node, cred_of(ctx))
         self.cache.invalidate_attributes()
 
     # files and the node types the store has not -------------------------------------

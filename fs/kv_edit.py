@@ -1,15 +1,18 @@
 """Editing the middle of a context: `drop_range` removes tokens [start, end) of a file.
 
-The tokens after the range keep their positions and their K/V (computed when the range
-was there, as under an attention mask that hides it from what comes next). Pages wholly
-before the range stay as they are, shared or not; from the page holding `start` on, the
-kept tokens' K/V are copied into new pages, so no page another file shares is written
-and the pages the range filled go back to the pool.
+The tokens after the range keep their K/V (computed when the range was there, as under
+an attention mask that hides it from what comes next) and their positions, or with
+`reposition` close the gap: they move down to where the range began, their keys turned
+there by RoPE (StreamingLLM's attention sinks). Pages wholly before the range stay as
+they are, shared or not; from the page holding `start` on, the kept tokens' K/V are
+copied into new pages, so no page another file shares is written and the pages the
+range filled go back to the pool.
 """
 
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from symphony.fs.charges import Holder
@@ -20,12 +23,21 @@ if TYPE_CHECKING:
     from symphony.fs.store import KVStore
 
 
-def drop_range(store: KVStore, file: KVFile, start: int, end: int, holder: Holder) -> None:
+def drop_range(
+    store: KVStore, file: KVFile, start: int, end: int, holder: Holder, reposition: bool = False
+) -> None:
     """Remove tokens [start, end) of `file`; new pages are charged to `holder`.
 
+    With `reposition` the tokens after the range shift down by pos[end] - pos[start]:
+    the first takes the position the first dropped token had, the rest keep their gaps.
+    Their keys are turned to the new positions, which is not what computing them there
+    afresh gives (they saw the range): the file stays custom from `start` on.
+
     Raises:
-        StoreError: EINVAL for a range outside the file, EBUSY while an append is in
-            flight, ENOSPC when the pool cannot hold the copied tail.
+        StoreError: EINVAL for a range outside the file or a shifted position outside
+            the model's, EBUSY while an append is in flight, ENOSPC when the pool cannot
+            hold the copied tail, ENOTSUP to reposition in a store without the model's
+            RoPE.
     """
     n, ps = file.num_tokens, store.page_size
     if not 0 <= start <= end <= n:
@@ -37,17 +49,30 @@ def drop_range(store: KVStore, file: KVFile, start: int, end: int, holder: Holde
     if end == n:  # nothing after the range: a truncate
         store.truncate_file(file, start)
         return
+    positions = file.position_list()
+    shift = positions[start] - positions[end] if reposition else 0  # new - old, the tail's
+    tail = [p + shift for p in positions[end:]]
+    if shift:
+        check_positions(store, tail)
+    rotate = key_rotation(store) if shift else None
     head = start // ps  # pages wholly before the range: kept
     moved = [*range(head * ps, start), *range(end, n)]  # token indices copied, in order
     new_pages = store.allocate(-(-len(moved) // ps), holder)
     src = [file.pages[i // ps] * ps + i % ps for i in moved]
     dst = [new_pages[j // ps] * ps + j % ps for j in range(len(moved))]
-    store.pool.copy_slots(src, dst)
+    try:
+        store.pool.copy_slots(src, dst)
+        if rotate is not None:  # the tail's keys, in the file's own new pages
+            rotated = dst[start - head * ps :]
+            rotate(rotated, [shift] * len(rotated))
+    except BaseException:
+        store.pool.decref(new_pages)
+        raise
     store.pool.decref(file.pages[head:])
     file.pages = [*file.pages[:head], *new_pages]
     gone = end - start
-    positions = file.position_list()
-    file.positions = positions[:start] + positions[end:]
+    kept = positions[:start] + tail
+    file.positions = None if kept == list(range(len(kept))) else kept
     file.token_ids = file.token_ids[:start] + file.token_ids[end:]
     file.masks = _shifted_masks(file.masks, start, end)
     file.custom_from = start if file.custom_from is None else min(file.custom_from, start)
@@ -56,6 +81,27 @@ def drop_range(store: KVStore, file: KVFile, start: int, end: int, holder: Holde
     store.rehash(file)
     assert file.num_tokens == n - gone
     file.touch()
+
+
+def check_positions(store: KVStore, positions: list[int]) -> None:
+    """Raises: StoreError EINVAL unless every position is one the model has."""
+    if positions and (min(positions) < 0 or max(positions) >= store.max_tokens):
+        raise StoreError(
+            errno.EINVAL,
+            f"positions {min(positions)}..{max(positions)} are not all within the model's "
+            f"0..{store.max_tokens - 1}",
+        )
+
+
+def key_rotation(store: KVStore) -> Callable[[Sequence[int], Sequence[int]], None]:
+    """The store's way to move cached keys to new positions (Engine.rotate_keys).
+
+    Raises:
+        StoreError: ENOTSUP when the store was made without one.
+    """
+    if store.rotate_keys is None:
+        raise StoreError(errno.ENOTSUP, "this store cannot move keys: it was made without RoPE")
+    return store.rotate_keys
 
 
 def _shifted_masks(masks: dict[int, list[int]], start: int, end: int) -> dict[int, list[int]]:

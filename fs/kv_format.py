@@ -2,15 +2,16 @@
 positions, then page data.
 
     magic "SYMKV\\0\\0\\1" | header length u32 | header (JSON: version, model fingerprint,
-    dtype, page_size, num_layers, num_kv_heads, head_dim, num_tokens, num_pages)
+    dtype, page_size, num_layers, num_kv_heads, head_dim, num_tokens, num_pages, and
+    for a constrained file its grammar: {"kind", "source", "start"})
     | token ids (int32 little-endian) | positions (int32 little-endian, one per token:
     the RoPE position its K were computed at) | pages: for each page, for each layer, K
     then V ([page_size, num_kv_heads, head_dim] each, all slots)
 
 Version 2 is written; version 1 (no positions: token i at position i) is still read.
 The header's length does not depend on the positions, so a file's size depends only on
-its token and page counts. Reading is an export: it gives these bytes. Writing them
-into an empty file imports them (kv_import.py).
+its token and page counts (and its grammar's record). Reading is an export: it gives
+these bytes. Writing them into an empty file imports them (kv_import.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -58,13 +60,21 @@ def geometry(pool: PagePool, fingerprint: str) -> dict[str, object]:
     }
 
 
-def _header(pool: PagePool, fingerprint: str, num_tokens: int, num_pages: int) -> bytes:
-    fields = {
+def _header(
+    pool: PagePool,
+    fingerprint: str,
+    num_tokens: int,
+    num_pages: int,
+    grammar: dict[str, Any] | None = None,
+) -> bytes:
+    fields: dict[str, Any] = {
         "version": VERSION,
         **geometry(pool, fingerprint),
         "num_tokens": num_tokens,
         "num_pages": num_pages,
     }
+    if grammar is not None:  # a constrained file's grammar (Grammar.record)
+        fields["grammar"] = grammar
     return json.dumps(fields, sort_keys=True).encode()
 
 
@@ -76,10 +86,16 @@ def file_size(
     return len(MAGIC) + 4 + header_len + per_token * num_tokens + num_pages * page_bytes
 
 
-def size(pool: PagePool, fingerprint: str, num_tokens: int, num_pages: int) -> int:
-    """The byte length of a file of `num_tokens` tokens over `num_pages` pages, as
-    exported (the current version)."""
-    header_len = len(_header(pool, fingerprint, num_tokens, num_pages))
+def size(
+    pool: PagePool,
+    fingerprint: str,
+    num_tokens: int,
+    num_pages: int,
+    grammar: dict[str, Any] | None = None,
+) -> int:
+    """The byte length of a file of `num_tokens` tokens over `num_pages` pages (and its
+    grammar's record, if it has one), as exported (the current version)."""
+    header_len = len(_header(pool, fingerprint, num_tokens, num_pages, grammar))
     return file_size(header_len, num_tokens, num_pages, pool.bytes_per_page)
 
 
@@ -89,15 +105,16 @@ def layout(
     token_ids: Sequence[int],
     num_pages: int,
     positions: Sequence[int] | None = None,
+    grammar: dict[str, Any] | None = None,
 ) -> Layout:
     """The layout of a file's export; `positions` are its tokens' (`KVFile.position_list`;
-    None: token i at position i)."""
+    None: token i at position i), `grammar` its grammar's record."""
     num_tokens = len(token_ids)
     if positions is None:
         positions = range(num_tokens)
     if len(positions) != num_tokens:
         raise ValueError(f"{len(positions)} positions for {num_tokens} tokens")
-    body = _header(pool, fingerprint, num_tokens, num_pages)
+    body = _header(pool, fingerprint, num_tokens, num_pages, grammar)
     ids = np.asarray(token_ids, dtype="<i4").tobytes()
     where = np.asarray(positions, dtype="<i4").tobytes()
     head = MAGIC + struct.pack("<I", len(body)) + body + ids + where

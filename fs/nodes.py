@@ -5,6 +5,10 @@ from __future__ import annotations
 import stat
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from symphony.fs.grammar import Grammar
 
 
 def now_ns() -> int:
@@ -129,6 +133,8 @@ class KVFile(Node):
     # last token again (for the prediction after it) needs its mask
     masks: dict[int, list[int]] = field(default_factory=dict)
     cached_tokens: int = 0  # tokens whose pages came from the prefix index, not computed
+    # what the tokens from grammar.start on must match, and where its matcher stands
+    grammar: Grammar | None = field(default=None, repr=False, compare=False)
     pages: list[int] = field(default_factory=list)
     page_hashes: list[int] = field(default_factory=list)  # one per full page, chained
     open_count: int = 0

@@ -145,6 +145,8 @@ class StateDir:
             body["custom_from"] = file.custom_from
         if file.masks:  # JSON keys are strings: a list of [index, ranges] pairs
             body["masks"] = [[i, list(r)] for i, r in sorted(file.masks.items())]
+        if file.grammar is not None:  # restored by feeding it the tokens from its start
+            body["grammar"] = file.grammar.record
         return FileSave(record_id, pages, keys, slots, body)
 
     def prepare_tree(self) -> TreeSave:

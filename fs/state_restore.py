@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from symphony.fs.errors import StoreError
+from symphony.fs.grammar import Grammar, parse_record
 from symphony.fs.nodes import ROOT, KVFile, Node
 from symphony.fs.prefix_index import ROOT_HASH, page_hash
 from symphony.fs.state_checks import read_record, read_tree
@@ -108,6 +109,7 @@ class Restore:
             self.set_aside(first, str(exc), raw, path)
             return
         try:
+            grammar = self._grammar(record)
             file = self.make_file(names, record["domain"])
         except StoreError as exc:
             self._give_back(pages)
@@ -122,9 +124,21 @@ class Restore:
         file.pages = pages
         file.page_hashes = chain_hashes(file.token_ids, self.store, file.domain)
         file.origin = record["origin"]
+        file.grammar = grammar
         self.state.record_ids[file.inode] = record_id
         self.disk.adopt(record_id, entries, raw)
         self.restored += 1
+
+    def _grammar(self, record: dict[str, Any]) -> Grammar | None:
+        """The file's grammar, fed its tokens again from where it starts."""
+        if "grammar" not in record:
+            return None
+        grammars = self.store.grammars
+        if grammars is None:
+            raise StoreError(errno.ENOTSUP, "a grammar, and this server has no compiler")
+        tokens = record["token_ids"]
+        spec, start = parse_record(record["grammar"], len(tokens))
+        return grammars.replay(spec, start, tokens[start:])
 
     def make_file(self, names: list[dict[str, Any]], domain: str) -> KVFile:
         """The file under its first name, with its owner and mode, and its other names."""

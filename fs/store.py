@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from symphony.engine.errors import OutOfPagesError
@@ -20,6 +20,8 @@ from symphony.engine.page_pool import PagePool
 from symphony.fs.appends import AppendPlan, Appends
 from symphony.fs.charges import Holder, PageCharges
 from symphony.fs.errors import StoreError
+from symphony.fs.grammar import Grammar, Grammars, after_drop
+from symphony.fs.kv_concat import concat_files
 from symphony.fs.kv_edit import drop_range
 from symphony.fs.kv_import import ContentIndex, Importer
 from symphony.fs.namespace import Namespace
@@ -45,6 +47,7 @@ class KVStore(Appends):
         prefix_cache: bool = True,
         domain_of: Callable[[Cred], str] = uid_domain,
         uid_share: int | None = None,
+        rotate_keys: Callable[[Sequence[int], Sequence[int]], None] | None = None,
     ) -> None:
         self.pool = pool
         self.page_size = pool.page_size
@@ -52,6 +55,9 @@ class KVStore(Appends):
         self.vocab_size = vocab_size
         self.max_tokens = max_tokens
         self.domain_of = domain_of
+        # the engine's RoPE on cached keys (Engine.rotate_keys): kv_drop and kv_concat
+        # move keys to new positions with it; None: they cannot
+        self.rotate_keys = rotate_keys
         self.index = PrefixIndex(pool) if prefix_cache else None
         self.ns = Namespace(self._on_last_link)
         self.content = ContentIndex(pool)  # pages by their bytes, for `cp` into the mount
@@ -61,6 +67,7 @@ class KVStore(Appends):
         self._held: Counter[int] = Counter()  # pages readers of a snapshot keep alive
         self.charges = PageCharges(uid_share)  # who holds each page taken from the pool
         self.on_unlinked: Callable[[KVFile], None] | None = None  # --state forgets it
+        self.grammars: Grammars | None = None  # the served tokenizer's grammar compiler
         pool.on_free = self.charges.release
 
     # pages --------------------------------------------------------------------------
@@ -94,6 +101,7 @@ class KVStore(Appends):
         self.pool.decref(file.pages)
         file.pages, file.page_hashes = [], []
         file.keep_first(0)
+        file.grammar = None
 
     def _on_last_link(self, file: KVFile) -> None:
         if self.on_unlinked is not None:
@@ -150,6 +158,7 @@ class KVStore(Appends):
             "nlink": file.nlink,
             "mtime_ns": file.mtime_ns,
             "origin": file.origin,
+            "grammar": None if file.grammar is None else file.grammar.spec.wire(),
         }
 
     def num_shared(self, file: KVFile) -> int:
@@ -190,6 +199,8 @@ class KVStore(Appends):
         copy.custom_from, copy.cached_tokens = source.custom_from, source.cached_tokens
         copy.masks = dict(source.masks)
         copy.origin = source.origin
+        if source.grammar is not None:  # where the source's matcher stood, not its plans'
+            copy.grammar = source.grammar.copy_at(copy.num_tokens)
         if copy.domain == source.domain:
             copy.page_hashes = list(source.page_hashes)
         else:  # the copy's prefixes are looked up in its owner's domain, not the source's
@@ -213,22 +224,64 @@ class KVStore(Appends):
         del file.pages[keep:]
         del file.page_hashes[num_tokens // self.page_size :]
         file.keep_first(num_tokens)
+        grammar = file.grammar
+        if grammar is not None:  # the matcher goes back with the tokens
+            if num_tokens >= grammar.start:
+                grammar.unfeed(grammar.fed - (num_tokens - grammar.start))
+            else:  # back before the grammar began: it constrains from the new end
+                grammar.reset(num_tokens)
         if not num_tokens:  # nothing imported is left
             file.origin = COMPUTED
         file.touch()
 
     def drop(
-        self, path: str, start: int, end: int, cred: Cred, holder: Holder | None = None
+        self,
+        path: str,
+        start: int,
+        end: int,
+        cred: Cred,
+        holder: Holder | None = None,
+        reposition: bool = False,
     ) -> None:
         """Remove tokens [start, end) of `path` (kv_edit.drop_range)."""
         file = self.ns.lookup_file(path, cred, W_OK)
-        drop_range(
-            self, file, start, end, self.charges.user(cred.uid) if holder is None else holder
-        )
+        holder = self.charges.user(cred.uid) if holder is None else holder
+        grammar = file.grammar
+        if grammar is not None and 0 <= start < end <= file.num_tokens and not file.busy:
+            grammar = after_drop(grammar, file.token_ids, start, end)  # refused: no change
+        drop_range(self, file, start, end, holder, reposition)
+        file.grammar = grammar
 
-    def rehash(self, file: KVFile) -> None:
-        """Extend the file's page hash chain after an edit cut it back."""
-        self._hash_full_pages(file)
+    def concat(
+        self,
+        dst: str,
+        srcs: Sequence[str],
+        cred: Cred,
+        reposition: bool = True,
+        mode: int = 0o600,
+        holder: Holder | None = None,
+    ) -> KVFile:
+        """Make `dst` hold the tokens of `srcs`, one after another (kv_concat.concat_files)."""
+        holder = self.charges.user(cred.uid) if holder is None else holder
+        return concat_files(self, dst, srcs, cred, reposition, mode, holder)
+
+    def constrain(self, file: KVFile, grammar: Grammar | None) -> None:
+        """Make what follows the file's last token match `grammar`, fresh from compiling
+        (or one already fed the file's tokens from its start: an import, a restore);
+        None frees the file of its grammar."""
+        if file.busy:
+            raise StoreError(errno.EBUSY, "an append to this file is in flight")
+        if grammar is not None:
+            if not grammar.fed:
+                grammar.start = file.num_tokens
+            assert grammar.fed == file.num_tokens - grammar.start
+        file.grammar = grammar
+        file.touch(modified=False)
+
+    def rehash(self, file: KVFile, index: bool = True) -> None:
+        """Extend the file's page hash chain after an edit cut it back (listing plain
+        pages in the prefix index unless `index` is False)."""
+        self._hash_full_pages(file, index)
 
     def hold(self, pages: list[int]) -> None:
         """Keep `pages` alive for a reader of a file's snapshot (the file may change).

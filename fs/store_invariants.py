@@ -1,6 +1,7 @@
 """The store's invariants, checked by tests after every scenario and by /.sys/status:
 every page's refcount is the references files, appends, imports, readers and the index
-hold, and the page charges name only pages in use."""
+hold, the page charges name only pages in use, and each grammar was fed its file's
+tokens."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ def check_store(store: KVStore) -> None:  # the store's own: it reads its privat
             raise AssertionError(f"file {file.inode}: wrong number of page hashes")
         if file.positions is not None and len(file.positions) != n:
             raise AssertionError(f"file {file.inode}: {len(file.positions)} positions")
+        grammar = file.grammar
+        if grammar is not None and not file.busy and grammar.fed != n - grammar.start:
+            raise AssertionError(
+                f"file {file.inode}: grammar fed {grammar.fed} of {n - grammar.start} tokens"
+            )
         for page in file.pages:
             expected[page] += 1
     for plan in store._plans:

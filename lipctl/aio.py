@@ -266,6 +266,27 @@ class AsyncLip:
         await self.call("kv_open", **with_mode(args, mode))
         return AsyncKV(self, path)
 
+    async def kv_concat(
+        self, dst: str, srcs: Sequence[str], reposition: bool = True, mode: int | None = None
+    ) -> AsyncKV:
+        """A new KV file at `dst` holding the tokens of the files `srcs` (1..64, each
+        readable) one after another. Each piece keeps the K/V it was computed with alone,
+        so attention across pieces is an approximation of computing the whole.
+
+        Args:
+            dst: the new file's path (EEXIST if it exists); mode 0600 unless `mode` says.
+            srcs: the pieces, in order (one may come twice).
+            reposition: each piece moves to follow the one before, its keys re-rotated
+                (False: every token keeps its position).
+
+        Raises:
+            SymphonyError: EEXIST, ENOENT, EACCES, EBUSY (an append to a source is in
+                flight), EINVAL (too long), ENOSPC (then nothing is made).
+        """
+        args = {"dst": dst, "srcs": list(srcs), "reposition": reposition}
+        await self.call("kv_concat", **with_mode(args, mode))
+        return AsyncKV(self, dst)
+
     async def mkdir(self, path: str, mode: int = 0o755, parents: bool = False) -> None:
         """Make a folder (with its missing parents if `parents`)."""
         await self.call("mkdir", path=path, mode=mode, parents=parents)
@@ -333,6 +354,7 @@ class AsyncKV(ForwardRequests):
         attention: Sequence[Sequence[int] | None] | None = None,
         outputs: Sequence[Mapping[str, Any]] | None = None,
         keep: bool = True,
+        grammar: Mapping[str, Any] | None = None,
         **sampler: Any,
     ) -> ForwardResult:
         """Append `tokens`, compute them, and answer what `outputs` asks; the arguments
@@ -344,7 +366,13 @@ class AsyncKV(ForwardRequests):
             SymphonyError: the call failed (ECANCELED when cancelled).
         """
         args = self.request(
-            tokens, positions=positions, attention=attention, outputs=outputs, keep=keep, **sampler
+            tokens,
+            positions=positions,
+            attention=attention,
+            outputs=outputs,
+            keep=keep,
+            grammar=grammar,
+            **sampler,
         )
         return decode(await self.lip.call("forward", **args), ForwardResult)
 
@@ -353,6 +381,7 @@ class AsyncKV(ForwardRequests):
         draft: Sequence[int],
         tokens: Sequence[int] = (),
         draft_probs: Sequence[Mapping[int, float]] | None = None,
+        grammar: Mapping[str, Any] | None = None,
         **sampler: Any,
     ) -> VerifyResult:
         """Speculative verification in one engine step: append `tokens` + `draft`, keep
@@ -362,7 +391,7 @@ class AsyncKV(ForwardRequests):
         Raises:
             SymphonyError: the call failed.
         """
-        args = verify_args(self.path, draft, tokens, draft_probs, sampler)
+        args = verify_args(self.path, draft, tokens, draft_probs, sampler, grammar)
         return decode(await self.lip.call("verify", **args), VerifyResult)
 
     async def score(self, choices: Sequence[Sequence[int]]) -> list[float]:
@@ -379,14 +408,15 @@ class AsyncKV(ForwardRequests):
         result = decode(await self.lip.call("forward", **args), ForwardResult)
         return score_means(result, num_tokens, choices)
 
-    async def sample(self, **sampler: Any) -> int:
-        """A token sampled after the file's last one, appending nothing.
+    async def sample(self, grammar: Mapping[str, Any] | None = None, **sampler: Any) -> int:
+        """A token sampled after the file's last one (as `grammar`, or the file's own,
+        allows), appending nothing.
 
         Raises:
             SymphonyError: the call failed (EINVAL for an empty file).
         """
         outputs = [{"at": -1, "sample": True}]
-        result = await self.forward([], outputs=outputs, keep=False, **sampler)
+        result = await self.forward([], outputs=outputs, keep=False, grammar=grammar, **sampler)
         if result.token is None:
             raise SymphonyError("EPROTO", "the server answered a sample without a token")
         return result.token
@@ -396,12 +426,13 @@ class AsyncKV(ForwardRequests):
         max_tokens: int = 256,
         stop: Sequence[str | int] = (),
         logprobs: int = 0,
+        grammar: Mapping[str, Any] | None = None,
         **sampler: Any,
     ) -> AsyncStream[Piece, GenerateResult]:
         """The generated text as `Piece`s (text, token_ids), then `.result`, the
         `GenerateResult`. Left early (`async with` it), the generate is cancelled: the
         file keeps what was generated."""
-        args = generate_args(self.path, max_tokens, stop, logprobs, sampler, stream=True)
+        args = generate_args(self.path, max_tokens, stop, logprobs, sampler, True, grammar)
         return self.lip._typed_stream(
             "generate",
             args,
@@ -414,6 +445,7 @@ class AsyncKV(ForwardRequests):
         max_tokens: int = 256,
         stop: Sequence[str | int] = (),
         logprobs: int = 0,
+        grammar: Mapping[str, Any] | None = None,
         **sampler: Any,
     ) -> GenerateResult:
         """Generate (and append) up to `max_tokens` tokens; the arguments are
@@ -422,7 +454,7 @@ class AsyncKV(ForwardRequests):
         Raises:
             SymphonyError: the call failed.
         """
-        args = generate_args(self.path, max_tokens, stop, logprobs, sampler)
+        args = generate_args(self.path, max_tokens, stop, logprobs, sampler, grammar=grammar)
         return decode(await self.lip.call("generate", **args), GenerateResult)
 
     async def fork(self, dst: str, mode: int | None = None) -> AsyncKV:
@@ -434,9 +466,24 @@ class AsyncKV(ForwardRequests):
         """Roll back to the first `num_tokens` tokens."""
         await self.lip.call("kv_truncate", path=self.path, n=num_tokens)
 
-    async def drop(self, start: int, end: int) -> None:
-        """Remove tokens [start, end); the tokens after keep their positions and K/V."""
-        await self.lip.call("kv_drop", path=self.path, start=start, end=end)
+    async def constrain(self, grammar: Mapping[str, Any] | None) -> None:
+        """Attach `grammar` to the file: every token appended from now on must match it
+        (an append it refuses is EINVAL naming the token), `generate` and samples follow
+        it, and its state goes with the file (fork, truncate, cp, --state). None frees
+        the file of its grammar.
+
+        Raises:
+            SymphonyError: EINVAL with the parser's message for a bad grammar.
+        """
+        await self.lip.call(
+            "kv_constrain", path=self.path, grammar=None if grammar is None else dict(grammar)
+        )
+
+    async def drop(self, start: int, end: int, reposition: bool = False) -> None:
+        """Remove tokens [start, end); the tokens after keep their K/V and positions, or
+        with `reposition` move down to close the gap, their keys re-rotated there."""
+        args = {"path": self.path, "start": start, "end": end, "reposition": reposition}
+        await self.lip.call("kv_drop", **args)
 
     async def unlink(self) -> None:
         """Remove the file's name (its pages go with its last name and user)."""

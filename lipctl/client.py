@@ -192,6 +192,27 @@ class Lip:
         self.call("kv_open", **with_mode(args, mode))
         return KV(self, path)
 
+    def kv_concat(
+        self, dst: str, srcs: Sequence[str], reposition: bool = True, mode: int | None = None
+    ) -> KV:
+        """A new KV file at `dst` holding the tokens of the files `srcs` (1..64, each
+        readable) one after another. Each piece keeps the K/V it was computed with alone,
+        so attention across pieces is an approximation of computing the whole.
+
+        Args:
+            dst: the new file's path (EEXIST if it exists); mode 0600 unless `mode` says.
+            srcs: the pieces, in order (one may come twice).
+            reposition: each piece moves to follow the one before, its keys re-rotated
+                (False: every token keeps its position).
+
+        Raises:
+            SymphonyError: EEXIST, ENOENT, EACCES, EBUSY (an append to a source is in
+                flight), EINVAL (too long), ENOSPC (then nothing is made).
+        """
+        args = {"dst": dst, "srcs": list(srcs), "reposition": reposition}
+        self.call("kv_concat", **with_mode(args, mode))
+        return KV(self, dst)
+
     def mkdir(self, path: str, mode: int = 0o755, parents: bool = False) -> None:
         """Make a folder (with its missing parents if `parents`)."""
         self.call("mkdir", path=path, mode=mode, parents=parents)
@@ -258,6 +279,7 @@ class KV(ForwardRequests):
         attention: Sequence[Sequence[int] | None] | None = None,
         outputs: Sequence[Mapping[str, Any]] | None = None,
         keep: bool = True,
+        grammar: Mapping[str, Any] | None = None,
         **sampler: Any,
     ) -> ForwardResult:
         """Append `tokens`, compute them, and answer what `outputs` asks.
@@ -271,6 +293,9 @@ class KV(ForwardRequests):
                 "entropy", "logits"}; `at` counts new tokens, -1 is after the file's
                 last token. Default with sampler fields: sample after the last token.
             keep: False: compute and answer but append nothing (read permission only).
+            grammar: the call's own grammar, constraining the sample after its last
+                token ({"json_schema": {...}}, {"json_object": True}, {"regex": "..."}
+                or {"lark": "..."}); a file's own grammar (`constrain`) needs none.
             **sampler: temperature, top_p, top_k, min_p, seed, logit_bias, allowed,
                 blocked.
 
@@ -284,7 +309,13 @@ class KV(ForwardRequests):
             SymphonyError: the call failed (ECANCELED when cancelled).
         """
         args = self.request(
-            tokens, positions=positions, attention=attention, outputs=outputs, keep=keep, **sampler
+            tokens,
+            positions=positions,
+            attention=attention,
+            outputs=outputs,
+            keep=keep,
+            grammar=grammar,
+            **sampler,
         )
         return decode(self.lip.call("forward", **args), ForwardResult)
 
@@ -293,6 +324,7 @@ class KV(ForwardRequests):
         draft: Sequence[int],
         tokens: Sequence[int] = (),
         draft_probs: Sequence[Mapping[int, float]] | None = None,
+        grammar: Mapping[str, Any] | None = None,
         **sampler: Any,
     ) -> VerifyResult:
         """Speculative verification in one engine step: append `tokens` + `draft`, keep
@@ -304,12 +336,14 @@ class KV(ForwardRequests):
             tokens: known next tokens (usually the one a previous call returned).
             draft_probs: per draft token, the drafter's {id: prob} (default a point mass:
                 a deterministic drafter); used when sampling (temperature > 0).
+            grammar: the call's own grammar for the draft and the next token (a draft
+                token it refuses is rejected); as `forward`'s.
             **sampler: as `forward`'s; greedy by default.
 
         Raises:
             SymphonyError: the call failed.
         """
-        args = verify_args(self.path, draft, tokens, draft_probs, sampler)
+        args = verify_args(self.path, draft, tokens, draft_probs, sampler, grammar)
         return decode(self.lip.call("verify", **args), VerifyResult)
 
     def score(self, choices: Sequence[Sequence[int]]) -> list[float]:
@@ -327,14 +361,15 @@ class KV(ForwardRequests):
         result = decode(self.lip.call("forward", **args), ForwardResult)
         return score_means(result, num_tokens, choices)
 
-    def sample(self, **sampler: Any) -> int:
-        """A token sampled after the file's last one, appending nothing.
+    def sample(self, grammar: Mapping[str, Any] | None = None, **sampler: Any) -> int:
+        """A token sampled after the file's last one (as `grammar`, or the file's own,
+        allows), appending nothing.
 
         Raises:
             SymphonyError: the call failed (EINVAL for an empty file).
         """
         outputs = [{"at": -1, "sample": True}]
-        result = self.forward([], outputs=outputs, keep=False, **sampler)
+        result = self.forward([], outputs=outputs, keep=False, grammar=grammar, **sampler)
         if result.token is None:
             raise SymphonyError("EPROTO", "the server answered a sample without a token")
         return result.token
@@ -344,6 +379,7 @@ class KV(ForwardRequests):
         max_tokens: int = 256,
         stop: Sequence[str | int] = (),
         logprobs: int = 0,
+        grammar: Mapping[str, Any] | None = None,
         **sampler: Any,
     ) -> Generator[Piece, None, GenerateResult]:
         """Yield the generated text as `Piece`s (text, token_ids); return
@@ -352,7 +388,7 @@ class KV(ForwardRequests):
         Closing it early (`close()`, a `break`, garbage collection) cancels the generate:
         the file keeps what was generated. `contextlib.closing(...)` closes it surely.
         """
-        args = generate_args(self.path, max_tokens, stop, logprobs, sampler, stream=True)
+        args = generate_args(self.path, max_tokens, stop, logprobs, sampler, True, grammar)
         items = self.lip.stream_call("generate", **args)
         return mapped(
             items, lambda raw: decode(raw, Piece), lambda raw: decode(raw, GenerateResult)
@@ -363,6 +399,7 @@ class KV(ForwardRequests):
         max_tokens: int = 256,
         stop: Sequence[str | int] = (),
         logprobs: int = 0,
+        grammar: Mapping[str, Any] | None = None,
         **sampler: Any,
     ) -> GenerateResult:
         """Generate (and append) up to `max_tokens` tokens, ending at a stop token or
@@ -372,6 +409,9 @@ class KV(ForwardRequests):
             max_tokens: 1..8192.
             stop: strings and token ids that end the generation (with the model's own).
             logprobs: 0..20: per generated token its logprob and that many alternatives.
+            grammar: the call's own grammar for what is generated (as `forward`'s); on
+                a file with a grammar (`constrain`) the file's applies. A grammar that
+                is complete ends the generation with finish_reason "stop".
             **sampler: as `forward`'s.
 
         Returns:
@@ -380,7 +420,7 @@ class KV(ForwardRequests):
         Raises:
             SymphonyError: the call failed.
         """
-        args = generate_args(self.path, max_tokens, stop, logprobs, sampler)
+        args = generate_args(self.path, max_tokens, stop, logprobs, sampler, grammar=grammar)
         return decode(self.lip.call("generate", **args), GenerateResult)
 
     def fork(self, dst: str, mode: int | None = None) -> KV:
@@ -392,9 +432,24 @@ class KV(ForwardRequests):
         """Roll back to the first `num_tokens` tokens."""
         self.lip.call("kv_truncate", path=self.path, n=num_tokens)
 
-    def drop(self, start: int, end: int) -> None:
-        """Remove tokens [start, end); the tokens after keep their positions and K/V."""
-        self.lip.call("kv_drop", path=self.path, start=start, end=end)
+    def constrain(self, grammar: Mapping[str, Any] | None) -> None:
+        """Attach `grammar` to the file: every token appended from now on must match it
+        (an append it refuses is EINVAL naming the token), `generate` and samples follow
+        it, and its state goes with the file (fork, truncate, cp, --state). None frees
+        the file of its grammar.
+
+        Raises:
+            SymphonyError: EINVAL with the parser's message for a bad grammar.
+        """
+        self.lip.call(
+            "kv_constrain", path=self.path, grammar=None if grammar is None else dict(grammar)
+        )
+
+    def drop(self, start: int, end: int, reposition: bool = False) -> None:
+        """Remove tokens [start, end); the tokens after keep their K/V and positions, or
+        with `reposition` move down to close the gap, their keys re-rotated there."""
+        args = {"path": self.path, "start": start, "end": end, "reposition": reposition}
+        self.lip.call("kv_drop", **args)
 
     def unlink(self) -> None:
         """Remove the file's name (its pages go with its last name and user)."""

@@ -101,6 +101,7 @@ def forward_args(
     outputs: Sequence[Mapping[str, Any]] | None = None,
     keep: bool = True,
     sampler: Mapping[str, Any],
+    grammar: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Arguments of `forward` (one entry of `forward_many`); see `KV.forward`."""
     args: dict[str, Any] = {"path": path, "tokens": list(tokens)}
@@ -114,7 +115,7 @@ def forward_args(
         args["keep"] = False
     if spec := sampler_args(sampler):
         args["sampler"] = spec
-    return args
+    return with_grammar(args, grammar)
 
 
 def verify_args(
@@ -123,6 +124,7 @@ def verify_args(
     tokens: Sequence[int],
     draft_probs: Sequence[Mapping[int, float]] | None,
     sampler: Mapping[str, Any],
+    grammar: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Arguments of `verify`; see `KV.verify`."""
     args: dict[str, Any] = {"path": path, "draft": list(draft), "tokens": list(tokens)}
@@ -130,7 +132,7 @@ def verify_args(
         args["draft_probs"] = [dict(p) for p in draft_probs]
     if spec := sampler_args(sampler):
         args["sampler"] = spec
-    return args
+    return with_grammar(args, grammar)
 
 
 def generate_args(
@@ -140,6 +142,7 @@ def generate_args(
     logprobs: int,
     sampler: Mapping[str, Any],
     stream: bool = False,
+    grammar: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Arguments of `generate`; see `KV.generate`."""
     args = {
@@ -151,7 +154,7 @@ def generate_args(
     }
     if logprobs:
         args["logprobs"] = logprobs
-    return args
+    return with_grammar(args, grammar)
 
 
 def score_args(
@@ -231,6 +234,12 @@ def with_mode(args: dict[str, Any], mode: int | None) -> dict[str, Any]:
     return args if mode is None else {**args, "mode": mode}
 
 
+def with_grammar(args: dict[str, Any], grammar: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`args` with a call's own grammar: {"json_schema": {...}}, {"json_object": True},
+    {"regex": "..."} or {"lark": "..."}."""
+    return args if grammar is None else {**args, "grammar": dict(grammar)}
+
+
 def mapped(
     items: Generator[Any, None, Any], item: Callable[[Any], T], result: Callable[[Any], R]
 ) -> Generator[T, None, R]:
@@ -260,6 +269,7 @@ class ForwardRequests:
         attention: Sequence[Sequence[int] | None] | None = None,
         outputs: Sequence[Mapping[str, Any]] | None = None,
         keep: bool = True,
+        grammar: Mapping[str, Any] | None = None,
         **sampler: Any,
     ) -> dict[str, Any]:
         """The argument map of a forward on this file, for `lip.forward_many`; takes what
@@ -276,4 +286,5 @@ class ForwardRequests:
             outputs=outputs,
             keep=keep,
             sampler=sampler,
+            grammar=grammar,
         )

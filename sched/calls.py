@@ -249,8 +249,15 @@ async def _kv_truncate(sys: Syscalls, call: Call, a: S.KvTruncate) -> Any:
 
 @syscall("kv_drop")
 async def _kv_drop(sys: Syscalls, call: Call, a: S.KvDrop) -> Any:
-    sys.store.drop(a.path, a.start, a.end, call.cred, call.proc.account.holder)
+    sys.store.drop(a.path, a.start, a.end, call.cred, call.proc.account.holder, a.reposition)
     return sys.store.stat(a.path, call.cred)
+
+
+@syscall("kv_concat")
+async def _kv_concat(sys: Syscalls, call: Call, a: S.KvConcat) -> Any:
+    holder = call.proc.account.holder
+    file = sys.store.concat(a.dst, a.srcs, call.cred, a.reposition, a.mode, holder)
+    return sys.store.file_stat(file)
 
 
 @syscall("kv_verify")
@@ -341,5 +348,6 @@ async def first_of(*events: trio.Event) -> None:
             nursery.start_soon(one, event)
 
 
-# the prediction calls (forward, forward_many, verify, generate) register themselves
-from symphony.sched import prediction  # noqa: E402,F401
+# the prediction calls (forward, forward_many, verify, generate) and kv_constrain
+# register themselves
+from symphony.sched import grammar_calls, prediction  # noqa: E402,F401

@@ -5,11 +5,12 @@
     echo 'generate demo/b.kv max_tokens=16 sampler={"temperature":0}' >&3
     cat <&3
 
-A line is a call name, then its positional arguments (POSITIONAL), and `key=value`
-words, separated by blanks. A value is JSON where it parses as JSON (numbers, true,
-"quoted text", lists and maps, which may hold blanks), else the bare word as text; a
-path or text written bare stays text. Every line gets one reply line, in order:
-`ok JSON` or `error ERRNO message`. A read waits for
+A line is a call name, then its positional arguments (POSITIONAL; for kv_concat the
+words after the first are its sources), a bare flag word after them (FLAGS: `kv_drop
+demo/a.kv 4 60 reposition`), and `key=value` words, separated by blanks. A value is
+JSON where it parses as JSON (numbers, true, "quoted text", lists and maps, which may
+hold blanks), else the bare word as text; a path or text written bare stays text. Every
+line gets one reply line, in order: `ok JSON` or `error ERRNO message`. A read waits for
 the replies of the lines written so far and ends (EOF) when none is pending.
 `forward PATH text=...` tokenizes the text for you. Closing the file drops the
 lines not yet answered, unless it was opened write-only: `echo CMD > ctl` runs CMD.
@@ -40,6 +41,8 @@ POSITIONAL = {
     "kv_fork": ("src", "dst"),
     "kv_truncate": ("path", "n"),
     "kv_drop": ("path", "start", "end"),
+    "kv_constrain": ("path", "grammar"),
+    "kv_concat": ("dst",),
     "kv_unlink": ("path",),
     "mkdir": ("path",),
     "listdir": ("path",),
@@ -50,6 +53,8 @@ POSITIONAL = {
     "kill": ("pid",),
     "wait": ("pid",),
 }
+REST = {"kv_concat": "srcs"}  # the list the positional words past POSITIONAL's fill
+FLAGS = {"kv_drop": ("reposition",)}  # bare words after the positional ones: name=true
 MAX_LINE = 1 << 20  # bytes in one command line
 MAX_QUEUED = 64  # lines of one opener waiting to run before its writes wait (backpressure)
 
@@ -71,14 +76,22 @@ def parse_command(line: str) -> tuple[str, dict[str, Any]]:
         raise StoreError(errno.EINVAL, "a command starts with a call name")
     slots = iter(POSITIONAL.get(name, ()))
     args: dict[str, Any] = {}
+    rest: list[str] = []
     for key, (raw, value) in words[1:]:
         if key is None:
             key = next(slots, None)
-            if key is None:
+            if key is None and raw in FLAGS.get(name, ()):
+                key, value = raw, True
+            elif key is None and name in REST:
+                rest.append(value if isinstance(value, str) else raw)  # paths, as text
+                continue
+            elif key is None:
                 raise StoreError(errno.EINVAL, f"{name} takes no argument {raw!r}; use key=value")
         if key in STRINGS and not isinstance(value, str):
             value = raw  # a path or text written bare stays text, even `42`
         args[key] = value
+    if rest:
+        args[REST[name]] = rest
     return name, args
 
 

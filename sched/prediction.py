@@ -16,11 +16,13 @@ from symphony.engine.batch import ranges_problem
 from symphony.engine.sampling import GREEDY, SamplingParams, make_generator
 from symphony.engine.tokenizer import StreamDecoder
 from symphony.fs.errors import StoreError
+from symphony.fs.grammar import Grammar
 from symphony.fs.nodes import R_OK, W_OK
 from symphony.sched import args as A
 from symphony.sched import schema as S
 from symphony.sched.calls import Call, Syscalls, syscall
 from symphony.sched.generation import GenerateState
+from symphony.sched.grammar_calls import compile_grammar
 from symphony.sched.outputs import OutputSpec, parse_outputs
 from symphony.sched.speculative import VerifyState, parse_draft_probs
 from symphony.sched.tasks import Task
@@ -28,8 +30,8 @@ from symphony.sched.tasks import Task
 MAX_RANGES = 1 << 16  # attention ranges one call may give, over all its tokens
 
 
-def forward_task(sys: Syscalls, call: Call, a: S.Forward) -> Task:
-    """The task of one forward's arguments (checked)."""
+def forward_task(sys: Syscalls, call: Call, a: S.Forward, grammar: Grammar | None) -> Task:
+    """The task of one forward's arguments (checked), `grammar` its own (compiled)."""
     vocab = sys.engine.model_config.vocab_size
     sampling = a.sampler is not None
     outputs = parse_outputs(a.outputs, len(a.tokens), sampling, vocab)
@@ -43,10 +45,31 @@ def forward_task(sys: Syscalls, call: Call, a: S.Forward) -> Task:
     generator = _stream(sys, call, params)
     task = Task(call.proc.account, file, list(a.tokens), outputs, params, generator)
     task.positions, task.visible, task.keep = positions, visible, a.keep
+    if grammar is not None:
+        last = len(a.tokens) - 1
+        if any(spec.sample and at != last for at, spec in outputs.items()):
+            raise A.einval("a call's grammar constrains only the sample after its last token")
+    _use_grammar(task, grammar)
     # only the owner's calls are fed from the owner's cache domain: another user could
     # tell what it holds from `cached` or the time a call takes
     task.reuse = call.cred.uid == file.uid
     return task
+
+
+def _use_grammar(task: Task, grammar: Grammar | None) -> None:
+    """The grammar the task's samples follow: the call's own, which starts after the
+    call's tokens, or the file's (a copy for a computation that keeps nothing)."""
+    file = task.file
+    if grammar is not None:
+        if file.grammar is not None:
+            raise A.einval("the file has a grammar (kv_constrain with null frees it)")
+        task.grammar, task.feed_grammar = grammar, False
+    elif file.grammar is not None:
+        task.grammar = file.grammar if task.keep else file.grammar.copy_at(file.num_tokens)
+
+
+async def _grammar(sys: Syscalls, call: Call, value: Any) -> Grammar | None:
+    return None if value is None else await compile_grammar(sys, call, value)
 
 
 def _stream(sys: Syscalls, call: Call, params: SamplingParams | None) -> torch.Generator | None:
@@ -92,7 +115,8 @@ def _attention(
 
 @syscall("forward")
 async def _forward(sys: Syscalls, call: Call, a: S.Forward) -> Any:
-    (result,) = await sys.run_tasks(call, [forward_task(sys, call, a)])
+    grammar = await _grammar(sys, call, a.grammar)
+    (result,) = await sys.run_tasks(call, [forward_task(sys, call, a, grammar)])
     return result
 
 
@@ -101,9 +125,15 @@ async def _forward_many(sys: Syscalls, call: Call, a: S.ForwardMany) -> Any:
     if len(a.calls) > S.MAX_MANY:
         raise A.einval(f"forward_many takes 1..{S.MAX_MANY} calls")
     tasks = []
+    grammars = []
     for i, one in enumerate(a.calls):
         try:
-            tasks.append(forward_task(sys, call, one))
+            grammars.append(await _grammar(sys, call, one.grammar))
+        except StoreError as exc:
+            raise StoreError(exc.errno, f"calls[{i}]: {exc.args[0]}") from None
+    for i, one in enumerate(a.calls):  # no await from the lookups to the submit
+        try:
+            tasks.append(forward_task(sys, call, one, grammars[i]))
         except StoreError as exc:
             raise StoreError(exc.errno, f"calls[{i}]: {exc.args[0]}") from None
     return await sys.run_tasks(call, tasks)
@@ -118,18 +148,21 @@ async def _verify(sys: Syscalls, call: Call, a: S.Verify) -> Any:
     draft_probs = None
     if a.draft_probs is not None:
         draft_probs = parse_draft_probs(a.draft_probs, a.draft, vocab)
+    grammar = await _grammar(sys, call, a.grammar)
     file = sys.store.ns.lookup_file(a.path, call.cred, W_OK | R_OK)
     generator = _stream(sys, call, params)
     state = VerifyState(list(a.draft), len(a.tokens) - 1, draft_probs)
     tokens = [*a.tokens, *a.draft]
     task = Task(call.proc.account, file, tokens, {}, params, generator, verify=state)
     task.reuse = call.cred.uid == file.uid  # as forward's: the owner's cache is the owner's
+    _use_grammar(task, grammar)
     (result,) = await sys.run_tasks(call, [task])
     return result
 
 
 @syscall("generate")
 async def _generate(sys: Syscalls, call: Call, a: S.Generate) -> Any:
+    grammar = await _grammar(sys, call, a.grammar)
     file = sys.store.ns.lookup_file(a.path, call.cred, W_OK | R_OK)
     params = A.sampling_params(a.sampler, sys.engine.model_config.vocab_size)
     stop_strings = [s for s in a.stop if isinstance(s, str)]
@@ -156,6 +189,10 @@ async def _generate(sys: Syscalls, call: Call, a: S.Generate) -> Any:
     # the first token follows the file's last: its logits are computed again
     spec = OutputSpec(sample=True, logprob=num_logprobs is not None, top_k=num_logprobs or 0)
     task = Task(call.proc.account, file, [], {-1: spec}, params, generator, generate=state)
+    _use_grammar(task, grammar)
+    if task.grammar is not None and not file.busy and task.grammar.finished:  # complete
+        state.finish_reason = "stop"
+        return state.result(file.num_tokens)
     sys.scheduler.submit(task)
     try:
         async with trio.open_nursery() as nursery:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import array
 import sys
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -45,6 +45,7 @@ class Stat(msgspec.Struct, frozen=True):
     nlink: int
     mtime_ns: int
     origin: str  # "computed", or "imported by uid N"
+    grammar: dict[str, Any] | None = None  # what its next tokens must match (kv_constrain)
 
 
 class Output(msgspec.Struct, frozen=True):

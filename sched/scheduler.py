@@ -23,6 +23,8 @@ from symphony.engine.sampling import GREEDY, finite_rows, sample
 from symphony.fs.appends import AppendPlan
 from symphony.fs.errors import StoreError
 from symphony.fs.store import KVStore
+from symphony.sched import constrained as grammar_steps
+from symphony.sched.constrained import Masker, after_sample
 from symphony.sched.outputs import OutputSpec, describe
 from symphony.sched.speculative import accept
 from symphony.sched.tasks import Task
@@ -33,6 +35,14 @@ MAX_GATHER = 0.02  # seconds the loop may wait for returning per-token programs
 
 
 _NONE = OutputSpec()
+
+
+def _refused_all(task: Task) -> StoreError:
+    assert task.grammar is not None
+    why = task.grammar.problem()
+    return StoreError(
+        errno.EINVAL, "the grammar allows no token here" + (f": {why}" if why else "")
+    )
 
 
 def _not_finite() -> StoreError:
@@ -54,6 +64,7 @@ class Scheduler:
         self.max_step_tokens = max_step_tokens
         self.max_step_seqs = max_step_seqs
         self.limiter = trio.CapacityLimiter(1)  # the engine thread: one step at a time
+        self.masker = Masker()  # grammars' masks, computed while the engine computes
         self._waiting: list[Task] = []
         self._wake = trio.Event()
         self.after_step: Callable[[], None] | None = None  # the mount's cache invalidation
@@ -106,8 +117,7 @@ class Scheduler:
         assert plan is not None
         if plan.compute_ids:
             return False
-        self.store.finish_append(plan)
-        task.plan = None
+        self.store.finish_append(self._drop_plan(task, len(task.tokens)))
         gen = task.generate
         self._finish(task, gen.result(task.file.num_tokens) if gen else self._forward_result(task))
         return True
@@ -250,41 +260,63 @@ class Scheduler:
         )
 
     def _compute(self, tasks: Sequence[Task], chunks: Sequence[SeqChunk]) -> list[Any]:
-        """In the engine thread: one step, then each task's answers from its rows.
+        """In the engine thread: one step, then each task's answers from its rows; the
+        grammars' masks are computed meanwhile in a thread of their own.
 
         A row whose logits are not finite fails its own call, never its neighbours'."""
-        logits = self.engine.step(chunks)
-        outputs: list[Any] = [{} for _ in tasks]
         rows: list[tuple[int, int, int]] = []  # (task, output index, row of logits)
         for i, (task, chunk) in enumerate(zip(tasks, chunks, strict=True)):
             base = task.computed
             for r in chunk.logit_rows or ():
                 rows.append((i, task.rows[base + r], len(rows)))
-        ok = finite_rows(logits) if rows else []
-        sampled = [
-            (i, at, r) for i, at, r in rows if ok[r] and tasks[i].outputs.get(at, _NONE).sample
+        sampled = [(i, at, r) for i, at, r in rows if tasks[i].outputs.get(at, _NONE).sample]
+        constrained = [  # the rows a grammar constrains: what is sampled or verified
+            (i, at, r)
+            for i, at, r in rows
+            if tasks[i].grammar is not None
+            and (tasks[i].verify is not None or tasks[i].outputs.get(at, _NONE).sample)
         ]
+        pending_masks = self.masker.start([(r, tasks[i], at) for i, at, r in constrained])
+        try:
+            logits = self.engine.step(chunks)
+        finally:  # a failed step fails its tasks, once their grammars are left alone
+            masks = pending_masks.result() if pending_masks is not None else {}
+        outputs: list[Any] = [{} for _ in tasks]
+        ok = finite_rows(logits) if rows else []
+        for i, _, r in constrained:
+            if r in masks and not bool(masks[r].any()):
+                ok[r] = False
+                outputs[i] = _refused_all(tasks[i])
+        sampled = [(i, at, r) for i, at, r in sampled if ok[r]]
         if sampled:
             picks = sample(
                 logits[[r for _, _, r in sampled]],
                 [tasks[i].params or GREEDY for i, _, _ in sampled],
                 [tasks[i].generator for i, _, _ in sampled],
+                [masks.get(r) for _, _, r in sampled],
             )
             tokens = {r: t for (_, _, r), t in zip(sampled, picks, strict=True)}
         else:
             tokens = {}
         for i, at, r in rows:
             task = tasks[i]
+            if isinstance(outputs[i], StoreError):
+                continue
             if not ok[r] or (r in tokens and tokens[r] is None):
                 outputs[i] = _not_finite()
                 continue
-            if isinstance(outputs[i], StoreError):
-                continue
             if task.verify is not None:  # a verify task's rows are all its checks
-                task.verify.rows[at] = logits[r].clone()
+                row = logits[r]
+                task.verify.rows[at] = Masker.mask_row(row, masks[r]) if r in masks else row.clone()
             spec = task.outputs.get(at)
             if spec is not None:
-                outputs[i][at] = describe(logits[r], spec, tokens.get(r))
+                outputs[i][at] = answer = describe(logits[r], spec, tokens.get(r))
+                if task.generate is not None and task.grammar is not None and r in tokens:
+                    token = tokens[r]
+                    assert token is not None
+                    # forced tokens get no row of their own: not when logprobs are asked
+                    fast = task.generate.num_logprobs is None
+                    answer["forced"], answer["finished"] = after_sample(task.grammar, token, fast)
         for i, (task, chunk) in enumerate(zip(tasks, chunks, strict=True)):
             v = task.verify
             done = (
@@ -310,6 +342,7 @@ class Scheduler:
         # every prediction the task reads, by new-token index (-1: the file's last token)
         indices = set(task.outputs) | set(task.verify.indices if task.verify else ())
         wanted = [i for i in indices if i >= 0]
+        fed = grammar_steps.check(task, self._token_text)
         plan = self.store.begin_append(
             task.file,
             task.tokens,
@@ -332,13 +365,19 @@ class Scheduler:
         task.rows = {plan.compute_index(at): at for at in indices}  # compute index -> at
         task.plan = plan
         account.tokens_planned += len(plan.compute_ids)
+        grammar_steps.feed(task, fed)
 
-    def _drop_plan(self, task: Task) -> AppendPlan:
-        """Take the task's plan off it, its tokens still to compute no longer planned."""
+    def _token_text(self, token: int) -> str:
+        return repr(self.engine.tokenizer.decode([token]))
+
+    def _drop_plan(self, task: Task, kept: int = 0) -> AppendPlan:
+        """Take the task's plan off it, its tokens still to compute no longer planned;
+        its grammar keeps the first `kept` of its tokens."""
         plan = task.plan
         assert plan is not None
         task.account.tokens_planned -= task.remaining
         task.plan = None
+        grammar_steps.settle(task, kept)
         return plan
 
     def _advance(self, task: Task, chunk: SeqChunk, output: Any) -> None:
@@ -359,9 +398,8 @@ class Scheduler:
         plan = task.plan
         assert plan is not None
         v = task.verify
-        num_new = None if v is None else len(task.tokens) - len(v.draft) + v.accepted
-        self.store.finish_append(plan, num_new)
-        task.plan = None
+        num_new = len(task.tokens) if v is None else len(task.tokens) - len(v.draft) + v.accepted
+        self.store.finish_append(self._drop_plan(task, num_new), num_new)
         gen = task.generate
         if gen is None:
             self._finish(task, self._forward_result(task))
@@ -392,7 +430,8 @@ class Scheduler:
         gen = task.generate
         assert gen is not None
         file = task.file
-        if max(file.num_tokens, file.next_position) >= self.store.max_tokens:
+        room = self.store.max_tokens - max(file.num_tokens, file.next_position)
+        if room <= 0:
             gen.finish_reason = "length"  # full: the token cannot go in
             gen.stream_piece()
             self._finish(task, gen.result(file.num_tokens))
@@ -402,15 +441,26 @@ class Scheduler:
             top = answer.get("top_k", [])
             gen.logprobs.append({"token": token, "logprob": answer["logprob"], "top": top})
         gen.push(token)
+        tokens = [token]
+        # what the grammar forces next goes in with it, unsampled (as far as it fits)
+        forced = answer.get("forced", [])
+        for token in forced[: room - 1]:
+            if gen.finish_reason is not None:
+                break
+            gen.push(token)
+            tokens.append(token)
+        if answer.get("finished") and len(tokens) == 1 + len(forced) and not gen.finish_reason:
+            gen.finish_reason = "stop"  # the grammar is complete
         gen.stream_piece()
-        task.tokens = [token]
+        task.tokens = tokens
+        task.feed_grammar = True  # what is generated is what a call's grammar constrains
         spec = max(task.outputs.items())[1]
-        # the next prediction follows this token; after the last, a step appends it alone
-        task.outputs = {} if gen.finish_reason is not None else {0: spec}
+        # the next prediction follows these tokens; after the last, a step appends them
+        task.outputs = {} if gen.finish_reason is not None else {len(tokens) - 1: spec}
         try:
             self._begin(task)
         except StoreError as exc:  # out of pages: what was appended so far stands
-            gen.finish_reason = "error"  # the last token (in the text) is not in the file
+            gen.finish_reason = "error"  # the last tokens (in the text) are not in the file
             self._finish(task, gen.result(task.file.num_tokens, str(exc)))
             return
         self._served(task)
@@ -441,7 +491,8 @@ class Scheduler:
         for task in cancelled:
             plan = task.plan
             if plan is not None and plan.keep and task.failure is None and not task.verify:
-                self.store.finish_append(self._drop_plan(task), plan.whole_new(task.computed))
+                kept = plan.whole_new(task.computed)
+                self.store.finish_append(self._drop_plan(task, kept), kept)
             gen = task.generate
             if gen is not None:
                 gen.finish_reason = gen.finish_reason or "cancelled"

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from symphony.fs.kv_concat import MAX_SOURCES
 from symphony.sched import results as R
 
 MAX_TEXT = 1 << 20  # characters one tokenize or chat template call takes
@@ -68,6 +69,10 @@ class OutputAsk(Args):
 
 
 Ranges = Annotated[list[int] | None, doc("null (causal) or [start, end, start, end, ...]")]
+Grammar = Annotated[
+    dict[str, Any] | None,
+    doc('{"json_schema": {..}}, {"json_object": true}, {"regex": ".."} or {"lark": ".."}'),
+]
 
 
 class Forward(Args):
@@ -78,6 +83,7 @@ class Forward(Args):
     outputs: list[OutputAsk] | None = None
     sampler: Sampler | None = None
     keep: Annotated[bool, doc("false: compute, answer, append nothing")] = True
+    grammar: Annotated[Grammar, doc("constrains the sample after the tokens")] = None
 
 
 class ForwardMany(Args):
@@ -92,6 +98,7 @@ class Verify(Args):
     draft_probs: Annotated[
         list[dict[int, float]] | None, doc("per draft token: the drafter's {id: prob}")
     ] = None
+    grammar: Annotated[Grammar, doc("constrains the draft and the next token")] = None
 
 
 class Generate(Args):
@@ -103,6 +110,7 @@ class Generate(Args):
     logprobs: (
         Annotated[int, doc("per token: its logprob and this many alternatives", ge=0, le=20)] | None
     ) = None
+    grammar: Annotated[Grammar, doc("constrains the generated tokens")] = None
 
 
 class Tokenize(Args):
@@ -148,10 +156,23 @@ class KvTruncate(Args):
     n: Annotated[int, doc("tokens kept")]
 
 
+class KvConstrain(Args):
+    path: Path
+    grammar: Annotated[Grammar, doc("what follows must match it; null: free the file")]
+
+
 class KvDrop(Args):
     path: Path
     start: Annotated[int, doc("the first token removed")]
     end: Annotated[int, doc("the token after the last removed")]
+    reposition: Annotated[bool, doc("the rest move down to close the gap, keys re-rotated")] = False
+
+
+class KvConcat(Args):
+    dst: Annotated[Path, doc("the new file (EEXIST if it exists)")]
+    srcs: Annotated[list[Path], doc("its pieces, in order", min_length=1, max_length=MAX_SOURCES)]
+    reposition: Annotated[bool, doc("each piece follows the one before, keys re-rotated")] = True
+    mode: int = 0o600
 
 
 class Mkdir(Args):
@@ -194,7 +215,9 @@ CALLS: dict[str, CallSpec] = {
     "kv_fork": CallSpec(KvFork, R.Stat, "a copy-on-write copy sharing every page"),
     "kv_truncate": CallSpec(KvTruncate, R.Stat, "roll back to the first n tokens"),
     "kv_verify": CallSpec(KvPath, dict[str, Any], "recompute a file, report its deviation"),
-    "kv_drop": CallSpec(KvDrop, R.Stat, "remove tokens [start, end); the rest keep positions"),
+    "kv_constrain": CallSpec(KvConstrain, R.Stat, "attach a grammar to a file's next tokens"),
+    "kv_drop": CallSpec(KvDrop, R.Stat, "remove tokens [start, end) from the middle"),
+    "kv_concat": CallSpec(KvConcat, R.Stat, "a new file of several files' tokens in order"),
     "kv_unlink": CallSpec(KvPath, None, "remove a name"),
     "mkdir": CallSpec(Mkdir, None, "make a directory"),
     "listdir": CallSpec(Listdir, list[str], "a directory's names"),

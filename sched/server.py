@@ -20,6 +20,7 @@ import trio
 
 from symphony.engine.engine import Engine
 from symphony.fs.errors import StoreError
+from symphony.fs.grammar import Grammars
 from symphony.fs.nodes import ROOT, Cred
 from symphony.fs.persistence import StateDir
 from symphony.fs.store import KVStore
@@ -119,7 +120,10 @@ class Server:
             mc.max_position,
             prefix_cache=config.prefix_cache,
             uid_share=config.uid_pages or max(1, engine.pool.num_pages // 2),
+            rotate_keys=engine.rotate_keys,
         )
+        tokenizer = engine.tokenizer
+        self.store.grammars = Grammars(tokenizer.json, mc.vocab_size, tokenizer.stop_token_ids)
         # like /tmp: everyone may make files, nobody may remove another's
         self.store.ns.chmod("", ROOT, 0o1777)
         self.scheduler = Scheduler(engine, self.store, config.max_step_tokens)

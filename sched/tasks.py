@@ -14,6 +14,7 @@ from symphony.engine.sampling import SamplingParams, make_generator
 from symphony.fs.appends import AppendPlan
 from symphony.fs.charges import Holder
 from symphony.fs.errors import StoreError
+from symphony.fs.grammar import Grammar
 from symphony.fs.nodes import KVFile
 from symphony.sched.generation import GenerateState
 from symphony.sched.outputs import OutputSpec
@@ -80,6 +81,9 @@ class Task:
     reuse: bool = True  # may take pages from the prefix index (the file's owner asks)
     generate: GenerateState | None = None
     verify: VerifyState | None = None
+    grammar: Grammar | None = None  # the file's, a copy of it (keep=False), or the call's
+    feed_grammar: bool = True  # False while the tokens are the prompt of a call's grammar
+    fed: int = 0  # tokens of this append the grammar has taken
     plan: AppendPlan | None = None
     computed: int = 0  # of plan.compute_ids
     answers: dict[int, dict[str, Any]] = field(default_factory=dict)  # by output index

@@ -220,6 +220,9 @@ def test_another_uid_cannot_touch_roots_file_nor_hit_its_prefix(server):
         ("agent_calculator.py", ["What is 12 times 7?"], "calc: "),
         ("select_choice.py", ["Which is a fruit?", "an apple", "a car"], "chosen: "),
         ("speculative.py", ["24"], "same tokens: True"),
+        ("json_extractor.py", ["Ada Lovelace, aged 36, lived in London."], "extracted: "),
+        ("attention_sink_chat.py", ["10", "300"], "bounded: True"),
+        ("document_modules.py", ["Where is the Louvre?", "louvre", "tower"], "A: "),
     ],
 )
 def test_example_lips_run(server, example, args, expect):
@@ -240,6 +243,12 @@ def test_example_lips_run(server, example, args, expect):
     )
     assert out.returncode == 0, out.stderr
     assert expect in out.stdout
+    if example == "json_extractor.py":
+        line = next(ln for ln in out.stdout.splitlines() if ln.startswith("extracted: "))
+        person = json.loads(line.removeprefix("extracted: "))
+        assert set(person) == {"name", "age", "city"} and isinstance(person["age"], int)
+    if example == "attention_sink_chat.py":  # the context never ran out: every turn answered
+        assert out.stdout.count("turn ") == 10
     if example == "agent_calculator.py":
         line = next(ln for ln in out.stdout.splitlines() if ln.startswith("calc: "))
         expression, _, value = line.removeprefix("calc: ").rpartition(" = ")
