@@ -245,6 +245,11 @@ class Grammars:
         self._tokenizer: Any = None
         self._lock = threading.Lock()
 
+    def warm(self) -> None:
+        """Build the tokenizer now (a worker thread's work at start), not on the first
+        grammar a user sends."""
+        self._llg_tokenizer()
+
     def _llg_tokenizer(self) -> Any:
         with self._lock:
             if self._tokenizer is None:

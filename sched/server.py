@@ -150,6 +150,8 @@ class Server:
                     self.engine, self.store, self.scheduler, self.procs, nursery
                 )
                 await nursery.start(self.scheduler.run)
+                if self.store.grammars is not None:  # half a second for a real vocabulary
+                    nursery.start_soon(trio.to_thread.run_sync, self.store.grammars.warm)
                 if self.config.mount:
                     self.mount = Mount(self, self.config.mount)
                     self.scheduler.after_step = self.mount.cache.invalidate_attributes
