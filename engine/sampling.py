@@ -141,6 +141,8 @@ def sample(
         mask = masks[i]
         if mask is not None:
             row = row.float().masked_fill(~mask.to(row.device), float("-inf"))
+            if not bool(torch.isfinite(row).any()):  # the mask left nothing: no argmax
+                continue
         if p.greedy:
             out[i] = int(constrain(row.float(), p).argmax())
         else:

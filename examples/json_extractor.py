@@ -32,7 +32,8 @@ with connect() as lip:
         {"role": "user", "content": f"Extract the person from: {text}"},
     ]
     kv = lip.kv("extract/person.kv", create=True)
-    kv.truncate(0)  # a run after a run starts afresh
+    kv.constrain(None)  # a run after a run (even a failed one) starts afresh
+    kv.truncate(0)
     kv.append(lip.apply_chat_template(messages))
     kv.constrain({"json_schema": SCHEMA})  # what follows must match the schema
     result = kv.generate(max_tokens=96, temperature=0.0)

@@ -26,7 +26,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from symphony.fs import kv_format
+from symphony.fs import fuse_grammar, kv_format
 from symphony.fs.errors import StoreError
 from symphony.fs.fuse_cache import KernelCache
 from symphony.fs.fuse_sys import CTL as SYS_CTL
@@ -236,7 +236,9 @@ class FileHandles(pyfuse3.Operations):
             raise StoreError(errno.ENOTSUP, "this server has no grammar compiler")
         spec, start = parse_record(record, len(importer.token_ids))
         tokens = importer.token_ids[start:]
-        grammar: Grammar = await trio.to_thread.run_sync(grammars.replay, spec, start, tokens)
+        grammar: Grammar = await trio.to_thread.run_sync(
+            grammars.replay, spec, start, tokens, limiter=fuse_grammar.COMPILING
+        )
         return grammar
 
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -23,6 +23,9 @@ from symphony.fs.nodes import W_OK, Cred, KVFile
 from symphony.fs.store import KVStore
 
 GRAMMAR = b"user.kv.grammar"
+# grammars compiled and replayed for the mount (setfattr, imports) at once, at most: a
+# shell loop of setfattr must not take every worker thread
+COMPILING = trio.CapacityLimiter(2)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ async def write(store: KVStore, file: KVFile, value: bytes, cred: Cred) -> None:
     if grammars is None:
         raise StoreError(errno.ENOTSUP, "this server has no grammar compiler")
     try:
-        grammar = await trio.to_thread.run_sync(grammars.compile, spec)
+        grammar = await trio.to_thread.run_sync(grammars.compile, spec, limiter=COMPILING)
     except StoreError as exc:
         log.info("user.kv.grammar refused: %s", exc.args[0])
         raise

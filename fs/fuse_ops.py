@@ -64,12 +64,11 @@ class KVFileSystem(FileHandles):
     # attributes ---------------------------------------------------------------------
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (one filesystem object per mount)
-    def _size(self, num_tokens: int, num_pages: int, grammar: str | None) -> int:
+    def _size(self, num_tokens: int, num_pages: int, grammar_len: int | None) -> int:
         """A KV file's byte length (cached: `ls -l` of many files asks it often);
-        `grammar` is its grammar's record as JSON."""
-        record = None if grammar is None else json.loads(grammar)
+        `grammar_len`: its grammar's record's length in the header."""
         pool, fingerprint = self.store.pool, self.store.fingerprint
-        return kv_format.size(pool, fingerprint, num_tokens, num_pages, record)
+        return kv_format.size(pool, fingerprint, num_tokens, num_pages, grammar_len)
 
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -83,7 +82,7 @@ class KVFileSystem(FileHandles):
         a.st_mode, a.st_nlink, a.st_uid, a.st_gid = node.mode, node.nlink, node.uid, node.gid
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.atime_ns, node.mtime_ns, node.ctime_ns
         if isinstance(node, KVFile):
-            grammar = None if node.grammar is None else json.dumps(node.grammar.record)
+            grammar = None if node.grammar is None else node.grammar.record_length
             a.st_size = self._size(node.num_tokens, len(node.pages), grammar)
             # du shows real memory: only the pages this file does not share, in 512-byte units
             own = len(node.pages) - self.store.num_shared(node)

@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import llguidance
+import numpy as np
 import torch
 
+from symphony.fs import kv_format
 from symphony.fs.errors import StoreError
 
+log = logging.getLogger(__name__)
 KINDS = ("json_schema", "json_object", "regex", "lark")
 MAX_SPEC_BYTES = 256 * 1024  # a grammar's source text, at most
-_BITS = torch.arange(32, dtype=torch.int32)
 # JSON as json.dumps writes it: one way to space it, so its fixed parts (keys, brackets)
 # are forced and cost no sampling; a schema's "x-guidance" options override these
 JSON_STYLE: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -61,7 +64,10 @@ class GrammarSpec:
         if kind == "json_schema":
             if not isinstance(body, (dict, bool)):
                 raise grammar_error("json_schema takes a JSON Schema (an object)")
-            source = json.dumps(body)  # in its order: properties are generated in it
+            try:  # in its order: properties are generated in it
+                source = json.dumps(body)
+            except (TypeError, ValueError, RecursionError):
+                raise grammar_error("json_schema holds what JSON cannot hold") from None
         elif not isinstance(body, str) or not body:
             raise grammar_error(f"{kind} takes a non-empty string")
         else:
@@ -114,22 +120,47 @@ def parse_record(record: Any, num_tokens: int) -> tuple[GrammarSpec, int]:
 class Grammar:
     """A spec and its matcher, fed the tokens from `start` on (`fed` of them).
 
-    The engine thread computes masks while the store's thread may copy the matcher (a
-    fork): a lock keeps each call on it whole (the longest is one mask, microseconds).
+    A complete grammar takes end-of-sequence tokens (`stops`) after it, as the model
+    ends: those are counted in `fed` but not given to the matcher, which takes nothing
+    once stopped. The engine thread computes masks while the store's thread may copy
+    the matcher (a fork): a lock keeps each call on it whole (the longest is one mask).
     """
 
-    def __init__(self, spec: GrammarSpec, matcher: Any, vocab_size: int, start: int = 0):
+    def __init__(
+        self,
+        spec: GrammarSpec,
+        matcher: Any,
+        vocab_size: int,
+        stops: frozenset[int],
+        start: int = 0,
+    ):
         self.spec = spec
         self._matcher = matcher
         self._lock = threading.Lock()
         self.vocab_size = vocab_size
+        self.stops = stops
         self.start = start
         self.fed = 0
+        self._ended = 0  # stop tokens fed after the matcher stopped (not given to it)
+        self._record_length: tuple[int, int] | None = None  # (start, length)
 
     def copy(self) -> Grammar:
         with self._lock:
-            twin = Grammar(self.spec, self._matcher.deep_copy(), self.vocab_size, self.start)
-            twin.fed = self.fed
+            twin = Grammar(
+                self.spec, self._matcher.deep_copy(), self.vocab_size, self.stops, self.start
+            )
+            twin.fed, twin._ended = self.fed, self._ended
+        return twin
+
+    def at(self, num_tokens: int) -> Grammar:
+        """A copy standing where this one stood after its file's first `num_tokens`
+        tokens (an append in flight may have fed it more; before `start`, it starts
+        afresh at `num_tokens`)."""
+        twin = self.copy()
+        if num_tokens >= twin.start:
+            twin.unfeed(twin.fed - (num_tokens - twin.start))
+        else:
+            twin.reset(num_tokens)
         return twin
 
     @property
@@ -140,98 +171,124 @@ class Grammar:
         matcher's state is the file's tokens from there on)."""
         return {"kind": self.spec.kind, "source": self.spec.source, "start": self.start}
 
-    def copy_at(self, num_tokens: int) -> Grammar:
-        """A copy standing where this one stood after its file's first `num_tokens`
-        tokens (an append in flight may have fed it more)."""
-        twin = self.copy()
-        twin.unfeed(twin.fed - (num_tokens - twin.start))
-        return twin
+    @property
+    def record_length(self) -> int:
+        """The record's length as header JSON (kv_format.record_length), kept: a stat
+        asks it often, and it changes only with `start`."""
+        if self._record_length is None or self._record_length[0] != self.start:
+            self._record_length = (self.start, kv_format.record_length(self.record))
+        return self._record_length[1]
 
     @property
     def finished(self) -> bool:
-        """Nothing but an end-of-sequence token may follow."""
+        """Complete: only end-of-sequence tokens may follow."""
         with self._lock:
-            return bool(self._matcher.is_stopped())
+            return self._stopped()
+
+    def _stopped(self) -> bool:
+        return bool(self._ended or self._matcher.is_stopped())
 
     def refused(self, tokens: Sequence[int]) -> int | None:
         """The index of the first of `tokens` the grammar refuses after what it was fed
         (None: it takes them all). Changes nothing."""
         tokens = list(tokens)
-        if not tokens:
-            return None
         with self._lock:
-            n = int(self._matcher.validate_tokens(tokens))
-        return None if n == len(tokens) else n
+            return self._first_refused(tokens)[1]
+
+    def _first_refused(self, tokens: list[int]) -> tuple[int, int | None]:
+        """(how many leading tokens the matcher takes, the first refused index). Holds
+        the lock; leaves the matcher as it was."""
+        outside = next((i for i, t in enumerate(tokens) if not 0 <= t < self.vocab_size), None)
+        if outside is not None:  # the matcher would fail for good on such an id
+            tokens = tokens[:outside]
+        taken = 0 if self._stopped() else int(self._matcher.validate_tokens(tokens))
+        rest = range(taken, len(tokens))
+        if rest and tokens[taken] in self.stops and self._complete_after(tokens[:taken]):
+            ended = next((i for i in rest if tokens[i] not in self.stops), None)
+            return taken, ended if ended is not None else outside
+        return taken, taken if rest else outside
+
+    def _complete_after(self, tokens: list[int]) -> bool:
+        """Whether the grammar stops after `tokens` (which it takes). Holds the lock."""
+        if self._stopped() or not tokens:
+            return self._stopped()
+        self._matcher.consume_tokens(tokens)
+        stopped = bool(self._matcher.is_stopped())
+        self._matcher.rollback(len(tokens))
+        return stopped
 
     def feed(self, tokens: Sequence[int]) -> None:
-        """Take `tokens`, which `refused` accepted."""
-        if tokens:
-            with self._lock:
-                ok = self._matcher.consume_tokens(list(tokens))
-                assert ok, self._matcher.get_error()
-                self.fed += len(tokens)
+        """Take `tokens`, which `refused` accepted.
+
+        Raises:
+            StoreError: EINVAL if it refuses one after all (nothing is taken then).
+        """
+        tokens = list(tokens)
+        if not tokens:
+            return
+        with self._lock:
+            taken, bad = self._first_refused(tokens)
+            if bad is not None:
+                raise StoreError(errno.EINVAL, f"the grammar refuses token {tokens[bad]}")
+            if taken and not self._matcher.consume_tokens(tokens[:taken]):
+                raise StoreError(errno.EIO, f"the grammar failed: {self._matcher.get_error()}")
+            self._ended += len(tokens) - taken
+            self.fed += len(tokens)
+
+    def feed_checked(self, tokens: Sequence[int], first: int) -> None:
+        """Take `tokens`, the file's from index `first` on.
+
+        Raises:
+            StoreError: EINVAL naming the first it refuses (nothing is taken then).
+        """
+        bad = self.refused(tokens)
+        if bad is not None:
+            raise StoreError(
+                errno.EINVAL,
+                f"the grammar refuses token {tokens[bad]} at index {first + bad} of the file",
+            )
+        self.feed(tokens)
 
     def unfeed(self, n: int) -> None:
-        """Forget the last `n` tokens fed."""
-        if n:
-            assert 0 < n <= self.fed, (n, self.fed)
-            with self._lock:
-                ok = self._matcher.rollback(n)
-                assert ok, self._matcher.get_error()
-                self.fed -= n
+        """Forget the last `n` tokens fed (0 <= n <= fed)."""
+        if not 0 <= n <= self.fed:
+            raise ValueError(f"cannot take back {n} of {self.fed} tokens")
+        with self._lock:
+            ended = min(n, self._ended)
+            self._ended -= ended
+            if n > ended and not self._matcher.rollback(n - ended):
+                raise StoreError(errno.EIO, f"the grammar failed: {self._matcher.get_error()}")
+            self.fed -= n
 
     def reset(self, start: int) -> None:
         """Start again, constraining from file index `start`."""
         with self._lock:
             self._matcher.reset()
-            self.fed, self.start = 0, start
+            self.fed, self._ended, self.start = 0, 0, start
 
     def allowed(self) -> torch.Tensor:
         """[vocab] bool: the tokens the grammar takes next (computed without the GIL)."""
         with self._lock:
-            mask = self._matcher.compute_bitmask()
-        words = torch.frombuffer(bytearray(mask), dtype=torch.int32)
-        bits = (words.unsqueeze(1) >> _BITS) & 1
-        return bits.flatten()[: self.vocab_size].bool()
+            if self._stopped():
+                mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+                mask[sorted(self.stops)] = True
+                return mask
+            bitmask = self._matcher.compute_bitmask()
+        # little-endian words of 32 bits, token i at bit i % 32 of word i // 32
+        bits = np.unpackbits(np.frombuffer(bitmask, dtype=np.uint8), bitorder="little")
+        return torch.from_numpy(bits[: self.vocab_size].view(np.bool_))
 
     def forced(self) -> list[int]:
         """Tokens the grammar forces next, whatever is sampled (llguidance's fast-forward
         tokens): they can be appended without sampling."""
         with self._lock:
+            if self._stopped():
+                return []
             return [int(t) for t in self._matcher.compute_ff_tokens()]
 
     def problem(self) -> str:
         with self._lock:
             return str(self._matcher.get_error())
-
-
-def after_drop(grammar: Grammar, token_ids: Sequence[int], start: int, end: int) -> Grammar:
-    """The grammar of a file whose tokens [start, end) go (0 <= start < end <= its
-    length): before its start, it moves down; over its tokens, a copy is fed again from
-    the range on (from the range's start, if the range began before it).
-
-    Raises:
-        StoreError: EINVAL when the grammar refuses the tokens left.
-    """
-    gone = end - start
-    twin = grammar.copy_at(len(token_ids))
-    if end <= grammar.start:
-        twin.start -= gone
-        return twin
-    if start <= grammar.start:
-        twin.reset(start)
-    else:
-        twin.unfeed(twin.fed - (start - grammar.start))
-    tail = list(token_ids[end:])
-    bad = twin.refused(tail)
-    if bad is not None:
-        raise StoreError(
-            errno.EINVAL,
-            f"the file's grammar refuses what the drop leaves: token {tail[bad]} "
-            f"at index {start + bad}",
-        )
-    twin.feed(tail)
-    return twin
 
 
 class Grammars:
@@ -243,19 +300,32 @@ class Grammars:
         self.vocab_size = vocab_size
         self._stops = sorted(stop_token_ids)
         self._tokenizer: Any = None
+        self._broken: str | None = None  # why llguidance could not read the tokenizer
         self._lock = threading.Lock()
 
     def warm(self) -> None:
         """Build the tokenizer now (a worker thread's work at start), not on the first
-        grammar a user sends."""
-        self._llg_tokenizer()
+        grammar a user sends; a tokenizer llguidance cannot read is logged, and every
+        grammar is then ENOTSUP."""
+        try:
+            self._llg_tokenizer()
+        except StoreError as exc:
+            log.warning("grammars: %s", exc.args[0])
 
     def _llg_tokenizer(self) -> Any:
+        """Raises:
+        StoreError: ENOTSUP when llguidance cannot read the served tokenizer."""
         with self._lock:
             if self._tokenizer is None:
-                self._tokenizer = llguidance.LLTokenizer(
-                    self._json, n_vocab=self.vocab_size, eos_token=self._stops or None
-                )
+                if self._broken is not None:
+                    raise StoreError(errno.ENOTSUP, self._broken)
+                try:
+                    self._tokenizer = llguidance.LLTokenizer(
+                        self._json, n_vocab=self.vocab_size, eos_token=self._stops or None
+                    )
+                except Exception as exc:  # any failure: no grammars here
+                    self._broken = f"no grammars: llguidance cannot read the tokenizer ({exc})"
+                    raise StoreError(errno.ENOTSUP, self._broken) from None
             return self._tokenizer
 
     def compile(self, spec: GrammarSpec, start: int = 0) -> Grammar:
@@ -268,10 +338,14 @@ class Grammars:
             source = spec.llguidance_grammar()
         except ValueError as exc:
             raise grammar_error(str(exc)) from None
-        matcher = llguidance.LLMatcher(self._llg_tokenizer(), source, log_level=0)
+        tokenizer = self._llg_tokenizer()
+        try:
+            matcher = llguidance.LLMatcher(tokenizer, source, log_level=0)
+        except Exception as exc:  # llguidance raises only when misused; say so, not EIO
+            raise grammar_error(str(exc)) from None
         if matcher.is_error():
             raise grammar_error(_first_lines(matcher.get_error()))
-        return Grammar(spec, matcher, self.vocab_size, start)
+        return Grammar(spec, matcher, self.vocab_size, frozenset(self._stops), start)
 
     def replay(self, spec: GrammarSpec, start: int, tokens: Sequence[int]) -> Grammar:
         """A matcher for `spec` fed `tokens` (a file's from `start` on), as restoring or
@@ -281,13 +355,7 @@ class Grammars:
             StoreError: EINVAL when the grammar refuses one of them.
         """
         grammar = self.compile(spec, start)
-        bad = grammar.refused(tokens)
-        if bad is not None:
-            raise StoreError(
-                errno.EINVAL,
-                f"the grammar refuses token {tokens[bad]} at index {start + bad} of the file",
-            )
-        grammar.feed(tokens)
+        grammar.feed_checked(tokens, start)
         return grammar
 
 

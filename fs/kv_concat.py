@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from symphony.fs.charges import Holder
 from symphony.fs.errors import StoreError
 from symphony.fs.kv_edit import check_positions, key_rotation
-from symphony.fs.nodes import COMPUTED, R_OK, Cred, KVFile
+from symphony.fs.nodes import COMPUTED, R_OK, W_OK, X_OK, Cred, KVFile
 
 if TYPE_CHECKING:
     from symphony.fs.store import KVStore
@@ -115,11 +115,15 @@ def concat_files(
 
 
 def _refuse_existing(store: KVStore, path: str, cred: Cred) -> None:
-    """EEXIST before any work, rather than after copying (create_file checks again)."""
+    """EEXIST, or a folder the caller may not make files in, before any work rather
+    than after copying (create_file checks again)."""
     try:
         store.ns.lookup(path, cred)
     except StoreError:
-        return  # missing, or on a path create_file refuses with its own error
+        # missing: the caller must be able to make it (EACCES, ENOENT, ENOTDIR now)
+        parent, _ = store.ns.parent_of(path, cred)
+        store.ns.check(parent, cred, W_OK | X_OK, path)
+        return
     raise StoreError(errno.EEXIST, f"file exists: {path}")
 
 

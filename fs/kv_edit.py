@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from symphony.fs.charges import Holder
 from symphony.fs.errors import StoreError
+from symphony.fs.grammar import Grammar
 from symphony.fs.nodes import KVFile
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ def drop_range(
     if end == n:  # nothing after the range: a truncate
         store.truncate_file(file, start)
         return
+    grammar = None if file.grammar is None else _grammar_after(file.grammar, file, start, end)
     positions = file.position_list()
     shift = positions[start] - positions[end] if reposition else 0  # new - old, the tail's
     tail = [p + shift for p in positions[end:]]
@@ -75,6 +77,7 @@ def drop_range(
     file.positions = None if kept == list(range(len(kept))) else kept
     file.token_ids = file.token_ids[:start] + file.token_ids[end:]
     file.masks = _shifted_masks(file.masks, start, end)
+    file.grammar = grammar
     file.custom_from = start if file.custom_from is None else min(file.custom_from, start)
     file.cached_tokens = min(file.cached_tokens, start)
     del file.page_hashes[head:]
@@ -102,6 +105,30 @@ def key_rotation(store: KVStore) -> Callable[[Sequence[int], Sequence[int]], Non
     if store.rotate_keys is None:
         raise StoreError(errno.ENOTSUP, "this store cannot move keys: it was made without RoPE")
     return store.rotate_keys
+
+
+def _grammar_after(grammar: Grammar, file: KVFile, start: int, end: int) -> Grammar:
+    """The file's grammar once tokens [start, end) go: before where it began, it moves
+    down; over its tokens, a copy goes back to `start` and is fed what follows the range.
+
+    Raises:
+        StoreError: EINVAL when it refuses what is left (the file is not changed then).
+    """
+    if end <= grammar.start:
+        twin = grammar.at(file.num_tokens)
+        twin.start -= end - start
+        return twin
+    twin = grammar.at(start)
+    tail = file.token_ids[end:]
+    bad = twin.refused(tail)
+    if bad is not None:
+        raise StoreError(
+            errno.EINVAL,
+            f"the file's grammar refuses what the drop leaves: token {tail[bad]} "
+            f"at index {start + bad}",
+        )
+    twin.feed(tail)
+    return twin
 
 
 def _shifted_masks(masks: dict[int, list[int]], start: int, end: int) -> dict[int, list[int]]:

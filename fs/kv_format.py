@@ -78,6 +78,11 @@ def _header(
     return json.dumps(fields, sort_keys=True).encode()
 
 
+def record_length(grammar: dict[str, Any]) -> int:
+    """How long a grammar's record is in a header (as `_header` writes it)."""
+    return len(json.dumps(grammar, sort_keys=True))
+
+
 def file_size(
     header_len: int, num_tokens: int, num_pages: int, page_bytes: int, version: int = VERSION
 ) -> int:
@@ -91,11 +96,14 @@ def size(
     fingerprint: str,
     num_tokens: int,
     num_pages: int,
-    grammar: dict[str, Any] | None = None,
+    grammar_len: int | None = None,
 ) -> int:
-    """The byte length of a file of `num_tokens` tokens over `num_pages` pages (and its
-    grammar's record, if it has one), as exported (the current version)."""
-    header_len = len(_header(pool, fingerprint, num_tokens, num_pages, grammar))
+    """The byte length of a file of `num_tokens` tokens over `num_pages` pages, as
+    exported (the current version); `grammar_len` is its grammar's record's length as
+    header JSON (`record_length`), if it has one."""
+    header_len = len(_header(pool, fingerprint, num_tokens, num_pages))
+    if grammar_len is not None:  # the header holds `"grammar": RECORD, ` more
+        header_len += len('"grammar": , ') + grammar_len
     return file_size(header_len, num_tokens, num_pages, pool.bytes_per_page)
 
 

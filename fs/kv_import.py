@@ -25,8 +25,10 @@ from symphony.engine.page_pool import PagePool
 from symphony.fs import kv_format
 from symphony.fs.charges import Holder
 from symphony.fs.errors import StoreError
+from symphony.fs.grammar import MAX_SPEC_BYTES
 
-MAX_HEADER = 4096
+# the fields, and a grammar's record: its source, escaped in JSON (6 bytes a byte at most)
+MAX_HEADER = 4096 + 6 * MAX_SPEC_BYTES
 # The largest K/V magnitude an import may hold: the largest half-precision value. Real
 # K/V stay far below it; past it a crafted page could overflow the engine's sums.
 MAX_KV_VALUE = 65504.0

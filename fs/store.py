@@ -20,7 +20,7 @@ from symphony.engine.page_pool import PagePool
 from symphony.fs.appends import AppendPlan, Appends
 from symphony.fs.charges import Holder, PageCharges
 from symphony.fs.errors import StoreError
-from symphony.fs.grammar import Grammar, Grammars, after_drop
+from symphony.fs.grammar import Grammar, Grammars
 from symphony.fs.kv_concat import concat_files
 from symphony.fs.kv_edit import drop_range
 from symphony.fs.kv_import import ContentIndex, Importer
@@ -144,7 +144,13 @@ class KVStore(Appends):
         return file
 
     def stat(self, path: str, cred: Cred) -> dict[str, Any]:
-        return self.file_stat(self.ns.lookup_file(path, cred))
+        """The file's attributes; its grammar (content, not an attribute) only for a
+        caller who may read it."""
+        file = self.ns.lookup_file(path, cred)
+        stat = self.file_stat(file)
+        if not file.allows(cred, R_OK):
+            stat["grammar"] = None
+        return stat
 
     def file_stat(self, file: KVFile) -> dict[str, Any]:
         return {
@@ -200,7 +206,7 @@ class KVStore(Appends):
         copy.masks = dict(source.masks)
         copy.origin = source.origin
         if source.grammar is not None:  # where the source's matcher stood, not its plans'
-            copy.grammar = source.grammar.copy_at(copy.num_tokens)
+            copy.grammar = source.grammar.at(copy.num_tokens)
         if copy.domain == source.domain:
             copy.page_hashes = list(source.page_hashes)
         else:  # the copy's prefixes are looked up in its owner's domain, not the source's
@@ -219,17 +225,15 @@ class KVStore(Appends):
             )
         if file.busy:
             raise StoreError(errno.EBUSY, "an append to this file is in flight")
+        # the matcher goes back with the tokens (back before the grammar began, it
+        # constrains from the new end); made first, so a failure changes nothing
+        grammar = None if file.grammar is None else file.grammar.at(num_tokens)
         keep = -(-num_tokens // self.page_size)
         self.pool.decref(file.pages[keep:])
         del file.pages[keep:]
         del file.page_hashes[num_tokens // self.page_size :]
         file.keep_first(num_tokens)
-        grammar = file.grammar
-        if grammar is not None:  # the matcher goes back with the tokens
-            if num_tokens >= grammar.start:
-                grammar.unfeed(grammar.fed - (num_tokens - grammar.start))
-            else:  # back before the grammar began: it constrains from the new end
-                grammar.reset(num_tokens)
+        file.grammar = grammar
         if not num_tokens:  # nothing imported is left
             file.origin = COMPUTED
         file.touch()
@@ -246,11 +250,7 @@ class KVStore(Appends):
         """Remove tokens [start, end) of `path` (kv_edit.drop_range)."""
         file = self.ns.lookup_file(path, cred, W_OK)
         holder = self.charges.user(cred.uid) if holder is None else holder
-        grammar = file.grammar
-        if grammar is not None and 0 <= start < end <= file.num_tokens and not file.busy:
-            grammar = after_drop(grammar, file.token_ids, start, end)  # refused: no change
         drop_range(self, file, start, end, holder, reposition)
-        file.grammar = grammar
 
     def concat(
         self,
@@ -330,6 +330,7 @@ class KVStore(Appends):
             raise
         file.pages, imported.pages = imported.pages, []
         imported.ended = True
+        file.grammar = None  # the bytes bring their own, if any (the mount attaches it)
         file.token_ids = list(imported.token_ids)
         file.positions, file.custom_from = imported.positions, imported.custom_from
         file.origin = imported_by(imported.uid)

@@ -10,14 +10,18 @@ worker thread during the step, and a refused append never begins.
 from __future__ import annotations
 
 import errno
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from symphony.engine.sampling import SamplingParams
 from symphony.fs.errors import StoreError
 from symphony.fs.grammar import Grammar
 from symphony.sched.tasks import Task
+
+log = logging.getLogger(__name__)
 
 # (row of the step's logits, the task, the new-token index it predicts after)
 Row = tuple[int, Task, int]
@@ -57,23 +61,21 @@ def feed(task: Task, tokens: Sequence[int]) -> None:
         task.fed = len(tokens)
 
 
-def unfeed(task: Task) -> None:
-    """An append that never lands: the grammar forgets its tokens."""
-    if task.fed:
-        assert task.grammar is not None
-        task.grammar.unfeed(task.fed)
-        task.fed = 0
-
-
 def settle(task: Task, num_new: int) -> None:
     """The append kept its first `num_new` tokens: the grammar holds exactly those (a
-    cancelled append kept fewer; a verify keeps its accepted draft too)."""
+    cancelled append kept fewer; a verify keeps its accepted draft too). A grammar
+    that cannot (llguidance failed) is taken off the file, never left out of step."""
     grammar = task.grammar
-    if grammar is not None and task.feed_grammar:
-        if num_new < task.fed:
-            grammar.unfeed(task.fed - num_new)
-        elif num_new > task.fed:
-            grammar.feed(task.tokens[task.fed : num_new])
+    try:
+        if grammar is not None and task.feed_grammar:
+            if num_new < task.fed:
+                grammar.unfeed(task.fed - num_new)
+            elif num_new > task.fed:
+                grammar.feed(task.tokens[task.fed : num_new])
+    except StoreError as exc:
+        log.error("a grammar lost its place and is dropped: %s", exc.args[0])
+        if task.file.grammar is grammar:
+            task.file.grammar = None
     task.fed = 0
 
 
@@ -141,21 +143,43 @@ class Masker:
     def start(self, rows: Sequence[Row]) -> Future[dict[int, torch.Tensor]] | None:
         return self._pool.submit(compute_masks, list(rows)) if rows else None
 
-    @staticmethod
-    def mask_row(row: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """A copy of `row` with the tokens the grammar refuses at -inf."""
-        return row.float().masked_fill(~allowed.to(row.device), float("-inf"))
+
+def mask_row(row: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """A copy of `row` with the tokens the grammar refuses at -inf."""
+    return row.float().masked_fill(~allowed.to(row.device), float("-inf"))
+
+
+def with_sampler(allowed: torch.Tensor, params: SamplingParams | None) -> torch.Tensor:
+    """The grammar's mask less what the sampler's own lists rule out: empty when the two
+    leave nothing (that task fails alone, not by an argmax over -inf)."""
+    if params is None or (params.allowed_token_ids is None and not params.blocked_token_ids):
+        return allowed
+    allowed = allowed.clone()
+    if params.allowed_token_ids is not None:
+        only = torch.zeros_like(allowed)
+        only[sorted(params.allowed_token_ids)] = True
+        allowed &= only
+    if params.blocked_token_ids:
+        allowed[sorted(params.blocked_token_ids)] = False
+    return allowed
 
 
 def after_sample(grammar: Grammar, token: int, fast_forward: bool) -> tuple[list[int], bool]:
     """For a generation: the tokens the grammar forces after `token` (with
     `fast_forward`), and whether it is finished after them. The grammar stands as before."""
-    grammar.feed([token])
+    try:
+        grammar.feed([token])
+    except StoreError:  # drawn under the grammar's own mask: llguidance disagrees
+        log.warning("the grammar refused a token drawn under its own mask")
+        return [], False
     forced: list[int] = []
     try:
-        if fast_forward and not grammar.finished:
+        if fast_forward:
             forced = grammar.forced()
             grammar.feed(forced)
         return forced, grammar.finished
+    except StoreError:
+        forced = []
+        return [], False
     finally:
         grammar.unfeed(1 + len(forced))

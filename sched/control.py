@@ -148,7 +148,9 @@ def _bytes_as_text(value: Any) -> str:
 
 
 def format_error(exc: StoreError) -> str:
-    return f"error {exc.errno_name} {exc.args[0]}\n"
+    """One line, whatever the message holds (a grammar parser's is several)."""
+    message = " | ".join(line.strip() for line in str(exc.args[0]).splitlines() if line.strip())
+    return f"error {exc.errno_name} {message}\n"
 
 
 class ControlSession:

@@ -28,6 +28,7 @@ from symphony.sched.speculative import VerifyState, parse_draft_probs
 from symphony.sched.tasks import Task
 
 MAX_RANGES = 1 << 16  # attention ranges one call may give, over all its tokens
+MAX_CONSTRAINED_SAMPLES = 64  # samples one forward may ask under a grammar
 
 
 def forward_task(sys: Syscalls, call: Call, a: S.Forward, grammar: Grammar | None) -> Task:
@@ -50,6 +51,10 @@ def forward_task(sys: Syscalls, call: Call, a: S.Forward, grammar: Grammar | Non
         if any(spec.sample and at != last for at, spec in outputs.items()):
             raise A.einval("a call's grammar constrains only the sample after its last token")
     _use_grammar(task, grammar)
+    # each constrained sample is a mask in the step's time
+    samples = sum(1 for spec in outputs.values() if spec.sample)
+    if task.grammar is not None and samples > MAX_CONSTRAINED_SAMPLES:
+        raise A.einval(f"at most {MAX_CONSTRAINED_SAMPLES} samples a call under a grammar")
     # only the owner's calls are fed from the owner's cache domain: another user could
     # tell what it holds from `cached` or the time a call takes
     task.reuse = call.cred.uid == file.uid
@@ -62,10 +67,11 @@ def _use_grammar(task: Task, grammar: Grammar | None) -> None:
     file = task.file
     if grammar is not None:
         if file.grammar is not None:
-            raise A.einval("the file has a grammar (kv_constrain with null frees it)")
+            raise A.einval("the file has a grammar of its own; a call cannot add another")
         task.grammar, task.feed_grammar = grammar, False
-    elif file.grammar is not None:
-        task.grammar = file.grammar if task.keep else file.grammar.copy_at(file.num_tokens)
+    elif file.grammar is not None and (task.keep or task.samples):
+        # a computation that keeps nothing and samples nothing (a score) needs none
+        task.grammar = file.grammar if task.keep else file.grammar.at(file.num_tokens)
 
 
 async def _grammar(sys: Syscalls, call: Call, value: Any) -> Grammar | None:

@@ -24,7 +24,6 @@ from symphony.fs.appends import AppendPlan
 from symphony.fs.errors import StoreError
 from symphony.fs.store import KVStore
 from symphony.sched import constrained as grammar_steps
-from symphony.sched.constrained import Masker, after_sample
 from symphony.sched.outputs import OutputSpec, describe
 from symphony.sched.speculative import accept
 from symphony.sched.tasks import Task
@@ -41,7 +40,9 @@ def _refused_all(task: Task) -> StoreError:
     assert task.grammar is not None
     why = task.grammar.problem()
     return StoreError(
-        errno.EINVAL, "the grammar allows no token here" + (f": {why}" if why else "")
+        errno.EINVAL,
+        "the grammar (with the sampler's allowed and blocked ids) leaves no token here"
+        + (f": {why}" if why else ""),
     )
 
 
@@ -64,7 +65,7 @@ class Scheduler:
         self.max_step_tokens = max_step_tokens
         self.max_step_seqs = max_step_seqs
         self.limiter = trio.CapacityLimiter(1)  # the engine thread: one step at a time
-        self.masker = Masker()  # grammars' masks, computed while the engine computes
+        self.masker = grammar_steps.Masker()  # grammars' masks, while the engine computes
         self._waiting: list[Task] = []
         self._wake = trio.Event()
         self.after_step: Callable[[], None] | None = None  # the mount's cache invalidation
@@ -284,9 +285,11 @@ class Scheduler:
         outputs: list[Any] = [{} for _ in tasks]
         ok = finite_rows(logits) if rows else []
         for i, _, r in constrained:
-            if r in masks and not bool(masks[r].any()):
-                ok[r] = False
-                outputs[i] = _refused_all(tasks[i])
+            if r in masks:
+                masks[r] = grammar_steps.with_sampler(masks[r], tasks[i].params)
+                if not bool(masks[r].any()):
+                    ok[r] = False
+                    outputs[i] = _refused_all(tasks[i])
         sampled = [(i, at, r) for i, at, r in sampled if ok[r]]
         if sampled:
             picks = sample(
@@ -307,7 +310,9 @@ class Scheduler:
                 continue
             if task.verify is not None:  # a verify task's rows are all its checks
                 row = logits[r]
-                task.verify.rows[at] = Masker.mask_row(row, masks[r]) if r in masks else row.clone()
+                task.verify.rows[at] = (
+                    grammar_steps.mask_row(row, masks[r]) if r in masks else row.clone()
+                )
             spec = task.outputs.get(at)
             if spec is not None:
                 outputs[i][at] = answer = describe(logits[r], spec, tokens.get(r))
@@ -316,7 +321,8 @@ class Scheduler:
                     assert token is not None
                     # forced tokens get no row of their own: not when logprobs are asked
                     fast = task.generate.num_logprobs is None
-                    answer["forced"], answer["finished"] = after_sample(task.grammar, token, fast)
+                    forced, finished = grammar_steps.after_sample(task.grammar, token, fast)
+                    answer["forced"], answer["finished"] = forced, finished
         for i, (task, chunk) in enumerate(zip(tasks, chunks, strict=True)):
             v = task.verify
             done = (
@@ -342,7 +348,6 @@ class Scheduler:
         # every prediction the task reads, by new-token index (-1: the file's last token)
         indices = set(task.outputs) | set(task.verify.indices if task.verify else ())
         wanted = [i for i in indices if i >= 0]
-        fed = grammar_steps.check(task, self._token_text)
         plan = self.store.begin_append(
             task.file,
             task.tokens,
@@ -357,15 +362,24 @@ class Scheduler:
         )
         quota = account.token_quota
         planned = account.tokens_computed + account.tokens_planned + len(plan.compute_ids)
-        if quota is not None and planned > quota:
+        try:
+            if quota is not None and planned > quota:
+                raise StoreError(errno.EDQUOT, f"token quota of {quota} tokens exceeded")
+            # after the store's checks (ids, busy): the grammar sees only what could go in
+            fed = grammar_steps.check(task, self._token_text)
+        except StoreError:
             self.store.abort_append(plan)
-            raise StoreError(errno.EDQUOT, f"token quota of {quota} tokens exceeded")
+            raise
         task.computed = 0
         task.cached = plan.num_reused
         task.rows = {plan.compute_index(at): at for at in indices}  # compute index -> at
         task.plan = plan
         account.tokens_planned += len(plan.compute_ids)
-        grammar_steps.feed(task, fed)
+        try:
+            grammar_steps.feed(task, fed)
+        except StoreError:
+            self.store.abort_append(self._drop_plan(task))
+            raise
 
     def _token_text(self, token: int) -> str:
         return repr(self.engine.tokenizer.decode([token]))

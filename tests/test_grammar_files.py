@@ -191,7 +191,7 @@ def test_a_calls_grammar_on_a_constrained_file_is_einval(lip) -> None:
     constrained(lip, "i.kv")
     with pytest.raises(SymphonyError) as info:
         lip.call("generate", path="i.kv", max_tokens=3, grammar={"regex": "a+"})
-    assert info.value.errno == "EINVAL" and "kv_constrain" in info.value.message
+    assert info.value.errno == "EINVAL" and "grammar of its own" in info.value.message
 
 
 def test_another_user_cannot_constrain_a_file_it_cannot_write(lip, tiny_server) -> None:
@@ -237,3 +237,101 @@ def test_samples_inside_an_append_follow_the_grammar_where_they_stand(lip, check
     assert drawn == {-1: ord("{"), 0: ord('"'), 3: ord("m")}
     lip.call("forward", path="k.kv", tokens=list(b'me": "'))  # the matcher stood after "na"
     check()
+
+
+def test_a_complete_grammar_takes_end_of_sequence_tokens_and_a_verify_of_one(
+    lip, tiny_server, check
+) -> None:
+    eos = tiny_server.server.engine.tokenizer.eos_token_id
+    lip.call("kv_open", path="l.kv", create=True)
+    lip.call("forward", path="l.kv", tokens=PROMPT)
+    lip.call("kv_constrain", path="l.kv", grammar={"regex": "[0-9]"})
+    lip.call("forward", path="l.kv", tokens=[ord("1")])  # complete now
+    sampled = lip.call(
+        "forward",
+        path="l.kv",
+        tokens=[],
+        outputs=[{"at": -1, "sample": True}],
+        keep=False,
+        sampler={"temperature": 0},
+    )["token"]
+    assert sampled in tiny_server.server.engine.tokenizer.stop_token_ids
+    r = lip.call("verify", path="l.kv", draft=[eos], sampler={"temperature": 0})
+    assert r["accepted"] in (0, 1)
+    lip.call("forward", path="l.kv", tokens=[r["token"]])  # an end token goes in
+    with pytest.raises(SymphonyError) as info:  # anything else does not
+        lip.call("forward", path="l.kv", tokens=[ord("2")])
+    assert info.value.errno == "EINVAL"
+    check()
+    assert lip.call("kv_stat", path="l.kv")["tokens"] >= len(PROMPT) + 2
+
+
+def test_a_grammar_and_a_sampler_that_leave_no_token_fail_that_call_alone(
+    lip, tiny_server, check
+) -> None:
+    lip.call("kv_open", path="m.kv", create=True)
+    lip.call("forward", path="m.kv", tokens=PROMPT)
+    for sampler in (
+        {"temperature": 0, "allowed": [ord("z")]},
+        {"temperature": 1.0, "allowed": [ord("z")]},
+    ):
+        with pytest.raises(SymphonyError) as info:
+            lip.call(
+                "generate", path="m.kv", max_tokens=4, sampler=sampler, grammar={"regex": "a[bc]"}
+            )
+        assert info.value.errno == "EINVAL" and "leaves no token" in info.value.message
+        with pytest.raises(SymphonyError):  # the same with a draft
+            lip.call("verify", path="m.kv", draft=[0], sampler=sampler, grammar={"regex": "a[bc]"})
+    # the server goes on: the same grammar with a sampler that leaves a token
+    r = lip.call(
+        "generate",
+        path="m.kv",
+        max_tokens=4,
+        sampler={"temperature": 0, "allowed": [97, 98]},
+        grammar={"regex": "a[bc]"},
+    )
+    assert r["text"] == "ab" and r["finish_reason"] == "stop"
+    check()
+
+
+def test_token_ids_out_of_range_are_the_stores_einval_and_leave_the_matcher(lip, check) -> None:
+    constrained(lip, "n.kv")
+    for bad in ([1 << 20], [-1]):
+        with pytest.raises(SymphonyError) as info:
+            lip.call("forward", path="n.kv", tokens=bad)
+        assert info.value.errno == "EINVAL"
+    lip.call("forward", path="n.kv", tokens=list(b'{"name": "'))
+    lip.call("kv_truncate", path="n.kv", n=len(PROMPT) + 2)
+    lip.call("kv_fork", src="n.kv", dst="n2.kv")
+    check()
+
+
+def test_score_on_a_constrained_file_scores_every_choice(lip) -> None:
+    lip.call("kv_open", path="o.kv", create=True)
+    lip.call("forward", path="o.kv", tokens=PROMPT)
+    lip.call("kv_constrain", path="o.kv", grammar={"regex": "(yes|no)"})
+    kv = connect_kv(lip, "o.kv")
+    scores = kv.score([list(b"yes"), list(b"no")])
+    assert len(scores) == 2 and all(s < 0 for s in scores)
+
+
+def connect_kv(lip, path: str):  # type: ignore[no-untyped-def]
+    from symphony.lipctl.client import KV
+
+    return KV(lip, path)
+
+
+def test_the_grammar_of_a_file_is_its_readers_to_see(lip, tiny_server) -> None:
+    lip.call("kv_open", path="p.kv", create=True, mode=0o600)
+    lip.call("kv_constrain", path="p.kv", grammar={"regex": "secret[0-9]+"})
+    got = tiny_server.call_as(Cred(4242, 4242), "kv_stat", path="p.kv")
+    assert not isinstance(got, StoreError) and got["grammar"] is None
+    assert lip.call("kv_stat", path="p.kv")["grammar"] == {"regex": "secret[0-9]+"}
+
+
+def test_grammar_values_json_cannot_hold_are_einval(lip) -> None:
+    lip.call("kv_open", path="q.kv", create=True)
+    for grammar in ({"json_schema": {"a": b"\x00"}}, {"regex": b"abc"}, {"lark": 5}):
+        with pytest.raises(SymphonyError) as info:
+            lip.call("kv_constrain", path="q.kv", grammar=grammar)
+        assert info.value.errno == "EINVAL"

@@ -115,3 +115,29 @@ def test_a_constrained_file_is_restored_with_its_matcher(stateful):
     with connect(stateful.socket) as lip:
         assert lip.kv("s.kv").stat()["grammar"] == GRAMMAR
         finished(lip, "s.kv", head, seed=4)
+
+
+def test_cp_over_a_constrained_file_brings_the_sources_grammar_or_none(mounted):
+    mount, socket = mounted
+    path = lambda name: os.path.join(mount, name)  # noqa: E731
+    # a grammar larger than a page of header: the copy still carries it
+    big = {"json_schema": {**SCHEMA, "description": "x" * 20000}}
+    with connect(socket) as lip:
+        lip.kv("plain.kv", create=True).append(PROMPT)
+        target = lip.kv("target.kv", create=True)
+        target.append(PROMPT)
+        target.constrain(GRAMMAR)
+        big_file = lip.kv("big.kv", create=True)
+        big_file.append(PROMPT)
+        big_file.constrain(big)
+        big_file.append(list(b'{"name": "'))
+    assert sh("cp", path("plain.kv"), path("target.kv")).returncode == 0  # O_TRUNC, import
+    assert sh("cp", path("big.kv"), path("big2.kv")).returncode == 0
+    with connect(socket) as lip:
+        st = lip.kv("target.kv").stat()
+        assert (st["tokens"], st["grammar"]) == (len(PROMPT), None)
+        lip.kv("target.kv").append(list(b"anything"))
+        assert lip.kv("big2.kv").stat()["grammar"] == big
+        head = list(b'{"name": "')
+        finished(lip, "big2.kv", head, seed=5)
+    assert status(mount)["invariants"] == "ok"
