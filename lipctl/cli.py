@@ -58,6 +58,13 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-in-flight", type=int, default=64, help="requests one connection runs at once"
     )
+    serve.add_argument(
+        "--openai",
+        metavar="[HOST:]PORT",
+        nargs="?",
+        const="127.0.0.1:8000",
+        help="also serve the OpenAI API there, as a LIP (default 127.0.0.1:8000)",
+    )
     serve.add_argument("--log-level", default="WARNING")
     run = sub.add_parser("run", help="run a LIP on the server, streaming its output")
     _add_socket(run)
@@ -191,6 +198,7 @@ def serve(args: argparse.Namespace) -> int:
             max_connections=args.uid_connections,
             max_in_flight=args.max_in_flight,
             max_lips_per_uid=args.max_lips_per_uid,
+            openai=args.openai,
         )
     except ValueError as exc:
         print(f"lipctl serve: {exc}", file=sys.stderr)

@@ -26,6 +26,7 @@ from symphony.fs.persistence import StateDir
 from symphony.fs.store import KVStore
 from symphony.sched.admission import Admission, InFlight
 from symphony.sched.calls import Call, Syscalls
+from symphony.sched.limits import Limits
 from symphony.sched.mount import Mount
 from symphony.sched.processes import Proc, ProcessCaps, ProcessTable
 from symphony.sched.protocol import (
@@ -75,6 +76,8 @@ class ServerConfig:
     # None: half the pool
     uid_pages: int | None = None
     max_lips_per_uid: int = 16  # running LIPs of one uid but root
+    # [HOST:]PORT: start the OpenAI-compatible LIP there (as the server's user)
+    openai: str | None = None
 
     def __post_init__(self) -> None:
         if not self.socket_path:
@@ -83,6 +86,10 @@ class ServerConfig:
             raise ValueError(f"socket path too long for a unix socket: {self.socket_path}")
         if self.max_step_tokens < 1:
             raise ValueError("max_step_tokens must be at least 1")
+        if self.openai is not None:
+            port = self.openai.rpartition(":")[2]
+            if not (port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"--openai takes [HOST:]PORT, not {self.openai!r}")
         if min(self.max_in_flight, self.max_uid_in_flight, self.max_connections) < 1:
             raise ValueError("max_in_flight, max_uid_in_flight, max_connections must be >= 1")
         if self.uid_pages is not None and self.uid_pages < 1:
@@ -158,6 +165,8 @@ class Server:
                     await nursery.start(self.mount.run)
                 await nursery.start(trio.serve_listeners, self._handle, [listener])
                 log.info("serving on %s", self.config.socket_path)
+                if self.config.openai:
+                    await self._start_openai(nursery, self.config.openai)
                 task_status.started()
         finally:
             self.procs.kill_all()
@@ -166,6 +175,15 @@ class Server:
             _remove_socket(self.config.socket_path)
             if self.state is not None:
                 self.state.save_all()
+
+    async def _start_openai(self, nursery: trio.Nursery, where: str) -> None:
+        """The OpenAI-compatible server, a LIP of the server's own user like any other."""
+        host, _, port = where.rpartition(":")
+        args = ["--host", host or "127.0.0.1", "--port", port]
+        me = Cred(os.getuid(), os.getgid())
+        program = "from symphony.lipctl.openai_api.__main__ import main\nmain()\n"
+        proc = await self.procs.spawn(nursery, me, program, args, "openai_server.py", {}, Limits())
+        log.info("the OpenAI API starts on %s (pid %d)", where, proc.pid)
 
     async def _listen(self) -> trio.SocketListener:
         path = self.config.socket_path

@@ -1,0 +1,35 @@
+"""`python -m symphony.lipctl.openai_api [--host H] [--port P] [--api-key K]`: the
+OpenAI-compatible server as a LIP (examples/openai_server.py and `lipctl serve --openai`
+run this)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import trio
+
+from symphony.lipctl.openai_api.app import serve
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="An OpenAI-compatible server, as a LIP")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("SYMPHONY_API_KEY"),
+        help="require this bearer token (default $SYMPHONY_API_KEY; none: open)",
+    )
+    args = parser.parse_args(argv)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(serve, args.host, args.port, args.api_key)
+            print(f"serving the OpenAI API on {', '.join(binds)}", flush=True)
+
+    trio.run(run)
+
+
+if __name__ == "__main__":
+    main()

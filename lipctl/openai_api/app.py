@@ -1,0 +1,210 @@
+"""The HTTP side: a small ASGI app on hypercorn (trio), its routes, bearer keys, and
+server-sent events; a client that goes away cancels its request's work at once."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import trio
+
+from symphony.lipctl.aio import connect
+from symphony.lipctl.openai_api.chat import Service
+from symphony.lipctl.openai_api.choices import FOLDER
+from symphony.lipctl.openai_api.errors import ApiError, from_symphony
+from symphony.lipctl.openai_api.requests import MAX_BODY, ChatRequest, CompletionRequest, parse
+from symphony.lipctl.wire import SymphonyError
+
+log = logging.getLogger(__name__)
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+class App:
+    """ASGI: GET /v1/models, POST /v1/chat/completions and /v1/completions."""
+
+    def __init__(self, service: Service, api_key: str | None = None) -> None:
+        self.service = service
+        self.api_key = api_key
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        response = _Response(send)
+        try:
+            self._authorize(scope)
+            await self._route(scope, receive, response)
+        except ApiError as exc:
+            await response.error(exc)
+        except SymphonyError as exc:
+            await response.error(from_symphony(exc))
+        except Exception:  # a bug answers 500, and the server goes on
+            log.exception("request failed")
+            await response.error(ApiError(500, "internal error; the server logged it"))
+
+    def _authorize(self, scope: dict[str, Any]) -> None:
+        if self.api_key is None:
+            return
+        headers = dict(scope.get("headers", []))
+        given = headers.get(b"authorization", b"").decode("latin-1")
+        expected = f"Bearer {self.api_key}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise ApiError(401, "Incorrect or missing API key", code="invalid_api_key")
+
+    async def _route(self, scope: dict[str, Any], receive: Receive, response: _Response) -> None:
+        method, path = scope["method"], scope["path"].rstrip("/")
+        service = self.service
+        if path == "/v1/models":
+            _allow(method, "GET")
+            await response.json(200, service.models())
+        elif path.startswith("/v1/models/"):
+            _allow(method, "GET")
+            name = path.removeprefix("/v1/models/")
+            service._check_model(name)
+            await response.json(200, service.model_card())
+        elif path in ("/v1/chat/completions", "/v1/completions"):
+            _allow(method, "POST")
+            body = await _body(receive)
+            if path == "/v1/chat/completions":
+                chat = parse(body, ChatRequest)
+                await _answer(receive, response, chat.stream, lambda e: service.chat(chat, e))
+            else:
+                text = parse(body, CompletionRequest)
+                await _answer(receive, response, text.stream, lambda e: service.completion(text, e))
+        else:
+            raise ApiError(404, f"no route {method} {scope['path']}", code="unknown_url")
+
+
+async def _answer(
+    receive: Receive,
+    response: _Response,
+    stream: bool,
+    work: Callable[[Any], Awaitable[dict[str, Any] | None]],
+) -> None:
+    """Run `work` (with an emitter when streaming) until it ends or the client goes."""
+    result: dict[str, Any] | None = None
+    failure: ApiError | SymphonyError | None = None
+    gone = False
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:  # the body is read: the next message is a disconnect
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            log.info("client went away: its request is cancelled")
+            gone = True
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        try:
+            result = await work(response.event if stream else None)
+        except (ApiError, SymphonyError) as exc:  # raised past the nursery, not in a group
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if gone:
+        return  # nobody to answer
+    if failure is not None:
+        if not response.started:
+            raise failure
+        error = failure if isinstance(failure, ApiError) else from_symphony(failure)
+        await response.event(error.body())  # mid-stream: an error event, then [DONE]
+    if stream:
+        await response.done()
+    elif result is not None:
+        await response.json(200, result)
+
+
+class _Response:
+    """One response: a JSON body, or server-sent events."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def json(self, status: int, body: dict[str, Any]) -> None:
+        await self._send({"type": "http.response.start", "status": status, "headers": JSON_HEADERS})
+        await self._send({"type": "http.response.body", "body": msgspec.json.encode(body)})
+
+    async def error(self, exc: ApiError) -> None:
+        if self.started:  # headers went out: the stream carries it
+            await self.event(exc.body())
+            await self.done()
+            return
+        await self.json(exc.status, exc.body())
+
+    async def event(self, body: dict[str, Any]) -> None:
+        if not self.started:
+            self.started = True
+            start = {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}
+            await self._send(start)
+        data = b"data: " + msgspec.json.encode(body) + b"\n\n"
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def done(self) -> None:
+        if not self.started:
+            self.started = True
+            start = {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}
+            await self._send(start)
+        await self._send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+def _allow(method: str, allowed: str) -> None:
+    if method != allowed:
+        raise ApiError(405, f"{method} is not allowed here; use {allowed}")
+
+
+async def _body(receive: Receive) -> bytes:
+    parts, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(400, "the client went away before its body was whole")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise ApiError(413, f"the body is larger than {MAX_BODY} bytes")
+        parts.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    socket: str | None = None,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the API on HOST:PORT until cancelled, through one connection to the
+    Symphony server; `task_status` gets the addresses it listens on."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve as serve_asgi
+
+    async with connect(socket) as lip:
+        await lip.mkdir(FOLDER, parents=True)
+        config = Config()
+        config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        config.accesslog = None
+        config.errorlog = log
+        app = App(Service(lip), api_key)
+        await serve_asgi(app, config, task_status=task_status, mode="asgi")  # type: ignore[arg-type]

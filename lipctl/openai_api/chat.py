@@ -1,0 +1,258 @@
+"""POST /v1/chat/completions and POST /v1/completions: a request in, its choices out,
+as one JSON answer or as server-sent chunks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from symphony.lipctl.aio import AsyncLip
+from symphony.lipctl.openai_api.choices import (
+    MAX_GENERATE,
+    Job,
+    TokenTexts,
+    finish_reason,
+    finite,
+    make_choices,
+)
+from symphony.lipctl.openai_api.errors import ApiError
+from symphony.lipctl.openai_api.requests import ChatRequest, CompletionRequest, Message, Sampling
+from symphony.lipctl.openai_api.tools import Tools, history_text, with_tools
+from symphony.lipctl.results import GenerateResult, Piece
+
+Emit = Callable[[dict[str, Any]], Awaitable[None]]  # one server-sent event's JSON
+
+
+class Service:
+    """The model as the API shows it, and the calls behind each endpoint."""
+
+    def __init__(self, lip: AsyncLip) -> None:
+        self.lip = lip
+        model = lip.info["model"]
+        self.model = str(model["name"])
+        self.context = int(model["max_context"])
+        self.fingerprint = f"symphony-{str(model['fingerprint'])[:12]}"
+        self.created = int(time.time())
+
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.model_card()]}
+
+    def model_card(self) -> dict[str, Any]:
+        return {
+            "id": self.model,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "symphony",
+        }
+
+    # the two completions -------------------------------------------------------------
+
+    async def chat(self, req: ChatRequest, emit: Emit | None) -> dict[str, Any] | None:
+        self._check_model(req.model)
+        tools = Tools.of(req.tools, req.tool_choice)
+        messages = [_message(m) for m in req.messages]
+        if tools is not None:
+            messages = with_tools(messages, tools)
+        prompt = await self.lip.apply_chat_template(messages)
+        job = self._job(req, prompt, req.max_completion_tokens or req.max_tokens)
+        job.logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        job.grammar = _grammar(req)
+        if tools is not None and tools.grammar() is not None:
+            if job.grammar is not None:
+                raise ApiError(
+                    400,
+                    "a demanded tool call and a response_format conflict",
+                    param="response_format",
+                )
+            job.grammar = tools.grammar()
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        head = {"id": rid, "created": int(time.time()), "model": self.model}
+        head["system_fingerprint"] = self.fingerprint
+        if emit is None:
+            made = await make_choices(self.lip, job)
+            choices = [
+                await self._chat_choice(i, r, job, tools) for i, r in enumerate(made.results)
+            ]
+            return {**head, "object": "chat.completion", "choices": choices, "usage": made.usage()}
+        chunk = {**head, "object": "chat.completion.chunk"}
+        usage = req.stream_options is not None and req.stream_options.include_usage
+        tail = {"usage": None} if usage else {}
+
+        def delta(i: int, fields: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+            choice = {"index": i, "delta": fields, "logprobs": None, "finish_reason": reason}
+            return {**chunk, "choices": [choice], **tail}
+
+        for i in range(job.n):
+            await emit(delta(i, {"role": "assistant", "content": ""}))
+
+        async def on_piece(i: int, piece: Piece) -> None:
+            if piece.text and tools is None:  # with tools, a choice is read whole first
+                await emit(delta(i, {"content": piece.text}))
+
+        made = await make_choices(self.lip, job, on_piece)
+        for i, result in enumerate(made.results):
+            reason = finish_reason(result)
+            if tools is not None:
+                call = tools.read_call(result.text)
+                if call is not None:  # the call in one delta, its arguments whole
+                    await emit(delta(i, {"tool_calls": [{"index": 0, **call}]}))
+                    reason = "tool_calls"
+                elif result.text:
+                    await emit(delta(i, {"content": result.text}))
+            await emit(delta(i, {}, reason))
+        if usage:  # the last chunk before [DONE], with no choices
+            await emit({**chunk, "choices": [], "usage": made.usage()})
+        return None
+
+    async def completion(self, req: CompletionRequest, emit: Emit | None) -> dict[str, Any] | None:
+        self._check_model(req.model)
+        text: str | None = None  # the prompt as text, or None for token ids
+        if isinstance(req.prompt, str):
+            text = req.prompt
+        elif req.prompt and all(isinstance(p, str) for p in req.prompt):
+            if len(req.prompt) != 1:
+                raise ApiError(400, "one prompt a request is served", param="prompt")
+            text = str(req.prompt[0])
+        elif not all(type(t) is int for t in req.prompt):
+            raise ApiError(400, "a prompt is text, token ids or a list of one text", param="prompt")
+        ids = [int(t) for t in req.prompt] if text is None else await self.lip.tokenize(text)
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        if text is None:
+            text = await self.lip.detokenize(ids)
+        job = self._job(req, ids, req.max_tokens)
+        job.logprobs = req.logprobs
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        head = {"id": rid, "object": "text_completion", "created": int(time.time())}
+        head |= {"model": self.model, "system_fingerprint": self.fingerprint}
+        echo = text if req.echo else ""
+        if emit is None:
+            made = await make_choices(self.lip, job)
+            choices = [await self._text_choice(i, echo, r, job) for i, r in enumerate(made.results)]
+            return {**head, "choices": choices, "usage": made.usage()}
+        usage = req.stream_options is not None and req.stream_options.include_usage
+        tail = {"usage": None} if usage else {}
+
+        def piece_of(i: int, text: str, reason: str | None = None) -> dict[str, Any]:
+            choice = {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+            return {**head, "choices": [choice], **tail}
+
+        if echo:
+            for i in range(job.n):
+                await emit(piece_of(i, echo))
+
+        async def on_piece(i: int, piece: Piece) -> None:
+            if piece.text:
+                await emit(piece_of(i, piece.text))
+
+        made = await make_choices(self.lip, job, on_piece)
+        for i, result in enumerate(made.results):
+            await emit(piece_of(i, "", finish_reason(result)))
+        if usage:
+            await emit({**head, "choices": [], "usage": made.usage()})
+        return None
+
+    # shared ------------------------------------------------------------------------
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model:
+            raise ApiError(
+                404,
+                f"The model `{model}` does not exist; this server serves `{self.model}`",
+                param="model",
+                code="model_not_found",
+            )
+
+    def _job(self, req: Sampling, prompt: list[int], max_tokens: int | None) -> Job:
+        room = self.context - len(prompt)
+        if max_tokens is None:
+            max_tokens = min(room, MAX_GENERATE)
+        if max_tokens > MAX_GENERATE:
+            raise ApiError(400, f"max_tokens is at most {MAX_GENERATE} here", param="max_tokens")
+        if room < max_tokens or room < 1:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {self.context} tokens. However, you "
+                f"requested {len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, "
+                f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return Job(
+            prompt,
+            max_tokens,
+            req.n,
+            req.temperature,
+            req.top_p,
+            req.seed,
+            req.stops(),
+        )
+
+    async def _chat_choice(
+        self, i: int, result: GenerateResult, job: Job, tools: Tools | None
+    ) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": result.text, "refusal": None}
+        choice = {"index": i, "message": message, "finish_reason": finish_reason(result)}
+        call = None if tools is None else tools.read_call(result.text)
+        if call is not None:
+            message["content"], message["tool_calls"] = None, [call]
+            choice["finish_reason"] = "tool_calls"
+        choice["logprobs"] = None
+        if job.logprobs is not None and result.logprobs is not None:
+            texts = TokenTexts(self.lip)
+            await texts.fill(result.logprobs, job.logprobs)
+
+            def entry(token: int, logprob: float) -> dict[str, Any]:
+                text = texts[token]
+                return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode())}
+
+            content = []
+            for e in result.logprobs:
+                top = [entry(t, lp) for t, lp in e.top[: job.logprobs]]
+                content.append({**entry(e.token, e.logprob), "top_logprobs": top})
+            choice["logprobs"] = {"content": content, "refusal": None}
+        return choice
+
+    async def _text_choice(
+        self, i: int, echo: str, result: GenerateResult, job: Job
+    ) -> dict[str, Any]:
+        choice = {"index": i, "text": echo + result.text, "finish_reason": finish_reason(result)}
+        choice["logprobs"] = None
+        if job.logprobs is not None and result.logprobs is not None:
+            texts = TokenTexts(self.lip)
+            await texts.fill(result.logprobs, job.logprobs)
+            tokens = [texts[e.token] for e in result.logprobs]
+            offsets, at = [], len(echo)
+            for text in tokens:
+                offsets.append(at)
+                at += len(text)
+            choice["logprobs"] = {
+                "tokens": tokens,
+                "token_logprobs": [finite(e.logprob) for e in result.logprobs],
+                "top_logprobs": [
+                    {texts[t]: finite(lp) for t, lp in e.top[: job.logprobs]}
+                    for e in result.logprobs
+                ],
+                "text_offset": offsets,
+            }
+        return choice
+
+
+def _message(message: Message) -> dict[str, str]:
+    """A request's message as the chat template takes it."""
+    role = "system" if message.role == "developer" else message.role
+    content = history_text(message) if message.tool_calls else message.text()
+    return {"role": role, "content": content}
+
+
+def _grammar(req: ChatRequest) -> dict[str, Any] | None:
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"json_object": True}
+    if fmt.json_schema is None or not fmt.json_schema.schema_:
+        raise ApiError(400, "json_schema needs a schema", param="response_format.json_schema")
+    return {"json_schema": fmt.json_schema.schema_}

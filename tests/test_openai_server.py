@@ -1,0 +1,357 @@
+"""The OpenAI-compatible LIP (examples/openai_server.py), driven by the real `openai`
+client and by curl, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket as sockets
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jsonschema
+import openai
+import pytest
+
+from symphony.lipctl import connect
+from tests.conftest import make_tiny_engine
+from tests.server_helpers import ROOT, ServerThread
+
+
+def free_port() -> int:
+    with sockets.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_lip(socket_path: str, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """The LIP as `lipctl run` would start it, its output in `log`, once it serves."""
+    port = free_port()
+    env = {**os.environ, "SYMPHONY_SOCKET": socket_path}
+    argv = [sys.executable, str(ROOT / "examples" / "openai_server.py"), "--port", str(port)]
+    with open(log, "w") as out:
+        lip = subprocess.Popen([*argv, *extra], env=env, cwd=ROOT, stdout=out, stderr=out)
+    deadline = time.monotonic() + 60
+    while "serving the OpenAI API" not in log.read_text():
+        assert lip.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    return lip, f"http://127.0.0.1:{port}/v1"
+
+
+def stop_lip(lip: subprocess.Popen, log: Path) -> None:
+    lip.terminate()
+    lip.wait(20)
+    assert "Traceback" not in log.read_text(), log.read_text()  # no request failed inside
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("openai")
+    thread = ServerThread(make_tiny_engine(num_pages=1024, page_size=4), str(folder / "s.sock"))
+    thread.start()
+    log = folder / "lip.log"
+    lip, url = start_lip(thread.server.config.socket_path, log)
+    yield thread, url
+    stop_lip(lip, log)
+    thread.stop()
+    assert thread.error is None
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[1], api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def test_models_and_a_chat_completion(client, model) -> None:
+    assert [m.id for m in client.models.list().data] == [model]
+    assert client.models.retrieve(model).id == model
+    r = client.chat.completions.create(model=model, messages=HELLO, max_tokens=8, temperature=0)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_gives_the_same_text_and_usage_last(client, model) -> None:
+    whole = client.chat.completions.create(
+        model=model, messages=HELLO, max_tokens=12, temperature=0
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=HELLO,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert "\ufffd" not in text or "\ufffd" in whole.choices[0].message.content
+    *body, last = chunks
+    assert last.choices == [] and last.usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.usage is None for c in body)
+    assert body[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_n_choices_share_one_prefill_and_a_seed_repeats_them(served, client, model) -> None:
+    thread, _ = served
+    args = {"model": model, "messages": HELLO, "max_tokens": 10, "n": 3, "seed": 7}
+    first = client.chat.completions.create(**args)
+    again = client.chat.completions.create(**args)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in again.choices]
+    assert len(set(texts)) > 1  # each choice draws from its own stream
+    # the second request found the prompt in the prefix cache
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+    with connect(thread.server.config.socket_path) as lip:
+        assert lip.listdir("openai") == []  # every request's files are gone
+
+
+def test_logprobs_with_five_alternatives(client, model) -> None:
+    r = client.chat.completions.create(
+        model=model, messages=HELLO, max_tokens=6, temperature=0, logprobs=True, top_logprobs=5
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0.0 and len(entry.top_logprobs) == 5
+        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6  # greedy: the best
+
+
+def test_json_schema_responses_validate(client, model) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
+        "required": ["city", "n"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    for seed in range(20):
+        r = client.chat.completions.create(
+            model=model, messages=HELLO, max_tokens=80, seed=seed, response_format=fmt
+        )
+        if r.choices[0].finish_reason == "stop":
+            jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+        else:  # a random model may write a long number; what it wrote is JSON's beginning
+            assert r.choices[0].message.content.startswith('{"city": "')
+
+
+def test_text_completions_with_echo_and_logprobs(client, model) -> None:
+    r = client.completions.create(
+        model=model, prompt="The river", max_tokens=5, temperature=0, echo=True, logprobs=2
+    )
+    choice = r.choices[0]
+    assert choice.text.startswith("The river")
+    assert len(choice.logprobs.tokens) == r.usage.completion_tokens
+    assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs)
+    ids = client.completions.create(model=model, prompt=[84, 104, 101], max_tokens=3)
+    assert ids.usage.prompt_tokens == 3
+
+
+def test_errors_are_openai_error_objects(client, model) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=HELLO, max_tokens="many")  # type: ignore[arg-type]
+    assert "max_tokens" in str(info.value)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert missing.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as long:
+        client.chat.completions.create(model=model, messages=HELLO, max_tokens=8000)
+    assert "maximum context length" in str(long.value)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model, messages=[])
+
+
+def test_an_api_key_is_required_when_set(served, tmp_path) -> None:
+    thread, _ = served
+    log = tmp_path / "keyed.log"
+    lip, url = start_lip(thread.server.config.socket_path, log, "--api-key", "sesame")
+    try:
+        bad = openai.OpenAI(base_url=url, api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=url, api_key="sesame", max_retries=0)
+        assert good.models.list().data
+    finally:
+        stop_lip(lip, log)
+
+
+def test_thirty_two_concurrent_requests(client, model) -> None:
+    results: list[str] = []
+
+    def one(i: int) -> None:
+        r = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": f"Count to {i}."}],
+            max_tokens=6,
+            temperature=0,
+        )
+        results.append(r.choices[0].finish_reason)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 32
+
+
+def test_a_client_that_goes_away_mid_stream_stops_its_work(served, client, model) -> None:
+    thread, _ = served
+    stream = client.chat.completions.create(
+        model=model, messages=HELLO, max_tokens=1500, temperature=1.0, stream=True
+    )
+    for _, _chunk in zip(range(5), stream, strict=False):
+        pass
+    stream.close()  # the connection goes
+    scheduler = thread.server.scheduler
+    deadline = time.monotonic() + 10
+    while True:
+        before = scheduler.num_tokens
+        time.sleep(0.5)
+        if scheduler.num_tokens == before:
+            break
+        assert time.monotonic() < deadline, "the generation went on"
+    with connect(thread.server.config.socket_path) as lip:
+        assert lip.listdir("openai") == []
+
+
+def test_curl_reads_the_event_stream(served, model) -> None:
+    _, url = served
+    body = json.dumps(
+        {"model": model, "messages": HELLO, "max_tokens": 5, "temperature": 0, "stream": True}
+    )
+    out = subprocess.run(
+        [
+            "curl",
+            "-sN",
+            f"{url}/chat/completions",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    events = [line for line in out.stdout.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0].removeprefix("data: "))["object"] == "chat.completion.chunk"
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "pattern": "^[A-Za-z]{1,10}$"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+    },
+}
+
+
+def test_a_required_tool_call_is_parsed_into_tool_calls(client, model) -> None:
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = client.chat.completions.create(
+            model=model,
+            messages=ask,
+            tools=[WEATHER, CLOCK],
+            tool_choice=choice,
+            max_tokens=120,
+            seed=1,
+        )
+        message = r.choices[0].message
+        assert r.choices[0].finish_reason == "tool_calls" and message.content is None
+        (call,) = message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_")
+        if isinstance(choice, dict):
+            assert call.function.name == "get_weather"
+        arguments = json.loads(call.function.arguments)
+        if call.function.name == "get_weather":
+            assert isinstance(arguments["city"], str)
+    # the call and its result go back in, and the chat goes on
+    follow = [
+        *ask,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"},
+    ]
+    r = client.chat.completions.create(model=model, messages=follow, max_tokens=8)
+    assert r.choices[0].message.content is not None
+
+
+def test_a_streamed_tool_call_carries_its_arguments(client, model) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Weather in Oslo?"}],
+            tools=[WEATHER],
+            tool_choice="required",
+            max_tokens=120,
+            seed=2,
+            stream=True,
+        )
+    )
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or []) if c.choices]
+    assert calls and calls[0].function.name == "get_weather"
+    assert "city" in json.loads("".join(tc.function.arguments or "" for tc in calls))
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_lipctl_serve_openai_starts_it_with_the_server(tmp_path) -> None:
+    from tests.server_helpers import start_server_process, stop_server_process
+
+    port = free_port()
+    socket_path = str(tmp_path / "s.sock")
+    server = start_server_process(socket_path, "--pages", "256", "--openai", f"127.0.0.1:{port}")
+    try:
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
+        deadline = time.monotonic() + 60
+        while True:  # the LIP starts once the server is up
+            try:
+                model = api.models.list().data[0].id
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "the OpenAI LIP did not start"
+                time.sleep(0.2)
+        r = api.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=12,
+            temperature=0,
+        )
+        assert "Paris" in r.choices[0].message.content
+        with connect(socket_path) as lip:  # it is a LIP like any other
+            assert any(p["name"] == "openai_server.py" for p in lip.ps())
+    finally:
+        err = stop_server_process(server)
+    assert "Traceback" not in err, err
