@@ -70,12 +70,15 @@ class GenerateState:
             return
         self.pending = self.pending[len(ready) :]
         self.streamed.append(ready)
+        item: dict[str, Any] = {"text": ready, "token_ids": ids}
+        if self.num_logprobs is not None:  # the same tokens' entries
+            item["logprobs"] = self.logprobs[self.emitted_ids : len(self.token_ids)]
         self.emitted_ids = len(self.token_ids)
         if self.stream is not None:
             with contextlib.suppress(
                 trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
             ):
-                self.stream.send_nowait({"text": ready, "token_ids": ids})
+                self.stream.send_nowait(item)
 
     def result(self, file_tokens: int, error: str | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {

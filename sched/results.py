@@ -113,6 +113,7 @@ class Piece(msgspec.Struct, frozen=True):
 
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None  # the tokens' entries, when asked
 
     def __str__(self) -> str:
         return self.text

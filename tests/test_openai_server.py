@@ -134,6 +134,30 @@ def test_logprobs_with_five_alternatives(client, model) -> None:
         assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6  # greedy: the best
 
 
+def test_a_stream_carries_each_tokens_logprobs(client, model) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=HELLO,
+            max_tokens=8,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    entries = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    made = chunks[-1].usage.completion_tokens  # an end token has no text, so no entry
+    assert made - 1 <= len(entries) <= made
+    assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
+
+
 def test_json_schema_responses_validate(client, model) -> None:
     schema = {
         "type": "object",
@@ -355,3 +379,24 @@ def test_lipctl_serve_openai_starts_it_with_the_server(tmp_path) -> None:
     finally:
         err = stop_server_process(server)
     assert "Traceback" not in err, err
+
+
+def test_out_of_pages_is_429_and_the_lip_goes_on(tmp_path) -> None:
+    thread = ServerThread(make_tiny_engine(num_pages=24, page_size=4), str(tmp_path / "s.sock"))
+    thread.start()
+    log = tmp_path / "small.log"
+    lip, url = start_lip(thread.server.config.socket_path, log)
+    try:
+        api = openai.OpenAI(base_url=url, api_key="-", max_retries=0)
+        model = api.models.list().data[0].id
+        long = [{"role": "user", "content": "word " * 60}]  # 300 tokens, 24 pages hold 96
+        with pytest.raises(openai.RateLimitError) as info:
+            api.chat.completions.create(model=model, messages=long, max_tokens=4)
+        assert "pages" in str(info.value)
+        r = api.chat.completions.create(model=model, messages=HELLO[:1], max_tokens=2)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        with connect(thread.server.config.socket_path) as symphony:
+            assert symphony.listdir("openai") == []
+    finally:
+        stop_lip(lip, log)
+        thread.stop()

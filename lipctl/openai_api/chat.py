@@ -87,9 +87,16 @@ class Service:
         for i in range(job.n):
             await emit(delta(i, {"role": "assistant", "content": ""}))
 
+        texts = TokenTexts(self.lip)
+
         async def on_piece(i: int, piece: Piece) -> None:
-            if piece.text and tools is None:  # with tools, a choice is read whole first
-                await emit(delta(i, {"content": piece.text}))
+            if not piece.text or tools is not None:  # with tools, a choice is read whole
+                return
+            chunk = delta(i, {"content": piece.text})
+            if job.logprobs is not None and piece.logprobs:
+                content = await texts.content(piece.logprobs, job.logprobs)
+                chunk["choices"][0]["logprobs"] = {"content": content, "refusal": None}
+            await emit(chunk)
 
         made = await make_choices(self.lip, job, on_piece)
         for i, result in enumerate(made.results):
@@ -201,17 +208,7 @@ class Service:
             choice["finish_reason"] = "tool_calls"
         choice["logprobs"] = None
         if job.logprobs is not None and result.logprobs is not None:
-            texts = TokenTexts(self.lip)
-            await texts.fill(result.logprobs, job.logprobs)
-
-            def entry(token: int, logprob: float) -> dict[str, Any]:
-                text = texts[token]
-                return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode())}
-
-            content = []
-            for e in result.logprobs:
-                top = [entry(t, lp) for t, lp in e.top[: job.logprobs]]
-                content.append({**entry(e.token, e.logprob), "top_logprobs": top})
+            content = await TokenTexts(self.lip).content(result.logprobs, job.logprobs)
             choice["logprobs"] = {"content": content, "refusal": None}
         return choice
 

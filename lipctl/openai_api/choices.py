@@ -151,3 +151,16 @@ class TokenTexts:
 
     def __getitem__(self, token: int) -> str:
         return self._texts[token]
+
+    async def content(self, logprobs: list[TokenLogprob], k: int) -> list[dict[str, Any]]:
+        """Chat's `logprobs.content`: each token with its `k` likeliest alternatives."""
+        await self.fill(logprobs, k)
+
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            text = self._texts[token]
+            return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode())}
+
+        return [
+            {**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top[:k]]}
+            for e in logprobs
+        ]
