@@ -120,7 +120,7 @@ def test_n_choices_share_one_prefill_and_a_seed_repeats_them(served, client, mod
     # the second request found the prompt in the prefix cache
     assert again.usage.prompt_tokens_details.cached_tokens > 0
     with connect(thread.server.config.socket_path) as lip:
-        assert lip.listdir("openai") == []  # every request's files are gone
+        assert lip.listdir("openai-0") == []  # every request's files are gone
 
 
 def test_logprobs_with_five_alternatives(client, model) -> None:
@@ -253,7 +253,7 @@ def test_a_client_that_goes_away_mid_stream_stops_its_work(served, client, model
             break
         assert time.monotonic() < deadline, "the generation went on"
     with connect(thread.server.config.socket_path) as lip:
-        assert lip.listdir("openai") == []
+        assert lip.listdir("openai-0") == []
 
 
 def test_curl_reads_the_event_stream(served, model) -> None:
@@ -393,10 +393,58 @@ def test_out_of_pages_is_429_and_the_lip_goes_on(tmp_path) -> None:
         with pytest.raises(openai.RateLimitError) as info:
             api.chat.completions.create(model=model, messages=long, max_tokens=4)
         assert "pages" in str(info.value)
+        with pytest.raises(openai.RateLimitError):  # a stream too: no headers before pages
+            list(api.chat.completions.create(model=model, messages=long, max_tokens=4, stream=True))
         r = api.chat.completions.create(model=model, messages=HELLO[:1], max_tokens=2)
         assert r.choices[0].finish_reason in ("stop", "length")
         with connect(thread.server.config.socket_path) as symphony:
-            assert symphony.listdir("openai") == []
+            assert symphony.listdir("openai-0") == []
     finally:
         stop_lip(lip, log)
         thread.stop()
+
+
+def test_nulls_for_defaults_and_odd_values_are_served(client, model) -> None:
+    r = client.chat.completions.with_raw_response.create(
+        model=model,
+        messages=HELLO,
+        max_tokens=3,
+        extra_body={"temperature": None, "top_p": 0, "n": None, "stream": None, "seed": -5},
+    ).parse()
+    assert len(r.choices) == 1
+
+
+def test_bad_inputs_are_400_never_500(client, model) -> None:
+    bad = [
+        ("completions", {"prompt": [2**70], "max_tokens": 2}),
+        ("completions", {"prompt": [100000], "max_tokens": 2}),
+        ("chat", {"messages": HELLO, "tool_choice": "required"}),
+        (
+            "chat",
+            {
+                "messages": HELLO,
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": "f"},
+            },
+        ),
+        ("chat", {"messages": [*HELLO, {"role": "assistant", "tool_calls": [{"function": None}]}]}),
+    ]
+    for kind, body in bad:
+        create = (
+            client.completions.create if kind == "completions" else client.chat.completions.create
+        )
+        with pytest.raises(openai.BadRequestError):
+            create(model=model, **body)
+
+
+def test_streamed_text_completions_of_three_choices(client, model) -> None:
+    chunks = list(
+        client.completions.create(model=model, prompt="The river", max_tokens=6, n=3, stream=True)
+    )
+    texts = {i: "" for i in range(3)}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.text
+    assert set(texts) == {0, 1, 2} and all(texts.values())
+    ends = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(ends) == 3

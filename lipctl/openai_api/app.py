@@ -13,7 +13,6 @@ import trio
 
 from symphony.lipctl.aio import connect
 from symphony.lipctl.openai_api.chat import Service
-from symphony.lipctl.openai_api.choices import FOLDER
 from symphony.lipctl.openai_api.errors import ApiError, from_symphony
 from symphony.lipctl.openai_api.requests import MAX_BODY, ChatRequest, CompletionRequest, parse
 from symphony.lipctl.wire import SymphonyError
@@ -76,10 +75,12 @@ class App:
             body = await _body(receive)
             if path == "/v1/chat/completions":
                 chat = parse(body, ChatRequest)
-                await _answer(receive, response, chat.stream, lambda e: service.chat(chat, e))
+                await _answer(receive, response, chat.streaming, lambda e: service.chat(chat, e))
             else:
                 text = parse(body, CompletionRequest)
-                await _answer(receive, response, text.stream, lambda e: service.completion(text, e))
+                await _answer(
+                    receive, response, text.streaming, lambda e: service.completion(text, e)
+                )
         else:
             raise ApiError(404, f"no route {method} {scope['path']}", code="unknown_url")
 
@@ -129,6 +130,7 @@ class _Response:
     def __init__(self, send: Send) -> None:
         self._send = send
         self.started = False
+        self._lock = trio.Lock()  # choices emit at once: the headers go first, once
 
     async def json(self, status: int, body: dict[str, Any]) -> None:
         await self._send({"type": "http.response.start", "status": status, "headers": JSON_HEADERS})
@@ -142,19 +144,19 @@ class _Response:
         await self.json(exc.status, exc.body())
 
     async def event(self, body: dict[str, Any]) -> None:
-        if not self.started:
-            self.started = True
-            start = {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}
-            await self._send(start)
         data = b"data: " + msgspec.json.encode(body) + b"\n\n"
-        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+        await self._body(data, more=True)
 
     async def done(self) -> None:
-        if not self.started:
-            self.started = True
-            start = {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}
-            await self._send(start)
-        await self._send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        await self._body(b"data: [DONE]\n\n", more=False)
+
+    async def _body(self, data: bytes, more: bool) -> None:
+        async with self._lock:
+            if not self.started:
+                self.started = True
+                start = {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}
+                await self._send(start)
+            await self._send({"type": "http.response.body", "body": data, "more_body": more})
 
 
 def _allow(method: str, allowed: str) -> None:
@@ -201,10 +203,11 @@ async def serve(
     from hypercorn.trio import serve as serve_asgi
 
     async with connect(socket) as lip:
-        await lip.mkdir(FOLDER, parents=True)
+        service = Service(lip)
+        await lip.mkdir(service.folder, mode=0o700, parents=True)
         config = Config()
         config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
         config.accesslog = None
         config.errorlog = log
-        app = App(Service(lip), api_key)
+        app = App(service, api_key)
         await serve_asgi(app, config, task_status=task_status, mode="asgi")  # type: ignore[arg-type]

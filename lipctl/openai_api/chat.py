@@ -33,8 +33,12 @@ class Service:
         model = lip.info["model"]
         self.model = str(model["name"])
         self.context = int(model["max_context"])
+        self.vocab_size = int(model["vocab_size"])
         self.fingerprint = f"symphony-{str(model['fingerprint'])[:12]}"
         self.created = int(time.time())
+        # the requests' files, in a folder of the LIP's user's own (0700)
+        self.folder = f"openai-{lip.info['uid']}"
+        self.texts = TokenTexts(lip)  # token ids' texts, asked once for the whole service
 
     def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [self.model_card()]}
@@ -71,7 +75,7 @@ class Service:
         head = {"id": rid, "created": int(time.time()), "model": self.model}
         head["system_fingerprint"] = self.fingerprint
         if emit is None:
-            made = await make_choices(self.lip, job)
+            made = await make_choices(self.lip, self.folder, job)
             choices = [
                 await self._chat_choice(i, r, job, tools) for i, r in enumerate(made.results)
             ]
@@ -84,30 +88,39 @@ class Service:
             choice = {"index": i, "delta": fields, "logprobs": None, "finish_reason": reason}
             return {**chunk, "choices": [choice], **tail}
 
-        for i in range(job.n):
-            await emit(delta(i, {"role": "assistant", "content": ""}))
+        async def on_ready() -> None:  # the pages are there: the stream begins
+            for i in range(job.n):
+                await emit(delta(i, {"role": "assistant", "content": ""}))
 
-        texts = TokenTexts(self.lip)
+        held = [""] * job.n  # text not streamed yet: it may be the start of a tool call
+        streaming = [tools is None] * job.n
 
         async def on_piece(i: int, piece: Piece) -> None:
-            if not piece.text or tools is not None:  # with tools, a choice is read whole
+            text = piece.text
+            if not streaming[i]:  # with tools: text that cannot be a call streams on
+                held[i] += text
+                start = held[i].lstrip()
+                if tools is None or tools.choice != "auto" or not start or start[0] == "{":
+                    return
+                text, held[i], streaming[i] = held[i], "", True
+            if not text:
                 return
-            chunk = delta(i, {"content": piece.text})
+            chunk = delta(i, {"content": text})
             if job.logprobs is not None and piece.logprobs:
-                content = await texts.content(piece.logprobs, job.logprobs)
+                content = await self.texts.content(piece.logprobs, job.logprobs)
                 chunk["choices"][0]["logprobs"] = {"content": content, "refusal": None}
             await emit(chunk)
 
-        made = await make_choices(self.lip, job, on_piece)
+        made = await make_choices(self.lip, self.folder, job, on_piece, on_ready)
         for i, result in enumerate(made.results):
             reason = finish_reason(result)
-            if tools is not None:
+            if tools is not None and not streaming[i]:
                 call = tools.read_call(result.text)
                 if call is not None:  # the call in one delta, its arguments whole
                     await emit(delta(i, {"tool_calls": [{"index": 0, **call}]}))
                     reason = "tool_calls"
-                elif result.text:
-                    await emit(delta(i, {"content": result.text}))
+                elif held[i]:
+                    await emit(delta(i, {"content": held[i]}))
             await emit(delta(i, {}, reason))
         if usage:  # the last chunk before [DONE], with no choices
             await emit({**chunk, "choices": [], "usage": made.usage()})
@@ -127,6 +140,7 @@ class Service:
         ids = [int(t) for t in req.prompt] if text is None else await self.lip.tokenize(text)
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
+        self._check_ids(ids)
         if text is None:
             text = await self.lip.detokenize(ids)
         job = self._job(req, ids, req.max_tokens)
@@ -136,7 +150,7 @@ class Service:
         head |= {"model": self.model, "system_fingerprint": self.fingerprint}
         echo = text if req.echo else ""
         if emit is None:
-            made = await make_choices(self.lip, job)
+            made = await make_choices(self.lip, self.folder, job)
             choices = [await self._text_choice(i, echo, r, job) for i, r in enumerate(made.results)]
             return {**head, "choices": choices, "usage": made.usage()}
         usage = req.stream_options is not None and req.stream_options.include_usage
@@ -146,7 +160,7 @@ class Service:
             choice = {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
             return {**head, "choices": [choice], **tail}
 
-        if echo:
+        async def on_ready() -> None:
             for i in range(job.n):
                 await emit(piece_of(i, echo))
 
@@ -154,7 +168,7 @@ class Service:
             if piece.text:
                 await emit(piece_of(i, piece.text))
 
-        made = await make_choices(self.lip, job, on_piece)
+        made = await make_choices(self.lip, self.folder, job, on_piece, on_ready)
         for i, result in enumerate(made.results):
             await emit(piece_of(i, "", finish_reason(result)))
         if usage:
@@ -172,6 +186,10 @@ class Service:
                 code="model_not_found",
             )
 
+    def _check_ids(self, ids: list[int]) -> None:
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise ApiError(400, f"token ids are in 0..{self.vocab_size - 1}", param="prompt")
+
     def _job(self, req: Sampling, prompt: list[int], max_tokens: int | None) -> Job:
         room = self.context - len(prompt)
         if max_tokens is None:
@@ -187,15 +205,9 @@ class Service:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        return Job(
-            prompt,
-            max_tokens,
-            req.n,
-            req.temperature,
-            req.top_p,
-            req.seed,
-            req.stops(),
-        )
+        self._check_ids(prompt)
+        temperature, top_p, seed = req.sampler()
+        return Job(prompt, max_tokens, req.choices, temperature, top_p, seed, req.stops())
 
     async def _chat_choice(
         self, i: int, result: GenerateResult, job: Job, tools: Tools | None
@@ -208,7 +220,7 @@ class Service:
             choice["finish_reason"] = "tool_calls"
         choice["logprobs"] = None
         if job.logprobs is not None and result.logprobs is not None:
-            content = await TokenTexts(self.lip).content(result.logprobs, job.logprobs)
+            content = await self.texts.content(result.logprobs, job.logprobs)
             choice["logprobs"] = {"content": content, "refusal": None}
         return choice
 
@@ -218,7 +230,7 @@ class Service:
         choice = {"index": i, "text": echo + result.text, "finish_reason": finish_reason(result)}
         choice["logprobs"] = None
         if job.logprobs is not None and result.logprobs is not None:
-            texts = TokenTexts(self.lip)
+            texts = self.texts
             await texts.fill(result.logprobs, job.logprobs)
             tokens = [texts[e.token] for e in result.logprobs]
             offsets, at = [], len(echo)

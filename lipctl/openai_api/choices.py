@@ -21,11 +21,11 @@ from symphony.lipctl.aio import AsyncKV, AsyncLip
 from symphony.lipctl.results import GenerateResult, Piece, TokenLogprob
 from symphony.lipctl.wire import SymphonyError
 
-FOLDER = "openai"  # the server's files for requests in flight
 MAX_GENERATE = 8192  # tokens one generate makes at most (the syscall's bound)
 NEG_INF_LOGPROB = -9999.0  # what OpenAI's API writes for a token of probability 0
 
 OnPiece = Callable[[int, Piece], Awaitable[None]]
+OnReady = Callable[[], Awaitable[None]]
 
 
 @dataclass
@@ -67,21 +67,34 @@ class Made:
         }
 
 
-async def make_choices(lip: AsyncLip, job: Job, on_piece: OnPiece | None = None) -> Made:
-    """Prefill once, fork per choice, generate them all at once; `on_piece(i, piece)`
-    streams choice i as it comes. The request's files are gone when this returns.
+async def make_choices(
+    lip: AsyncLip,
+    folder: str,
+    job: Job,
+    on_piece: OnPiece | None = None,
+    on_ready: OnReady | None = None,
+) -> Made:
+    """Prefill once, fork per choice, generate them all at once; `on_ready()` once the
+    pages are there (a stream's headers go then, after an out-of-pages could still be a
+    429), `on_piece(i, piece)` streams choice i as it comes. The request's files (in
+    `folder`) are gone when this returns.
 
     Raises:
         SymphonyError: a syscall failed (the files are gone all the same).
     """
-    base = f"{FOLDER}/{uuid.uuid4().hex}"
+    base = f"{folder}/{uuid.uuid4().hex}"
+    # every name the request may make, known before any is: a cancel while a create or
+    # fork is in flight (made on the server, not yet answered) leaves no file behind
+    names = [f"{base}.kv", *(f"{base}-{i}.kv" for i in range(1, job.n))]
     files: list[AsyncKV] = []
     try:
-        first = await lip.kv(f"{base}.kv", create=True, exclusive=True)
+        first = await lip.kv(names[0], create=True, exclusive=True)
         files.append(first)
         prefill = await first.forward(job.prompt)
-        for i in range(1, job.n):
-            files.append(await first.fork(f"{base}-{i}.kv"))
+        for name in names[1:]:
+            files.append(await first.fork(name))
+        if on_ready is not None:
+            await on_ready()
         results: list[GenerateResult | None] = [None] * job.n
         failed: list[SymphonyError] = []
 
@@ -102,9 +115,9 @@ async def make_choices(lip: AsyncLip, job: Job, on_piece: OnPiece | None = None)
         return Made(done, len(job.prompt), prefill.cached)
     finally:
         with trio.CancelScope(shield=True):  # a client gone still frees its pages
-            for kv in files:
-                with contextlib.suppress(SymphonyError):
-                    await kv.unlink()
+            for name in names:
+                with contextlib.suppress(SymphonyError):  # ENOENT: never made
+                    await lip.call("kv_unlink", path=name)
 
 
 async def _generate(kv: AsyncKV, i: int, job: Job, on_piece: OnPiece | None) -> GenerateResult:

@@ -57,17 +57,35 @@ class StreamOptions(Body, kw_only=True):
 class Sampling(Body, kw_only=True):
     """What chat and text completions share."""
 
+    # null is what a client that writes every field sends for "the default"
     model: str
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] = 1.0
-    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
-    n: Annotated[int, msgspec.Meta(ge=1, le=MAX_N)] = 1
-    seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    n: Annotated[int, msgspec.Meta(ge=1, le=MAX_N)] | None = None
+    seed: int | None = None
     stop: str | Annotated[list[str], msgspec.Meta(max_length=4)] | None = None
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0  # accepted, not applied
-    frequency_penalty: float = 0.0  # accepted, not applied
+    presence_penalty: float | None = None  # accepted, not applied
+    frequency_penalty: float | None = None  # accepted, not applied
+    logit_bias: dict[str, float] | None = None  # accepted, not applied
+
+    @property
+    def choices(self) -> int:
+        return 1 if self.n is None else self.n
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream)
+
+    def sampler(self) -> tuple[float, float, int | None]:
+        """temperature, top_p (0 is as good as greedy: a tiny one) and seed (any int:
+        taken modulo 2**63)."""
+        temperature = 1.0 if self.temperature is None else self.temperature
+        top_p = 1.0 if self.top_p is None else max(self.top_p, 1e-6)
+        seed = None if self.seed is None else self.seed % 2**63
+        return temperature, top_p, seed
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -79,7 +97,7 @@ class Sampling(Body, kw_only=True):
 class ChatRequest(Sampling, kw_only=True):
     messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
     max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
@@ -88,7 +106,7 @@ class ChatRequest(Sampling, kw_only=True):
 
 class CompletionRequest(Sampling, kw_only=True):
     prompt: str | list[Any]  # text, token ids, or a list of one text (checked by chat.py)
-    echo: bool = False
+    echo: bool | None = None
     logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = 16
 
@@ -101,6 +119,8 @@ def parse(raw: bytes, kind: type[Body]) -> Any:
     """
     try:
         return msgspec.json.decode(raw, type=kind)
+    except RecursionError:
+        raise ApiError(400, "the body is nested too deep") from None
     except msgspec.ValidationError as exc:
         text = str(exc)
         param = text.rsplit("at `$.", 1)[1].rstrip("`") if "at `$." in text else None

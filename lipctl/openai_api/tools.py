@@ -9,6 +9,7 @@ write text or a call, and an answer that parses as a call of a listed tool is on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -33,7 +34,13 @@ class Tools:
     @classmethod
     def of(cls, tools: list[dict[str, Any]] | None, choice: Any) -> Tools | None:
         """Raises: ApiError: 400 naming what is malformed."""
-        if not tools or choice == "none":
+        if not tools:
+            if choice not in (None, "none", "auto"):
+                raise ApiError(
+                    400, "tool_choice asks a call, and no tools are given", param="tool_choice"
+                )
+            return None
+        if choice == "none":
             return None
         functions: dict[str, dict[str, Any]] = {}
         for i, tool in enumerate(tools):
@@ -48,7 +55,8 @@ class Tools:
             functions[fn["name"]] = {"description": fn.get("description", ""), "parameters": params}
         if choice is None or choice in ("auto", "required"):
             return cls(functions, choice or "auto")
-        name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+        wanted = choice.get("function") if isinstance(choice, dict) else None
+        name = wanted.get("name") if isinstance(wanted, dict) else None
         if name not in functions:
             raise ApiError(
                 400, f"tool_choice names no listed function: {choice!r}", param="tool_choice"
@@ -105,11 +113,17 @@ def with_tools(messages: list[dict[str, str]], tools: Tools) -> list[dict[str, s
 def history_text(message: Any) -> str:
     """An earlier assistant turn's tool calls, written as the model writes them."""
     calls = []
-    for call in message.tool_calls or ():
-        fn = call.get("function", {})
-        try:
-            arguments = json.loads(fn.get("arguments") or "{}")
-        except ValueError:
-            arguments = fn.get("arguments")
-        calls.append(json.dumps({"name": fn.get("name"), "arguments": arguments}))
+    for i, call in enumerate(message.tool_calls or ()):
+        fn = call.get("function")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ApiError(
+                400,
+                "a tool call is {function: {name, arguments}}",
+                param=f"messages.tool_calls[{i}]",
+            )
+        arguments = fn.get("arguments") or "{}"
+        if isinstance(arguments, str):  # JSON text, as the API writes it (else as it is)
+            with contextlib.suppress(ValueError):
+                arguments = json.loads(arguments)
+        calls.append(json.dumps({"name": fn["name"], "arguments": arguments}))
     return "\n".join([message.text(), *calls]).strip()
