@@ -448,3 +448,12 @@ def test_streamed_text_completions_of_three_choices(client, model) -> None:
     assert set(texts) == {0, 1, 2} and all(texts.values())
     ends = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(ends) == 3
+
+
+def test_logit_bias_steers_the_tokens(client, model) -> None:
+    r = client.chat.completions.create(
+        model=model, messages=HELLO, max_tokens=5, temperature=0, logit_bias={"120": 100}
+    )
+    assert r.choices[0].message.content == "xxxxx"  # the tiny tokenizer: 120 is "x"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model, messages=HELLO, logit_bias={"x": 1})

@@ -207,7 +207,9 @@ class Service:
             )
         self._check_ids(prompt)
         temperature, top_p, seed = req.sampler()
-        return Job(prompt, max_tokens, req.choices, temperature, top_p, seed, req.stops())
+        job = Job(prompt, max_tokens, req.choices, temperature, top_p, seed, req.stops())
+        job.logit_bias = req.bias(self.vocab_size)
+        return job
 
     async def _chat_choice(
         self, i: int, result: GenerateResult, job: Job, tools: Tools | None

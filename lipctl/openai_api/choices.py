@@ -41,12 +41,14 @@ class Job:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: none; else this many alternatives a token
     grammar: dict[str, Any] | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def sampler(self, choice: int) -> dict[str, Any]:
         """Choice i draws from stream seed + i: the choices differ, and the same seed
         gives the same choices again."""
         seed = None if self.seed is None else (self.seed + choice) % 2**63
-        return {"temperature": self.temperature, "top_p": self.top_p, "seed": seed}
+        fields = {"temperature": self.temperature, "top_p": self.top_p, "seed": seed}
+        return {**fields, "logit_bias": self.logit_bias} if self.logit_bias else fields
 
 
 @dataclass

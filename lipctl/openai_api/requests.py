@@ -69,7 +69,7 @@ class Sampling(Body, kw_only=True):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None  # accepted, not applied
     frequency_penalty: float | None = None  # accepted, not applied
-    logit_bias: dict[str, float] | None = None  # accepted, not applied
+    logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100, le=100)]] | None = None
 
     @property
     def choices(self) -> int:
@@ -78,6 +78,18 @@ class Sampling(Body, kw_only=True):
     @property
     def streaming(self) -> bool:
         return bool(self.stream)
+
+    def bias(self, vocab_size: int) -> dict[int, float]:
+        """logit_bias by token id (the API writes the ids as strings)."""
+        out: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            token = int(key) if key.isdigit() else -1
+            if not 0 <= token < vocab_size:
+                raise ApiError(
+                    400, f"logit_bias keys are token ids, not {key!r}", param="logit_bias"
+                )
+            out[token] = value
+        return out
 
     def sampler(self) -> tuple[float, float, int | None]:
         """temperature, top_p (0 is as good as greedy: a tiny one) and seed (any int:
