@@ -457,3 +457,30 @@ def test_logit_bias_steers_the_tokens(client, model) -> None:
     assert r.choices[0].message.content == "xxxxx"  # the tiny tokenizer: 120 is "x"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=model, messages=HELLO, logit_bias={"x": 1})
+
+
+def test_a_request_that_waits_too_long_for_a_turn_is_503(served, tmp_path) -> None:
+    thread, _ = served
+    log = tmp_path / "one.log"
+    lip, url = start_lip(
+        thread.server.config.socket_path, log, "--max-requests", "1", "--queue-seconds", "0.3"
+    )
+    try:
+        api = openai.OpenAI(base_url=url, api_key="-", max_retries=0, timeout=60)
+        model = api.models.list().data[0].id
+        long = api.chat.completions.create(
+            model=model,
+            messages=HELLO,
+            max_tokens=1900,
+            stream=True,
+            temperature=1.0,
+            logit_bias={"256": -100, "258": -100},  # no end token: it runs all 1,900
+        )
+        next(iter(long))  # it has the only turn, and does not read on: it keeps it
+        with pytest.raises(openai.InternalServerError) as info:
+            api.chat.completions.create(model=model, messages=HELLO, max_tokens=2)
+        assert info.value.status_code == 503
+        assert info.value.body["code"] == "overloaded"
+        long.close()
+    finally:
+        stop_lip(lip, log)

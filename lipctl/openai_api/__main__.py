@@ -21,11 +21,25 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get("SYMPHONY_API_KEY"),
         help="require this bearer token (default $SYMPHONY_API_KEY; none: open)",
     )
+    parser.add_argument("--max-requests", type=int, default=32, help="generating at once")
+    parser.add_argument(
+        "--queue-seconds", type=float, default=30.0, help="a request's wait for a turn (then 503)"
+    )
     args = parser.parse_args(argv)
+    if args.max_requests < 1 or args.queue_seconds < 0:
+        parser.error("--max-requests is at least 1 and --queue-seconds at least 0")
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(serve, args.host, args.port, args.api_key)
+            binds = await nursery.start(
+                serve,
+                args.host,
+                args.port,
+                args.api_key,
+                None,
+                args.max_requests,
+                args.queue_seconds,
+            )
             print(f"serving the OpenAI API on {', '.join(binds)}", flush=True)
 
     trio.run(run)

@@ -194,6 +194,8 @@ async def serve(
     port: int = 8000,
     api_key: str | None = None,
     socket: str | None = None,
+    max_requests: int = 32,
+    queue_seconds: float = 30.0,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -203,7 +205,7 @@ async def serve(
     from hypercorn.trio import serve as serve_asgi
 
     async with connect(socket) as lip:
-        service = Service(lip)
+        service = Service(lip, max_requests, queue_seconds)
         await lip.mkdir(service.folder, mode=0o700, parents=True)
         config = Config()
         config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]

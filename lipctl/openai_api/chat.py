@@ -8,10 +8,15 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import trio
+
 from symphony.lipctl.aio import AsyncLip
 from symphony.lipctl.openai_api.choices import (
     MAX_GENERATE,
     Job,
+    Made,
+    OnPiece,
+    OnReady,
     TokenTexts,
     finish_reason,
     finite,
@@ -28,8 +33,12 @@ Emit = Callable[[dict[str, Any]], Awaitable[None]]  # one server-sent event's JS
 class Service:
     """The model as the API shows it, and the calls behind each endpoint."""
 
-    def __init__(self, lip: AsyncLip) -> None:
+    def __init__(self, lip: AsyncLip, max_requests: int = 32, queue_seconds: float = 30.0) -> None:
         self.lip = lip
+        # requests generating at once (one connection carries them all); the rest wait
+        # this long for a turn, then are told 503
+        self.running = trio.CapacityLimiter(max_requests)
+        self.queue_seconds = queue_seconds
         model = lip.info["model"]
         self.model = str(model["name"])
         self.context = int(model["max_context"])
@@ -75,7 +84,7 @@ class Service:
         head = {"id": rid, "created": int(time.time()), "model": self.model}
         head["system_fingerprint"] = self.fingerprint
         if emit is None:
-            made = await make_choices(self.lip, self.folder, job)
+            made = await self._make(job)
             choices = [
                 await self._chat_choice(i, r, job, tools) for i, r in enumerate(made.results)
             ]
@@ -111,7 +120,7 @@ class Service:
                 chunk["choices"][0]["logprobs"] = {"content": content, "refusal": None}
             await emit(chunk)
 
-        made = await make_choices(self.lip, self.folder, job, on_piece, on_ready)
+        made = await self._make(job, on_piece, on_ready)
         for i, result in enumerate(made.results):
             reason = finish_reason(result)
             if tools is not None and not streaming[i]:
@@ -150,7 +159,7 @@ class Service:
         head |= {"model": self.model, "system_fingerprint": self.fingerprint}
         echo = text if req.echo else ""
         if emit is None:
-            made = await make_choices(self.lip, self.folder, job)
+            made = await self._make(job)
             choices = [await self._text_choice(i, echo, r, job) for i, r in enumerate(made.results)]
             return {**head, "choices": choices, "usage": made.usage()}
         usage = req.stream_options is not None and req.stream_options.include_usage
@@ -168,7 +177,7 @@ class Service:
             if piece.text:
                 await emit(piece_of(i, piece.text))
 
-        made = await make_choices(self.lip, self.folder, job, on_piece, on_ready)
+        made = await self._make(job, on_piece, on_ready)
         for i, result in enumerate(made.results):
             await emit(piece_of(i, "", finish_reason(result)))
         if usage:
@@ -176,6 +185,26 @@ class Service:
         return None
 
     # shared ------------------------------------------------------------------------
+
+    async def _make(
+        self, job: Job, on_piece: OnPiece | None = None, on_ready: OnReady | None = None
+    ) -> Made:
+        """make_choices, once the request has its turn.
+
+        Raises:
+            ApiError: 503 when no turn came within queue_seconds.
+        """
+        turn = object()
+        with trio.move_on_after(self.queue_seconds) as waited:
+            await self.running.acquire_on_behalf_of(turn)
+        if waited.cancelled_caught:
+            raise ApiError(
+                503, "the server is busy with other requests; try again later", code="overloaded"
+            )
+        try:
+            return await make_choices(self.lip, self.folder, job, on_piece, on_ready)
+        finally:
+            self.running.release_on_behalf_of(turn)
 
     def _check_model(self, model: str) -> None:
         if model != self.model:

@@ -15,7 +15,9 @@ STATUS_OF_ERRNO = {
     "EDQUOT": 429,
     "EAGAIN": 429,
     "EBUSY": 503,
-    "ECONNREFUSED": 503,
+    "ECONNREFUSED": 503,  # the Symphony server is gone or restarting
+    "ECONNRESET": 503,
+    "EPIPE": 503,
 }
 TYPE_OF_STATUS = {
     400: "invalid_request_error",
