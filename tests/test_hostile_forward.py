@@ -3,7 +3,6 @@ context, costly outputs, another user's cache domain; a masked last token recomp
 
 from __future__ import annotations
 
-import array
 import socket
 import time
 
@@ -15,6 +14,7 @@ from symphony.fs.errors import StoreError
 from symphony.fs.nodes import Cred
 from symphony.lipctl import SymphonyError, connect
 from symphony.sched.protocol import FrameBuffer, encode
+from tests.logit_rows import logits
 from tests.server_helpers import ServerThread
 from tests.tiny import tiny_model_files
 
@@ -31,11 +31,6 @@ def lip(tiny_server):
 def fresh(lip, path: str, tokens: list[int], mode: int = 0o600) -> None:  # type: ignore[no-untyped-def]
     lip.call("kv_open", path=path, create=True, mode=mode)
     lip.call("forward", path=path, tokens=tokens)
-
-
-def logits(result: dict, at: int) -> list[float]:
-    (out,) = [o for o in result["outputs"] if o["at"] == at]
-    return array.array("f", out["logits"]).tolist()
 
 
 def test_scratch_work_on_a_file_truncated_meanwhile_harms_nobody(lip, tiny_server) -> None:

@@ -3,7 +3,6 @@ sharing pages where they land unmoved on a page boundary, moved and re-rotated o
 
 from __future__ import annotations
 
-import array
 import errno
 
 import pytest
@@ -15,6 +14,7 @@ from symphony.fs.store import KVStore
 from symphony.lipctl import SymphonyError, connect
 from symphony.sched.control import parse_command
 from tests.conftest import make_tiny_engine
+from tests.logit_rows import close, logits
 
 PROMPT = [72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 10, 65]  # 14 tokens
 LONG = PROMPT * 2  # 28 tokens, 7 pages of 4
@@ -28,15 +28,6 @@ STRANGER = Cred(1234, 1234)
 def lip(tiny_server):
     with connect(tiny_server.server.config.socket_path) as lip:
         yield lip
-
-
-def logits(result: dict, at: int) -> list[float]:
-    (out,) = [o for o in result["outputs"] if o["at"] == at]
-    return array.array("f", out["logits"]).tolist()
-
-
-def close(a: list[float], b: list[float], tolerance: float = 1e-4) -> bool:
-    return max(abs(x - y) for x, y in zip(a, b, strict=True)) < tolerance
 
 
 def split(lip, at: int, reposition: bool) -> None:  # type: ignore[no-untyped-def]

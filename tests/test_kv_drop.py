@@ -4,11 +4,10 @@ copied first."""
 
 from __future__ import annotations
 
-import array
-
 import pytest
 
 from symphony.lipctl import SymphonyError, connect
+from tests.logit_rows import close, logits
 
 PROMPT = [72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 10, 65]  # 14 tokens
 NEW = [100, 33, 10]
@@ -23,15 +22,6 @@ def lip(tiny_server):
 def fresh(lip, path: str, tokens: list[int]) -> None:  # type: ignore[no-untyped-def]
     lip.call("kv_open", path=path, create=True)
     lip.call("forward", path=path, tokens=tokens)
-
-
-def logits(result: dict, at: int) -> list[float]:
-    (out,) = [o for o in result["outputs"] if o["at"] == at]
-    return array.array("f", out["logits"]).tolist()
-
-
-def close(a: list[float], b: list[float]) -> bool:
-    return max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
 
 
 ASK = [{"at": [0, 1, 2], "logits": True}]

@@ -3,8 +3,6 @@ their keys turned to the new positions by RoPE (StreamingLLM's attention sinks).
 
 from __future__ import annotations
 
-import array
-
 import pytest
 import torch
 
@@ -13,6 +11,7 @@ from symphony.engine.rope import apply_rope, rope_tables, rotate_cached_keys
 from symphony.fs.nodes import ROOT
 from symphony.lipctl import SymphonyError, connect
 from symphony.sched.control import parse_command
+from tests.logit_rows import close, logits
 from tests.tiny import tiny_config
 
 PROMPT = [72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 10, 65]  # 14 tokens
@@ -24,15 +23,6 @@ ASK = [{"at": [0, 1, 2], "logits": True}]
 def lip(tiny_server):
     with connect(tiny_server.server.config.socket_path) as lip:
         yield lip
-
-
-def logits(result: dict, at: int) -> list[float]:
-    (out,) = [o for o in result["outputs"] if o["at"] == at]
-    return array.array("f", out["logits"]).tolist()
-
-
-def close(a: list[float], b: list[float], tolerance: float = 1e-4) -> bool:
-    return max(abs(x - y) for x, y in zip(a, b, strict=True)) < tolerance
 
 
 def slots_of(pages: list[int], indices: range, page_size: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ import pytest
 from symphony.fs.errors import StoreError
 from symphony.fs.nodes import Cred
 from symphony.lipctl import SymphonyError, connect
+from tests.logit_rows import close
 
 PROMPT = [72, 101, 108, 108, 111, 32, 119, 111, 114, 108]  # 10 byte tokens
 NEW = [100, 33, 10]
@@ -24,10 +25,6 @@ def lip(tiny_server):
 def logits_of(result: dict, at: int) -> list[float]:
     (out,) = [o for o in result["outputs"] if o["at"] == at]
     return array.array("f", out["logits"]).tolist()
-
-
-def close(a: list[float], b: list[float], tol: float = 1e-4) -> bool:
-    return max(abs(x - y) for x, y in zip(a, b, strict=True)) <= tol
 
 
 def fresh(lip, path: str, tokens: list[int], **args) -> dict:  # type: ignore[no-untyped-def]
