@@ -182,8 +182,9 @@ def test_text_completions_with_echo_and_logprobs(client, model) -> None:
     )
     choice = r.choices[0]
     assert choice.text.startswith("The river")
-    assert len(choice.logprobs.tokens) == r.usage.completion_tokens
-    assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs)
+    # echo: the prompt's tokens, then the completion's
+    assert len(choice.logprobs.tokens) == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert all(top is None or len(top) <= 2 for top in choice.logprobs.top_logprobs)
     ids = client.completions.create(model=model, prompt=[84, 104, 101], max_tokens=3)
     assert ids.usage.prompt_tokens == 3
 
@@ -484,3 +485,22 @@ def test_a_request_that_waits_too_long_for_a_turn_is_503(served, tmp_path) -> No
         long.close()
     finally:
         stop_lip(lip, log)
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(client, model) -> None:
+    prompt = "The river bends"
+    scored = client.completions.create(
+        model=model, prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0
+    )
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == prompt
+    assert "".join(lp.tokens) == prompt  # the tiny tokenizer: a token a byte
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    assert lp.text_offset[0] == 0 and lp.text_offset[-1] == len(prompt) - 1
+    assert scored.usage.completion_tokens == 0
+    more = client.completions.create(
+        model=model, prompt=prompt, max_tokens=3, echo=True, logprobs=1, temperature=0
+    )
+    tail = more.choices[0].logprobs
+    assert len(tail.tokens) == len(prompt) + 3
+    assert tail.token_logprobs[1 : len(prompt)] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)

@@ -25,7 +25,7 @@ from symphony.lipctl.openai_api.choices import (
 from symphony.lipctl.openai_api.errors import ApiError
 from symphony.lipctl.openai_api.requests import ChatRequest, CompletionRequest, Message, Sampling
 from symphony.lipctl.openai_api.tools import Tools, history_text, with_tools
-from symphony.lipctl.results import GenerateResult, Piece
+from symphony.lipctl.results import GenerateResult, Piece, TokenLogprob
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]  # one server-sent event's JSON
 
@@ -154,13 +154,17 @@ class Service:
             text = await self.lip.detokenize(ids)
         job = self._job(req, ids, req.max_tokens)
         job.logprobs = req.logprobs
+        if req.echo and req.logprobs is not None:
+            job.prompt_logprobs = req.logprobs
         rid = f"cmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "object": "text_completion", "created": int(time.time())}
         head |= {"model": self.model, "system_fingerprint": self.fingerprint}
         echo = text if req.echo else ""
         if emit is None:
             made = await self._make(job)
-            choices = [await self._text_choice(i, echo, r, job) for i, r in enumerate(made.results)]
+            choices = [
+                await self._text_choice(i, echo, r, job, made) for i, r in enumerate(made.results)
+            ]
             return {**head, "choices": choices, "usage": made.usage()}
         usage = req.stream_options is not None and req.stream_options.include_usage
         tail = {"usage": None} if usage else {}
@@ -256,27 +260,39 @@ class Service:
         return choice
 
     async def _text_choice(
-        self, i: int, echo: str, result: GenerateResult, job: Job
+        self, i: int, echo: str, result: GenerateResult, job: Job, made: Made
     ) -> dict[str, Any]:
         choice = {"index": i, "text": echo + result.text, "finish_reason": finish_reason(result)}
         choice["logprobs"] = None
-        if job.logprobs is not None and result.logprobs is not None:
-            texts = self.texts
-            await texts.fill(result.logprobs, job.logprobs)
-            tokens = [texts[e.token] for e in result.logprobs]
-            offsets, at = [], len(echo)
-            for text in tokens:
-                offsets.append(at)
-                at += len(text)
-            choice["logprobs"] = {
-                "tokens": tokens,
-                "token_logprobs": [finite(e.logprob) for e in result.logprobs],
-                "top_logprobs": [
-                    {texts[t]: finite(lp) for t, lp in e.top[: job.logprobs]}
-                    for e in result.logprobs
-                ],
-                "text_offset": offsets,
-            }
+        if job.logprobs is None or result.logprobs is None:
+            return choice
+        k = job.logprobs
+        texts = self.texts
+        entries = result.logprobs
+        await texts.fill([*made.prompt_logprobs, *entries], k)
+        tokens: list[str] = []
+        token_logprobs: list[float | None] = []
+        top: list[dict[str, float] | None] = []
+        if job.prompt_logprobs is not None:  # echo: the prompt's tokens come first
+            await texts.fill([TokenLogprob(job.prompt[0], 0.0, [])], 0)
+            tokens.append(texts[job.prompt[0]])  # nothing predicts the first
+            token_logprobs.append(None)
+            top.append(None)
+            entries = [*made.prompt_logprobs, *entries]
+        for e in entries:
+            tokens.append(texts[e.token])
+            token_logprobs.append(finite(e.logprob))
+            top.append({texts[t]: finite(lp) for t, lp in e.top[:k]})
+        offsets, at = [], 0 if job.prompt_logprobs is not None else len(echo)
+        for text in tokens:
+            offsets.append(at)
+            at += len(text)
+        choice["logprobs"] = {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top,
+            "text_offset": offsets,
+        }
         return choice
 
 

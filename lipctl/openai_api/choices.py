@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 from symphony.lipctl.aio import AsyncKV, AsyncLip
-from symphony.lipctl.results import GenerateResult, Piece, TokenLogprob
+from symphony.lipctl.results import ForwardResult, GenerateResult, Piece, TokenLogprob, Usage
 from symphony.lipctl.wire import SymphonyError
 
 MAX_GENERATE = 8192  # tokens one generate makes at most (the syscall's bound)
@@ -42,6 +42,7 @@ class Job:
     logprobs: int | None = None  # None: none; else this many alternatives a token
     grammar: dict[str, Any] | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
+    prompt_logprobs: int | None = None  # the prompt's tokens' logprobs, with k alternatives
 
     def sampler(self, choice: int) -> dict[str, Any]:
         """Choice i draws from stream seed + i: the choices differ, and the same seed
@@ -58,6 +59,7 @@ class Made:
     results: list[GenerateResult]
     prompt_tokens: int
     cached_tokens: int
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens 1..
 
     def usage(self) -> dict[str, Any]:
         completion = sum(len(r.token_ids) for r in self.results)
@@ -92,7 +94,7 @@ async def make_choices(
     try:
         first = await lip.kv(names[0], create=True, exclusive=True)
         files.append(first)
-        prefill = await first.forward(job.prompt)
+        prefill = await first.forward(job.prompt, outputs=_prompt_asks(job))
         for name in names[1:]:
             files.append(await first.fork(name))
         if on_ready is not None:
@@ -102,6 +104,9 @@ async def make_choices(
 
         async def one(i: int, cancel: trio.CancelScope) -> None:
             try:
+                if not job.max_tokens:  # the prompt alone was asked about
+                    results[i] = _nothing(files[i], prefill, len(job.prompt))
+                    return
                 results[i] = await _generate(files[i], i, job, on_piece)
             except SymphonyError as exc:  # one choice failing ends the request
                 failed.append(exc)
@@ -114,12 +119,37 @@ async def make_choices(
             raise failed[0]
         done = [r for r in results if r is not None]
         assert len(done) == job.n
-        return Made(done, len(job.prompt), prefill.cached)
+        made = Made(done, len(job.prompt), prefill.cached)
+        made.prompt_logprobs = _prompt_logprobs(job.prompt, prefill)
+        return made
     finally:
         with trio.CancelScope(shield=True):  # a client gone still frees its pages
             for name in names:
                 with contextlib.suppress(SymphonyError):  # ENOENT: never made
                     await lip.call("kv_unlink", path=name)
+
+
+def _prompt_asks(job: Job) -> list[dict[str, Any]] | None:
+    """The prefill's outputs: each prompt token's logprob after the ones before it."""
+    if job.prompt_logprobs is None:
+        return None
+    k = job.prompt_logprobs
+    return [
+        {"at": i, "logprobs": [job.prompt[i + 1]], **({"top_k": k} if k else {})}
+        for i in range(len(job.prompt) - 1)
+    ]
+
+
+def _prompt_logprobs(prompt: list[int], prefill: ForwardResult) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(prompt[o.at + 1], (o.logprobs or [(0, 0.0)])[0][1], list(o.top_k or []))
+        for o in sorted(prefill.outputs, key=lambda o: o.at)
+    ]
+
+
+def _nothing(kv: AsyncKV, prefill: ForwardResult, prompt_tokens: int) -> GenerateResult:
+    usage = Usage(prompt_tokens, prefill.cached, 0)
+    return GenerateResult("", [], "length", prefill.tokens, usage, logprobs=[])
 
 
 async def _generate(kv: AsyncKV, i: int, job: Job, on_piece: OnPiece | None) -> GenerateResult:

@@ -120,7 +120,8 @@ class CompletionRequest(Sampling, kw_only=True):
     prompt: str | list[Any]  # text, token ids, or a list of one text (checked by chat.py)
     echo: bool | None = None
     logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = 16
+    # 0 with echo and logprobs: score the prompt only (as lm-evaluation-harness does)
+    max_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = 16
 
 
 def parse(raw: bytes, kind: type[Body]) -> Any:
