@@ -64,3 +64,32 @@ def tiny_server(tmp_path):
 def mounted():
     """(mount point, socket) of a tiny-model server mounted for real (tests/mount_helpers.py)."""
     yield from mounted_server()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny-model server in a thread, and the OpenAI LIP on it: (thread, base URL)."""
+    from tests.openai_helpers import start_lip, stop_lip
+    from tests.server_helpers import ServerThread
+
+    folder = tmp_path_factory.mktemp("openai")
+    thread = ServerThread(make_tiny_engine(num_pages=1024, page_size=4), str(folder / "s.sock"))
+    thread.start()
+    log = folder / "lip.log"
+    lip, url = start_lip(thread.server.config.socket_path, log)
+    yield thread, url
+    stop_lip(lip, log)
+    thread.stop()
+    assert thread.error is None
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    import openai
+
+    return openai.OpenAI(base_url=served[1], api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id

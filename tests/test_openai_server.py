@@ -4,73 +4,16 @@ client and by curl, on the tiny model."""
 from __future__ import annotations
 
 import json
-import os
-import socket as sockets
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import jsonschema
 import openai
 import pytest
 
 from symphony.lipctl import connect
-from tests.conftest import make_tiny_engine
-from tests.server_helpers import ROOT, ServerThread
-
-
-def free_port() -> int:
-    with sockets.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_lip(socket_path: str, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """The LIP as `lipctl run` would start it, its output in `log`, once it serves."""
-    port = free_port()
-    env = {**os.environ, "SYMPHONY_SOCKET": socket_path}
-    argv = [sys.executable, str(ROOT / "examples" / "openai_server.py"), "--port", str(port)]
-    with open(log, "w") as out:
-        lip = subprocess.Popen([*argv, *extra], env=env, cwd=ROOT, stdout=out, stderr=out)
-    deadline = time.monotonic() + 60
-    while "serving the OpenAI API" not in log.read_text():
-        assert lip.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
-    return lip, f"http://127.0.0.1:{port}/v1"
-
-
-def stop_lip(lip: subprocess.Popen, log: Path) -> None:
-    lip.terminate()
-    lip.wait(20)
-    assert "Traceback" not in log.read_text(), log.read_text()  # no request failed inside
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("openai")
-    thread = ServerThread(make_tiny_engine(num_pages=1024, page_size=4), str(folder / "s.sock"))
-    thread.start()
-    log = folder / "lip.log"
-    lip, url = start_lip(thread.server.config.socket_path, log)
-    yield thread, url
-    stop_lip(lip, log)
-    thread.stop()
-    assert thread.error is None
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    return openai.OpenAI(base_url=served[1], api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
-HELLO = [{"role": "user", "content": "Say hello."}]
+from tests.openai_helpers import HELLO, free_port, start_lip, stop_lip
 
 
 def test_models_and_a_chat_completion(client, model) -> None:
@@ -282,76 +225,6 @@ def test_curl_reads_the_event_stream(served, model) -> None:
     assert json.loads(events[0].removeprefix("data: "))["object"] == "chat.completion.chunk"
 
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "pattern": "^[A-Za-z]{1,10}$"}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-CLOCK = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
-    },
-}
-
-
-def test_a_required_tool_call_is_parsed_into_tool_calls(client, model) -> None:
-    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
-    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        r = client.chat.completions.create(
-            model=model,
-            messages=ask,
-            tools=[WEATHER, CLOCK],
-            tool_choice=choice,
-            max_tokens=120,
-            seed=1,
-        )
-        message = r.choices[0].message
-        assert r.choices[0].finish_reason == "tool_calls" and message.content is None
-        (call,) = message.tool_calls
-        assert call.type == "function" and call.id.startswith("call_")
-        if isinstance(choice, dict):
-            assert call.function.name == "get_weather"
-        arguments = json.loads(call.function.arguments)
-        if call.function.name == "get_weather":
-            assert isinstance(arguments["city"], str)
-    # the call and its result go back in, and the chat goes on
-    follow = [
-        *ask,
-        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-        {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"},
-    ]
-    r = client.chat.completions.create(model=model, messages=follow, max_tokens=8)
-    assert r.choices[0].message.content is not None
-
-
-def test_a_streamed_tool_call_carries_its_arguments(client, model) -> None:
-    chunks = list(
-        client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": "Weather in Oslo?"}],
-            tools=[WEATHER],
-            tool_choice="required",
-            max_tokens=120,
-            seed=2,
-            stream=True,
-        )
-    )
-    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or []) if c.choices]
-    assert calls and calls[0].function.name == "get_weather"
-    assert "city" in json.loads("".join(tc.function.arguments or "" for tc in calls))
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
-
-
 def test_lipctl_serve_openai_starts_it_with_the_server(tmp_path) -> None:
     from tests.server_helpers import start_server_process, stop_server_process
 
@@ -380,29 +253,6 @@ def test_lipctl_serve_openai_starts_it_with_the_server(tmp_path) -> None:
     finally:
         err = stop_server_process(server)
     assert "Traceback" not in err, err
-
-
-def test_out_of_pages_is_429_and_the_lip_goes_on(tmp_path) -> None:
-    thread = ServerThread(make_tiny_engine(num_pages=24, page_size=4), str(tmp_path / "s.sock"))
-    thread.start()
-    log = tmp_path / "small.log"
-    lip, url = start_lip(thread.server.config.socket_path, log)
-    try:
-        api = openai.OpenAI(base_url=url, api_key="-", max_retries=0)
-        model = api.models.list().data[0].id
-        long = [{"role": "user", "content": "word " * 60}]  # 300 tokens, 24 pages hold 96
-        with pytest.raises(openai.RateLimitError) as info:
-            api.chat.completions.create(model=model, messages=long, max_tokens=4)
-        assert "pages" in str(info.value)
-        with pytest.raises(openai.RateLimitError):  # a stream too: no headers before pages
-            list(api.chat.completions.create(model=model, messages=long, max_tokens=4, stream=True))
-        r = api.chat.completions.create(model=model, messages=HELLO[:1], max_tokens=2)
-        assert r.choices[0].finish_reason in ("stop", "length")
-        with connect(thread.server.config.socket_path) as symphony:
-            assert symphony.listdir("openai-0") == []
-    finally:
-        stop_lip(lip, log)
-        thread.stop()
 
 
 def test_nulls_for_defaults_and_odd_values_are_served(client, model) -> None:
@@ -458,33 +308,6 @@ def test_logit_bias_steers_the_tokens(client, model) -> None:
     assert r.choices[0].message.content == "xxxxx"  # the tiny tokenizer: 120 is "x"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=model, messages=HELLO, logit_bias={"x": 1})
-
-
-def test_a_request_that_waits_too_long_for_a_turn_is_503(served, tmp_path) -> None:
-    thread, _ = served
-    log = tmp_path / "one.log"
-    lip, url = start_lip(
-        thread.server.config.socket_path, log, "--max-requests", "1", "--queue-seconds", "0.3"
-    )
-    try:
-        api = openai.OpenAI(base_url=url, api_key="-", max_retries=0, timeout=60)
-        model = api.models.list().data[0].id
-        long = api.chat.completions.create(
-            model=model,
-            messages=HELLO,
-            max_tokens=1900,
-            stream=True,
-            temperature=1.0,
-            logit_bias={"256": -100, "258": -100},  # no end token: it runs all 1,900
-        )
-        next(iter(long))  # it has the only turn, and does not read on: it keeps it
-        with pytest.raises(openai.InternalServerError) as info:
-            api.chat.completions.create(model=model, messages=HELLO, max_tokens=2)
-        assert info.value.status_code == 503
-        assert info.value.body["code"] == "overloaded"
-        long.close()
-    finally:
-        stop_lip(lip, log)
 
 
 def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(client, model) -> None:
