@@ -119,15 +119,7 @@ def _grammar_after(grammar: Grammar, file: KVFile, start: int, end: int) -> Gram
         twin.start -= end - start
         return twin
     twin = grammar.at(start)
-    tail = file.token_ids[end:]
-    bad = twin.refused(tail)
-    if bad is not None:
-        raise StoreError(
-            errno.EINVAL,
-            f"the file's grammar refuses what the drop leaves: token {tail[bad]} "
-            f"at index {start + bad}",
-        )
-    twin.feed(tail)
+    twin.feed_checked(file.token_ids[end:], start)
     return twin
 
 
