@@ -14,6 +14,7 @@ import pytest
 
 from symphony.lipctl import connect
 from tests.openai_helpers import HELLO, free_port, start_lip, stop_lip
+from tests.tiny import SPECIALS
 
 
 def test_models_and_a_chat_completion(client, model) -> None:
@@ -64,6 +65,28 @@ def test_n_choices_share_one_prefill_and_a_seed_repeats_them(served, client, mod
     assert again.usage.prompt_tokens_details.cached_tokens > 0
     with connect(thread.server.config.socket_path) as lip:
         assert lip.listdir("openai-0") == []  # every request's files are gone
+
+
+def test_n_choices_generate_on_forks_that_share_the_prompts_pages(served, client, model) -> None:
+    thread, _ = served
+    long_prompt = [{"role": "user", "content": "Tell me about rivers and the sea. " * 6}]
+    stream = client.chat.completions.create(
+        model=model,
+        messages=long_prompt,
+        max_tokens=400,
+        n=3,
+        seed=1,
+        stream=True,
+        logit_bias={str(256 + SPECIALS.index("<|im_end|>")): -100},  # still going when we look
+    )
+    next(c for c in stream if c.choices and c.choices[0].delta.content)
+    with connect(thread.server.config.socket_path) as lip:
+        stats = [lip.kv(f"openai-0/{name}").stat() for name in lip.listdir("openai-0")]
+    stream.close()
+    assert len(stats) == 3  # the prefilled file and its two forks, one per choice
+    prompt_pages = min(s["tokens"] for s in stats) // 4 - 1  # page_size 4
+    assert prompt_pages > 10
+    assert all(s["shared_pages"] >= prompt_pages for s in stats)
 
 
 def test_logprobs_with_five_alternatives(client, model) -> None:
@@ -289,14 +312,15 @@ def test_bad_inputs_are_400_never_500(client, model) -> None:
 
 
 def test_streamed_text_completions_of_three_choices(client, model) -> None:
-    chunks = list(
-        client.completions.create(model=model, prompt="The river", max_tokens=6, n=3, stream=True)
-    )
+    args = {"model": model, "prompt": "The river", "max_tokens": 6, "n": 3, "seed": 11}
+    whole = client.completions.create(**args)
+    chunks = list(client.completions.create(**args, stream=True))
     texts = {i: "" for i in range(3)}
     for c in chunks:
         for choice in c.choices:
             texts[choice.index] += choice.text
-    assert set(texts) == {0, 1, 2} and all(texts.values())
+    # a choice may be empty (an end token first, or bytes of a character not yet whole)
+    assert list(texts.values()) == [c.text for c in whole.choices]
     ends = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(ends) == 3
 

@@ -130,3 +130,89 @@ def test_a_request_that_waits_too_long_for_a_turn_is_503(served, tmp_path) -> No
         long.close()
     finally:
         stop_lip(lip, log)
+
+
+async def test_a_stream_whose_client_reads_nothing_is_cancelled(served) -> None:
+    """A client that keeps its connection and reads nothing: hypercorn's socket writes
+    are shielded, so the app's first body write blocks as one to a full socket does.
+    The request is cancelled after stall_seconds and its files (pages) are gone."""
+    import msgspec
+    import trio
+
+    from symphony.lipctl.aio import connect as connect_async
+    from symphony.lipctl.openai_api.app import App
+    from symphony.lipctl.openai_api.chat import Service
+
+    thread, _ = served
+    socket = thread.server.config.socket_path
+    body = {"model": "m", "messages": HELLO, "max_tokens": 1500, "stream": True}
+    unblocked = trio.Event()
+    sent: list[dict] = []
+    received = []
+
+    async def receive() -> dict:
+        if not received:
+            received.append(body)
+            return {"type": "http.request", "body": msgspec.json.encode(body)}
+        await trio.sleep_forever()  # connected, never gone
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            with trio.CancelScope(shield=True):  # as hypercorn's send_all to a full socket
+                await unblocked.wait()
+
+    async with connect_async(socket) as lip:
+        service = Service(lip)
+        body["model"] = service.model
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions"}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(App(service, stall_seconds=0.5), scope, receive, send)
+            try:
+                with trio.fail_after(30):
+                    while not await lip.listdir(service.folder):
+                        await trio.sleep(0.01)  # the request's file is made
+                    while await lip.listdir(service.folder):
+                        await trio.sleep(0.05)  # and gone, though the client never read
+                tokens = thread.server.scheduler.num_tokens
+                await trio.sleep(0.5)
+                assert thread.server.scheduler.num_tokens == tokens  # nothing generates
+            finally:
+                unblocked.set()  # the client reads at last: the handler ends
+    assert sent[0]["status"] == 200
+
+
+def test_a_stopped_server_removes_its_files_and_a_killed_ones_are_swept(served, tmp_path) -> None:
+    thread, _ = served
+
+    def files() -> list[str]:
+        with connect(thread.server.config.socket_path) as symphony:
+            return symphony.listdir("openai-0")
+
+    def open_stream(url: str):
+        api = openai.OpenAI(base_url=url, api_key="-", max_retries=0, timeout=60)
+        stream = api.chat.completions.create(
+            model=api.models.list().data[0].id,
+            messages=HELLO,
+            max_tokens=1900,
+            stream=True,
+            logit_bias={"256": -100, "258": -100},  # no end token: it runs on
+        )
+        next(iter(stream))
+        return stream
+
+    killed, url = start_lip(thread.server.config.socket_path, tmp_path / "killed.log")
+    stream = open_stream(url)
+    killed.kill()  # mid-request: its files stay, as files do
+    killed.wait(20)
+    stream.close()
+    assert len(files()) == 1
+    log = tmp_path / "stopped.log"
+    stopped, url = start_lip(thread.server.config.socket_path, log)
+    assert files() == []  # it swept the killed one's
+    stream = open_stream(url)
+    assert len(files()) == 1
+    stop_lip(stopped, log)  # SIGTERM, mid-request
+    assert stopped.returncode == 0
+    stream.close()
+    assert files() == []

@@ -5,11 +5,16 @@ run this)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
+import threading
 
 import trio
 
 from symphony.lipctl.openai_api.app import serve
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,12 +30,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--queue-seconds", type=float, default=30.0, help="a request's wait for a turn (then 503)"
     )
+    parser.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=60.0,
+        help="a stream whose client reads nothing this long is cancelled",
+    )
     args = parser.parse_args(argv)
-    if args.max_requests < 1 or args.queue_seconds < 0:
-        parser.error("--max-requests is at least 1 and --queue-seconds at least 0")
+    if args.max_requests < 1 or args.queue_seconds < 0 or args.stall_seconds <= 0:
+        parser.error(
+            "--max-requests is at least 1, --queue-seconds at least 0, --stall-seconds above 0"
+        )
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
             binds = await nursery.start(
                 serve,
                 args.host,
@@ -39,10 +53,27 @@ def main(argv: list[str] | None = None) -> None:
                 None,
                 args.max_requests,
                 args.queue_seconds,
+                args.stall_seconds,
             )
             print(f"serving the OpenAI API on {', '.join(binds)}", flush=True)
 
     trio.run(run)
+
+
+STOP_SECONDS = 5.0  # a stop waits this long for streams whose clients read nothing
+
+
+async def _stop_on_signal(server: trio.CancelScope) -> None:
+    """SIGTERM or SIGINT stops it cleanly: every request is cancelled, and so its files
+    are removed (streams still being sent get STOP_SECONDS, then the process exits)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal %d: stopping", signum)
+            deadline = threading.Timer(STOP_SECONDS, os._exit, (0,))
+            deadline.daemon = True
+            deadline.start()
+            server.cancel()
+            return
 
 
 if __name__ == "__main__":

@@ -8,29 +8,30 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
 import trio
 
 from symphony.lipctl.aio import connect
 from symphony.lipctl.openai_api.chat import Service
 from symphony.lipctl.openai_api.errors import ApiError, from_symphony
+from symphony.lipctl.openai_api.request_files import sweep
 from symphony.lipctl.openai_api.requests import MAX_BODY, ChatRequest, CompletionRequest, parse
+from symphony.lipctl.openai_api.response import Response, Send
 from symphony.lipctl.wire import SymphonyError
 
 log = logging.getLogger(__name__)
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-JSON_HEADERS = [(b"content-type", b"application/json")]
-SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
 class App:
     """ASGI: GET /v1/models, POST /v1/chat/completions and /v1/completions."""
 
-    def __init__(self, service: Service, api_key: str | None = None) -> None:
+    def __init__(
+        self, service: Service, api_key: str | None = None, stall_seconds: float = 60.0
+    ) -> None:
         self.service = service
         self.api_key = api_key
+        self.stall_seconds = stall_seconds  # a stream's client reading nothing this long
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -38,17 +39,21 @@ class App:
             return
         if scope["type"] != "http":
             return
-        response = _Response(send)
-        try:
-            self._authorize(scope)
-            await self._route(scope, receive, response)
-        except ApiError as exc:
-            await response.error(exc)
-        except SymphonyError as exc:
-            await response.error(from_symphony(exc))
-        except Exception:  # a bug answers 500, and the server goes on
-            log.exception("request failed")
-            await response.error(ApiError(500, "internal error; the server logged it"))
+        response = Response(send, self.stall_seconds)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(response.write)
+            try:
+                self._authorize(scope)
+                await self._route(scope, receive, response)
+            except ApiError as exc:
+                await response.error(exc)
+            except SymphonyError as exc:
+                await response.error(from_symphony(exc))
+            except Exception:  # a bug answers 500, and the server goes on
+                log.exception("request failed")
+                await response.error(ApiError(500, "internal error; the server logged it"))
+            finally:
+                response.close()  # the writer sends what is queued, then ends
 
     def _authorize(self, scope: dict[str, Any]) -> None:
         if self.api_key is None:
@@ -59,7 +64,7 @@ class App:
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise ApiError(401, "Incorrect or missing API key", code="invalid_api_key")
 
-    async def _route(self, scope: dict[str, Any], receive: Receive, response: _Response) -> None:
+    async def _route(self, scope: dict[str, Any], receive: Receive, response: Response) -> None:
         method, path = scope["method"], scope["path"].rstrip("/")
         service = self.service
         if path == "/v1/models":
@@ -87,7 +92,7 @@ class App:
 
 async def _answer(
     receive: Receive,
-    response: _Response,
+    response: Response,
     stream: bool,
     work: Callable[[Any], Awaitable[dict[str, Any] | None]],
 ) -> None:
@@ -96,6 +101,7 @@ async def _answer(
     failure: ApiError | SymphonyError | None = None
     gone = False
     async with trio.open_nursery() as nursery:
+        response.work = nursery.cancel_scope  # a stalled stream cancels it
 
         async def watch() -> None:  # the body is read: the next message is a disconnect
             nonlocal gone
@@ -111,8 +117,8 @@ async def _answer(
         except (ApiError, SymphonyError) as exc:  # raised past the nursery, not in a group
             failure = exc
         nursery.cancel_scope.cancel()
-    if gone:
-        return  # nobody to answer
+    if gone or response.stalled:
+        return  # nobody to answer, or nobody reading
     if failure is not None:
         if not response.started:
             raise failure
@@ -122,41 +128,6 @@ async def _answer(
         await response.done()
     elif result is not None:
         await response.json(200, result)
-
-
-class _Response:
-    """One response: a JSON body, or server-sent events."""
-
-    def __init__(self, send: Send) -> None:
-        self._send = send
-        self.started = False
-        self._lock = trio.Lock()  # choices emit at once: the headers go first, once
-
-    async def json(self, status: int, body: dict[str, Any]) -> None:
-        await self._send({"type": "http.response.start", "status": status, "headers": JSON_HEADERS})
-        await self._send({"type": "http.response.body", "body": msgspec.json.encode(body)})
-
-    async def error(self, exc: ApiError) -> None:
-        if self.started:  # headers went out: the stream carries it
-            await self.event(exc.body())
-            await self.done()
-            return
-        await self.json(exc.status, exc.body())
-
-    async def event(self, body: dict[str, Any]) -> None:
-        data = b"data: " + msgspec.json.encode(body) + b"\n\n"
-        await self._body(data, more=True)
-
-    async def done(self) -> None:
-        await self._body(b"data: [DONE]\n\n", more=False)
-
-    async def _body(self, data: bytes, more: bool) -> None:
-        async with self._lock:
-            if not self.started:
-                self.started = True
-                start = {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}
-                await self._send(start)
-            await self._send({"type": "http.response.body", "body": data, "more_body": more})
 
 
 def _allow(method: str, allowed: str) -> None:
@@ -196,6 +167,7 @@ async def serve(
     socket: str | None = None,
     max_requests: int = 32,
     queue_seconds: float = 30.0,
+    stall_seconds: float = 60.0,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -207,9 +179,10 @@ async def serve(
     async with connect(socket) as lip:
         service = Service(lip, max_requests, queue_seconds)
         await lip.mkdir(service.folder, mode=0o700, parents=True)
+        await sweep(lip, service.folder)  # the files of a server killed mid-request
         config = Config()
         config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
         config.accesslog = None
         config.errorlog = log
-        app = App(service, api_key)
+        app = App(service, api_key, stall_seconds)
         await serve_asgi(app, config, task_status=task_status, mode="asgi")  # type: ignore[arg-type]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import trio
 
 from symphony.lipctl.aio import AsyncKV, AsyncLip
+from symphony.lipctl.openai_api.request_files import request_base
 from symphony.lipctl.results import ForwardResult, GenerateResult, Piece, TokenLogprob, Usage
 from symphony.lipctl.wire import SymphonyError
 
@@ -86,7 +86,7 @@ async def make_choices(
     Raises:
         SymphonyError: a syscall failed (the files are gone all the same).
     """
-    base = f"{folder}/{uuid.uuid4().hex}"
+    base = request_base(folder)
     # every name the request may make, known before any is: a cancel while a create or
     # fork is in flight (made on the server, not yet answered) leaves no file behind
     names = [f"{base}.kv", *(f"{base}-{i}.kv" for i in range(1, job.n))]

@@ -1,0 +1,61 @@
+"""Where the requests' KV files live, and what becomes of those of a killed server.
+
+Each request's files are in a folder of the LIP user's own (0700) and go when the
+request ends. A LIP killed mid-request (`lipctl kill`, a crash) cannot remove them, and
+files outlive their programs, as files do; so each name begins with the pid of the LIP
+that made it (and its pid namespace), and a LIP starting up removes the files of pids
+of its namespace that no longer run. Sweeping too little is safe, a live server's files
+never: a pid taken since by another process keeps its files until that one ends, and
+files of another namespace (a LIP in another container) stay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+
+from symphony.lipctl.aio import AsyncLip
+from symphony.lipctl.wire import SymphonyError
+
+log = logging.getLogger(__name__)
+
+
+def request_base(folder: str) -> str:
+    """A fresh name stem for one request's files: `folder/NAMESPACE-PID-HEX`."""
+    return f"{folder}/{_namespace()}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
+async def sweep(lip: AsyncLip, folder: str) -> int:
+    """Remove the files in `folder` of LIPs that no longer run; returns how many."""
+    removed = 0
+    for name in await lip.listdir(folder):
+        namespace, pid, rest = [*name.split("-", 2), "", ""][:3]
+        if namespace != _namespace() or not pid.isdigit() or not rest or _running(int(pid)):
+            continue
+        with contextlib.suppress(SymphonyError):  # gone meanwhile, or not a KV file
+            await lip.call("kv_unlink", path=f"{folder}/{name}")
+            removed += 1
+    if removed:
+        log.info("removed %d files left by stopped servers in %s", removed, folder)
+    return removed
+
+
+def _namespace() -> str:
+    """This process's pid namespace, as a number (its inode)."""
+    try:
+        link = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return "0"
+    return "".join(c for c in link if c.isdigit()) or "0"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: running
+        return True
+    return True
