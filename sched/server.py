@@ -177,12 +177,17 @@ class Server:
                 self.state.save_all()
 
     async def _start_openai(self, nursery: trio.Nursery, where: str) -> None:
-        """The OpenAI-compatible server, a LIP of the server's own user like any other."""
+        """The OpenAI-compatible server, a LIP of the server's own user like any other:
+        it may hold a uid's share of the pages (root's LIPs are not bound by the share
+        otherwise) and runs as long as the server (the most CPU time any LIP gets)."""
         host, _, port = where.rpartition(":")
         args = ["--host", host or "127.0.0.1", "--port", port]
         me = Cred(os.getuid(), os.getgid())
         program = "from symphony.lipctl.openai_api.__main__ import main\nmain()\n"
-        proc = await self.procs.spawn(nursery, me, program, args, "openai_server.py", {}, Limits())
+        limits = Limits(
+            cpu_seconds=self.procs.caps.max_cpu_seconds, pages=self.store.charges.uid_share
+        )
+        proc = await self.procs.spawn(nursery, me, program, args, "openai_server.py", {}, limits)
         log.info("the OpenAI API starts on %s (pid %d)", where, proc.pid)
 
     async def _listen(self) -> trio.SocketListener:

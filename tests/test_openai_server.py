@@ -272,7 +272,10 @@ def test_lipctl_serve_openai_starts_it_with_the_server(tmp_path) -> None:
         )
         assert "Paris" in r.choices[0].message.content
         with connect(socket_path) as lip:  # it is a LIP like any other
-            assert any(p["name"] == "openai_server.py" for p in lip.ps())
+            (row,) = [p for p in lip.ps() if p["name"] == "openai_server.py"]
+        # bound like any uid's LIPs, though the server's user may be root: 128 of 256 pages
+        assert row["limits"]["pages"] == 128
+        assert row["limits"]["cpu_seconds"] == 24 * 3600  # not killed after an hour
     finally:
         err = stop_server_process(server)
     assert "Traceback" not in err, err
