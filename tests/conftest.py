@@ -93,3 +93,17 @@ def client(served):
 @pytest.fixture(scope="module")
 def model(client):
     return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def tiny_socket(tmp_path_factory):
+    """The socket of a tiny-model server in a thread (1,024 pages of 4), for the program
+    library's tests (tests/program_helpers.py loads an example to run on it)."""
+    from tests.server_helpers import ServerThread
+
+    folder = tmp_path_factory.mktemp("programs")
+    thread = ServerThread(make_tiny_engine(num_pages=1024, page_size=4), str(folder / "s.sock"))
+    thread.start()
+    yield thread.server.config.socket_path
+    thread.stop()
+    assert thread.error is None

@@ -223,6 +223,21 @@ def test_another_uid_cannot_touch_roots_file_nor_hit_its_prefix(server):
         ("json_extractor.py", ["Ada Lovelace, aged 36, lived in London."], "extracted: "),
         ("attention_sink_chat.py", ["10", "300"], "bounded: True"),
         ("document_modules.py", ["Where is the Louvre?", "louvre", "tower"], "A: "),
+        (
+            "guidance_decoding.py",
+            ["Tell me about the moon.", "Answer like a pirate.", "1.5", "12"],
+            "guided (gamma ",
+        ),
+        ("best_of_n.py", ["Why is the sky blue?", "3", "12"], "best of "),
+        ("watermark.py", ["Write a haiku about rain.", "16"], "watermarked z: "),
+        ("few_shot_tree.py", ["2", "4"], "accuracy: "),
+        ("graph_of_thought.py", [], "answer: "),
+        ("react_agent.py", [], "answer: "),
+        ("output_validation.py", ["6"], "valid: "),
+        ("jacobi_decoding.py", ["24"], "same tokens: True"),
+        ("tree_of_thought.py", ["3 4 5", "35", "2", "1"], "best path (value "),
+        ("skeleton_of_thought.py", ["How can I improve my sleep?", "16"], "joined "),
+        ("self_consistency.py", ["4"], "majority answer: "),
     ],
 )
 def test_example_lips_run(server, example, args, expect):
@@ -247,6 +262,12 @@ def test_example_lips_run(server, example, args, expect):
         line = next(ln for ln in out.stdout.splitlines() if ln.startswith("extracted: "))
         person = json.loads(line.removeprefix("extracted: "))
         assert set(person) == {"name", "age", "city"} and isinstance(person["age"], int)
+    if example == "watermark.py":  # the detector tells the watermarked text from the plain
+        line = next(ln for ln in out.stdout.splitlines() if ln.startswith("watermarked z: "))
+        marked, plain = (float(part.split(": ")[1]) for part in line.split(", "))
+        assert marked > 2.0 > plain
+    if example == "output_validation.py":  # every line valid after the retries
+        assert "valid: 1.00 of 6 lines" in out.stdout
     if example == "attention_sink_chat.py":  # the context never ran out: every turn answered
         assert out.stdout.count("turn ") == 10
     if example == "agent_calculator.py":

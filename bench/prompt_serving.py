@@ -1,0 +1,51 @@
+"""Doing a program's job by prompt serving, the baseline bench/programs.py measures each
+program of the library against.
+
+A prompt-serving client sends whole prompts: every request is a fresh KV file that gets
+the whole prompt, one `generate` (or one scoring forward) and is removed. It forks
+nothing and keeps nothing between requests, and bench/programs.py runs it on a server
+started with `--no-prefix-cache`, so no request reuses another's prompt. Requests may
+go at once, as a batching prompt server (vLLM, SGLang) would take them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from symphony.lipctl.aio import AsyncLip
+from symphony.lipctl.results import GenerateResult
+
+FOLDER = "prompt-serving"
+_names = itertools.count()
+
+
+def _fresh_name() -> str:
+    return f"{FOLDER}/{os.getpid()}-{next(_names)}.kv"
+
+
+async def generate(lip: AsyncLip, prompt: Sequence[int], **args: Any) -> GenerateResult:
+    """One request: the whole `prompt`, then `generate(**args)` on a fresh file."""
+    await lip.mkdir(FOLDER, parents=True)
+    kv = await lip.kv(_fresh_name(), create=True)
+    try:
+        await kv.append(prompt)
+        return await kv.generate(**args)
+    finally:
+        await kv.unlink()
+
+
+async def logprob(lip: AsyncLip, prompt: Sequence[int], continuation: Sequence[int]) -> float:
+    """One request: the summed logprob of `continuation` after `prompt` (both computed,
+    on a fresh file), as a prompt server's `echo` + `logprobs` gives it."""
+    await lip.mkdir(FOLDER, parents=True)
+    kv = await lip.kv(_fresh_name(), create=True)
+    tokens = [*prompt, *continuation]
+    asks = [{"at": i, "logprobs": [tokens[i + 1]]} for i in range(len(prompt) - 1, len(tokens) - 1)]
+    try:
+        result = await kv.forward(tokens, outputs=asks)
+    finally:
+        await kv.unlink()
+    return sum(o.logprobs[0][1] for o in result.outputs if o.logprobs)

@@ -1,0 +1,240 @@
+"""A ReAct agent: thoughts and tool calls in one KV file that grows, the tools in the LIP.
+
+ReAct (Yao et al. 2022, arXiv:2210.03629) interleaves reasoning and acting: the model
+writes a Thought, then an Action (a tool call); the program runs the tool and appends the
+Observation, and so on until the action is finish[answer]. The tools run here, next to
+the model, so each observation is appended to the context and nothing is prefilled twice.
+Each action is generated under a Lark grammar that lets through only the four tool calls;
+a call whose tool fails is rolled back (`kv.truncate` to before it) and generated again
+with another seed, at most MAX_RETRIES times; then its error is the observation.
+
+Tools: calculator[expr] (+ - * / and parentheses over numbers); read[path] (a text file
+under --root, default the current folder: no absolute path, no '..', no link out);
+python[code] (one line in a separate `python -I` process, at most 2 s of wall and CPU
+time and 256 MiB, its output cut to 500 characters). That bounds time and memory only:
+the code can read what the LIP's user can, and no network ban is enforced.
+
+Calls: apply_chat_template, tokenize, kv.append, kv.generate(stop=, blocked=, grammar=),
+kv.truncate, kv.unlink. `act` runs on anything with append/generate/truncate, so the
+bench runs the same loop by prompt serving.
+
+    lipctl run examples/react_agent.py ["QUESTION" [--root DIR]]
+
+Without a question it asks one about a file it writes into a temporary folder.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from symphony.lipctl.aio import AsyncLip, connect
+
+SYSTEM = (
+    "You answer a question in steps. Each step is a line 'Thought: ...' and a line 'Action: "
+    "...', one of: calculator[expression] computes arithmetic; read[path] gives a file's "
+    "text; python[code] runs one line of Python and gives what it prints; finish[answer] "
+    "ends with the answer. Each action is followed by a line 'Observation: ...'.\n"
+    "Example. Question: What is the sum of the numbers in a.txt?\nThought: I read the file."
+    "\nAction: read[a.txt]\nObservation: 4 9\nThought: I add them.\nAction: calculator[4+9]"
+    "\nObservation: 13\nThought: I know the answer.\nAction: finish[13]"
+)
+GRAMMAR = {
+    "lark": r"""
+start: " " (calculator | read | python | finish) "\n"
+calculator: "calculator[" /[0-9+\-*\/(). ]{1,60}/ "]"
+read: "read[" /[A-Za-z0-9_.\/-]{1,60}/ "]"
+python: "python[" /[^\n]{0,120}\]/
+finish: "finish[" /[^\]\n]{1,80}/ "]"
+"""
+}
+ACTION = re.compile(r" (calculator|read|python|finish)\[(.*)\]\n", re.DOTALL)
+MAX_RETRIES = 2
+THOUGHT_TOKENS, ACTION_TOKENS = 32, 48
+OBSERVATION_CHARS = 500
+DEMO_FILE, DEMO_TEXT = "prices.txt", "apple 3\npear 5\nplum 7\n"
+QUESTION = f"Read the file {DEMO_FILE}, then add the three prices with the calculator."
+BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+BINARY[ast.Div] = operator.truediv
+UNARY: dict[type[ast.unaryop], Callable[[float], float]] = {ast.USub: operator.neg}
+
+
+class ToolError(Exception):
+    """A tool call that failed; the message is what the model sees if no retry helps."""
+
+
+def calculate(expression: str) -> str:
+    """+ - * / and parentheses over numbers; nothing else (no names, no powers)."""
+
+    def value(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value  # (True and False are ints too: harmless)
+        if isinstance(node, ast.BinOp) and type(node.op) in BINARY:
+            return BINARY[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY:
+            return UNARY[type(node.op)](value(node.operand))
+        raise ValueError("only numbers, + - * / and parentheses")
+
+    try:
+        result = value(ast.parse(expression.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError) as exc:
+        raise ToolError(f"calculator: {exc}") from None
+    return str(int(result)) if float(result).is_integer() else f"{result:.6g}"
+
+
+def read_file(root: str, path: str) -> str:
+    """The text of `path` under `root`; a path that leads out of it is refused."""
+    base, relative = Path(root).resolve(), Path(path.strip())
+    if relative.is_absolute() or ".." in relative.parts:
+        raise ToolError(f"read: {path} is not a path inside the folder")
+    target = (base / relative).resolve()  # a link inside may still point out
+    if not target.is_relative_to(base) or not target.is_file():
+        raise ToolError(f"read: no file {path} in the folder")
+    with target.open("rb") as file:
+        return file.read(4 * OBSERVATION_CHARS).decode(errors="replace")
+
+
+def _limit_child() -> None:
+    """In the child before exec: 2 s of CPU, 256 MiB of memory, 1 MiB of output."""
+    limits = ((resource.RLIMIT_CPU, 2), (resource.RLIMIT_AS, 256 << 20))
+    for limit, value in (*limits, (resource.RLIMIT_FSIZE, 1 << 20)):
+        hard = resource.getrlimit(limit)[1]
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(limit, (value, value))
+
+
+async def run_python(code: str, root: str = ".", seconds: float = 2.0) -> str:
+    """What one line of Python prints, run in its own bounded `python -I` process."""
+
+    async def kill(process: trio.Process) -> None:
+        process.kill()
+
+    # a file, not a pipe, takes the output: RLIMIT_FSIZE bounds what a loop can print
+    with tempfile.TemporaryFile() as out, trio.move_on_after(seconds):
+        argv = [sys.executable, "-I", "-c", code]
+        done = await trio.run_process(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=False,
+            cwd=root,
+            env={},
+            preexec_fn=_limit_child,  # in the child, before exec
+            deliver_cancel=kill,
+        )
+        out.seek(0)
+        text = out.read(4 * OBSERVATION_CHARS).decode(errors="replace").strip()
+        if done.returncode:
+            last = text.splitlines()[-1] if text else f"exit status {done.returncode}"
+            raise ToolError(f"python: {last}")
+        return text or "(nothing printed)"
+    raise ToolError(f"python: stopped after {seconds} s")
+
+
+async def use_tool(tool: str, argument: str, root: str) -> str:
+    if tool == "calculator":
+        return calculate(argument)
+    if tool == "read":
+        return read_file(root, argument)
+    if tool == "python":
+        return await run_python(argument, root)
+    return argument.strip()  # finish
+
+
+async def act(kv: Any, lip: AsyncLip, question: str, root: str, max_steps: int) -> dict[str, Any]:
+    """The loop on `kv` (an AsyncKV, or anything with append, generate and truncate)."""
+    # ChatML's ends (of the turn, of the text): a thought must not end the answer
+    ends = [await lip.tokenize(special) for special in ("<|im_end|>", "<|endoftext|>")]
+    greedy = {"temperature": 0.0, "blocked": [ids[0] for ids in ends if len(ids) == 1]}
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+    length = await kv.append(
+        await lip.apply_chat_template(messages) + await lip.tokenize("Thought:")
+    )
+    steps: list[dict[str, str]] = []
+    answer, retries = "", 0
+    for _ in range(max_steps):
+        thought = await kv.generate(max_tokens=THOUGHT_TOKENS, stop=["\n"], **greedy)
+        ended = "\n" in await lip.detokenize(thought.token_ids[-1:])  # in the file, not text
+        length = await kv.append(await lip.tokenize("Action:" if ended else "\nAction:"))
+        for attempt in range(MAX_RETRIES + 1):
+            sampler = (
+                greedy if attempt == 0 else {"temperature": 0.8, "seed": 10 * len(steps) + attempt}
+            )
+            action = await kv.generate(max_tokens=ACTION_TOKENS, grammar=GRAMMAR, **sampler)
+            length_after = action.tokens
+            call = ACTION.fullmatch(action.text)
+            try:
+                if call is None:
+                    raise ToolError("the action was cut off: it is too long")
+                observation = await use_tool(call[1], call[2], root)
+                break
+            except ToolError as exc:
+                observation = str(exc)
+                if attempt < MAX_RETRIES:  # roll back to before the action, try another
+                    await kv.truncate(length)
+                    retries += 1
+        length = length_after
+        observation = " ".join(observation.split())[:OBSERVATION_CHARS]
+        steps.append({"thought": thought.text.strip(), "action": action.text.strip()})
+        steps[-1]["observation"] = observation
+        if call is not None and call[1] == "finish":  # finish never fails
+            answer = observation
+            break
+        length = await kv.append(await lip.tokenize(f"Observation: {observation}\nThought:"))
+    return {"output": answer, "steps": steps, "retries": retries, "tokens": length}
+
+
+async def run(
+    lip: AsyncLip,
+    question: str = QUESTION,
+    root: str = ".",
+    max_steps: int = 4,
+    expect: str | None = None,
+) -> dict[str, Any]:
+    """Answer `question` with the tools; "quality" is 1.0 when the answer holds `expect`."""
+    await lip.mkdir("react_agent", parents=True)
+    kv = await lip.kv(f"react_agent/{os.getpid()}-{time.time_ns()}.kv", create=True)
+    try:
+        result = await act(kv, lip, question, root, max_steps)
+        result["file_tokens"] = (await kv.stat())["tokens"]
+    finally:
+        await kv.unlink()
+    if expect is not None:
+        result["quality"] = float(expect in result["output"])
+    return result
+
+
+def main() -> None:
+    args, root = sys.argv[1:], None
+    if "--root" in args:
+        at = args.index("--root")
+        root, args = args[at + 1], args[:at] + args[at + 2 :]
+
+    async def go(folder: str) -> dict[str, Any]:
+        async with connect() as lip:
+            return await run(lip, args[0] if args else QUESTION, folder)
+
+    with tempfile.TemporaryDirectory() as demo:
+        if not args:
+            Path(demo, DEMO_FILE).write_text(DEMO_TEXT)
+        result = trio.run(go, root or (demo if not args else "."))
+    for step in result["steps"]:
+        print(f"Thought: {step['thought']}\nAction: {step['action']}")
+        print(f"Observation: {step['observation']}")
+    print(f"answer: {result['output']} ({len(result['steps'])} steps, {result['retries']} retries)")
+
+
+if __name__ == "__main__":
+    main()
