@@ -187,7 +187,9 @@ class Server:
         limits = Limits(
             cpu_seconds=self.procs.caps.max_cpu_seconds, pages=self.store.charges.uid_share
         )
-        proc = await self.procs.spawn(nursery, me, program, args, "openai_server.py", {}, limits)
+        key = os.environ.get("SYMPHONY_API_KEY")  # in its environment, not in ps's argv
+        env = {"SYMPHONY_API_KEY": key} if key else {}
+        proc = await self.procs.spawn(nursery, me, program, args, "openai_server.py", env, limits)
         log.info("the OpenAI API starts on %s (pid %d)", where, proc.pid)
 
     async def _listen(self) -> trio.SocketListener:

@@ -73,7 +73,9 @@ class ServerThread:
         return trio.from_thread.run(run, trio_token=self._token)
 
 
-def start_server_process(socket_path: str, *extra: str, timeout: float = 120) -> subprocess.Popen:
+def start_server_process(
+    socket_path: str, *extra: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """`lipctl serve` in a subprocess, returned once its socket accepts connections."""
     return start_server(
         socket_path,
@@ -82,6 +84,7 @@ def start_server_process(socket_path: str, *extra: str, timeout: float = 120) ->
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
 
 

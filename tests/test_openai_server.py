@@ -4,6 +4,7 @@ client and by curl, on the tiny model."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -253,9 +254,13 @@ def test_lipctl_serve_openai_starts_it_with_the_server(tmp_path) -> None:
 
     port = free_port()
     socket_path = str(tmp_path / "s.sock")
-    server = start_server_process(socket_path, "--pages", "256", "--openai", f"127.0.0.1:{port}")
+    env = {**os.environ, "SYMPHONY_API_KEY": "sesame"}
+    server = start_server_process(
+        socket_path, "--pages", "256", "--openai", f"127.0.0.1:{port}", env=env
+    )
     try:
-        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
+        url = f"http://127.0.0.1:{port}/v1"
+        api = openai.OpenAI(base_url=url, api_key="sesame", max_retries=0)
         deadline = time.monotonic() + 60
         while True:  # the LIP starts once the server is up
             try:
@@ -271,6 +276,9 @@ def test_lipctl_serve_openai_starts_it_with_the_server(tmp_path) -> None:
             temperature=0,
         )
         assert "Paris" in r.choices[0].message.content
+        stranger = openai.OpenAI(base_url=url, api_key="guess", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):  # the server's key binds its LIP
+            stranger.models.list()
         with connect(socket_path) as lip:  # it is a LIP like any other
             (row,) = [p for p in lip.ps() if p["name"] == "openai_server.py"]
         # bound like any uid's LIPs, though the server's user may be root: 128 of 256 pages

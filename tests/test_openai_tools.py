@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 
+import httpx
 import openai
 import pytest
 
@@ -212,7 +215,16 @@ def test_a_stopped_server_removes_its_files_and_a_killed_ones_are_swept(served, 
     assert files() == []  # it swept the killed one's
     stream = open_stream(url)
     assert len(files()) == 1
+
+    def read_on() -> None:  # a client reading its stream to the end the server gives it
+        with contextlib.suppress(openai.APIError, httpx.HTTPError):
+            for _ in stream:
+                pass
+
+    reader = threading.Thread(target=read_on)
+    reader.start()
     stop_lip(stopped, log)  # SIGTERM, mid-request
-    assert stopped.returncode == 0
-    stream.close()
+    reader.join(10)
+    assert stopped.returncode == 0  # a clean stop, not cut after STOP_SECONDS
+    assert not reader.is_alive()  # the stream ended
     assert files() == []

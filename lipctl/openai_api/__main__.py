@@ -43,8 +43,9 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     async def run() -> None:
+        stop = trio.Event()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            nursery.start_soon(_stop_on_signal, stop)
             binds = await nursery.start(
                 serve,
                 args.host,
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.max_requests,
                 args.queue_seconds,
                 args.stall_seconds,
+                stop,
             )
             print(f"serving the OpenAI API on {', '.join(binds)}", flush=True)
 
@@ -63,16 +65,22 @@ def main(argv: list[str] | None = None) -> None:
 STOP_SECONDS = 5.0  # a stop waits this long for streams whose clients read nothing
 
 
-async def _stop_on_signal(server: trio.CancelScope) -> None:
-    """SIGTERM or SIGINT stops it cleanly: every request is cancelled, and so its files
-    are removed (streams still being sent get STOP_SECONDS, then the process exits)."""
+def _cut_streams() -> None:
+    log.warning("streams still being sent after %g s: cut", STOP_SECONDS)
+    os._exit(1)
+
+
+async def _stop_on_signal(stop: trio.Event) -> None:
+    """SIGTERM or SIGINT stops it cleanly: every request's work is cancelled (and so its
+    files removed) and answered 503; streams whose clients read nothing get
+    STOP_SECONDS, then the process exits with status 1."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("signal %d: stopping", signum)
-            deadline = threading.Timer(STOP_SECONDS, os._exit, (0,))
+            deadline = threading.Timer(STOP_SECONDS, _cut_streams)
             deadline.daemon = True
             deadline.start()
-            server.cancel()
+            stop.set()
             return
 
 

@@ -32,6 +32,14 @@ class App:
         self.service = service
         self.api_key = api_key
         self.stall_seconds = stall_seconds  # a stream's client reading nothing this long
+        self._working: set[Response] = set()  # requests whose work runs now
+        self.stopping = False
+
+    def stop(self) -> None:
+        """Cancel every request's work; each is answered 503 (a stream: an error event)."""
+        self.stopping = True
+        for response in self._working:
+            response.stop()
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -44,6 +52,9 @@ class App:
             nursery.start_soon(response.write)
             try:
                 self._authorize(scope)
+                if self.stopping:
+                    raise ApiError(503, "the server is stopping", code="overloaded")
+                self._working.add(response)
                 await self._route(scope, receive, response)
             except ApiError as exc:
                 await response.error(exc)
@@ -53,6 +64,7 @@ class App:
                 log.exception("request failed")
                 await response.error(ApiError(500, "internal error; the server logged it"))
             finally:
+                self._working.discard(response)
                 response.close()  # the writer sends what is queued, then ends
 
     def _authorize(self, scope: dict[str, Any]) -> None:
@@ -99,9 +111,11 @@ async def _answer(
     """Run `work` (with an emitter when streaming) until it ends or the client goes."""
     result: dict[str, Any] | None = None
     failure: ApiError | SymphonyError | None = None
-    gone = False
+    gone = completed = False
     async with trio.open_nursery() as nursery:
-        response.work = nursery.cancel_scope  # a stalled stream cancels it
+        response.work = nursery.cancel_scope  # a stalled stream or a stop cancels it
+        if response.stopped:
+            nursery.cancel_scope.cancel()
 
         async def watch() -> None:  # the body is read: the next message is a disconnect
             nonlocal gone
@@ -114,11 +128,14 @@ async def _answer(
         nursery.start_soon(watch)
         try:
             result = await work(response.event if stream else None)
+            completed = True
         except (ApiError, SymphonyError) as exc:  # raised past the nursery, not in a group
             failure = exc
         nursery.cancel_scope.cancel()
     if gone or response.stalled:
         return  # nobody to answer, or nobody reading
+    if response.stopped and not completed and failure is None:
+        failure = ApiError(503, "the server is stopping", code="overloaded")
     if failure is not None:
         if not response.started:
             raise failure
@@ -168,11 +185,14 @@ async def serve(
     max_requests: int = 32,
     queue_seconds: float = 30.0,
     stall_seconds: float = 60.0,
+    stop: trio.Event | None = None,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the API on HOST:PORT until cancelled, through one connection to the
-    Symphony server; `task_status` gets the addresses it listens on."""
+    """Serve the API on HOST:PORT through one connection to the Symphony server, until
+    `stop` is set (then every request's work is cancelled and answered 503, and the
+    server ends once they are) or cancelled; `task_status` gets the addresses it
+    listens on."""
     from hypercorn.config import Config
     from hypercorn.trio import serve as serve_asgi
 
@@ -185,4 +205,15 @@ async def serve(
         config.accesslog = None
         config.errorlog = log
         app = App(service, api_key, stall_seconds)
-        await serve_asgi(app, config, task_status=task_status, mode="asgi")  # type: ignore[arg-type]
+
+        async def shutdown() -> None:
+            await (trio.Event() if stop is None else stop).wait()
+            app.stop()
+
+        await serve_asgi(
+            app,  # type: ignore[arg-type]
+            config,
+            shutdown_trigger=shutdown,
+            task_status=task_status,
+            mode="asgi",
+        )

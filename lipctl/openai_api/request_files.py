@@ -24,15 +24,18 @@ log = logging.getLogger(__name__)
 
 def request_base(folder: str) -> str:
     """A fresh name stem for one request's files: `folder/NAMESPACE-PID-HEX`."""
-    return f"{folder}/{_namespace()}-{os.getpid()}-{uuid.uuid4().hex}"
+    return f"{folder}/{_namespace() or 'unknown'}-{os.getpid()}-{uuid.uuid4().hex}"
 
 
 async def sweep(lip: AsyncLip, folder: str) -> int:
     """Remove the files in `folder` of LIPs that no longer run; returns how many."""
+    here = _namespace()
+    if here is None:  # whose pids are whose cannot be told: sweep nothing
+        return 0
     removed = 0
     for name in await lip.listdir(folder):
         namespace, pid, rest = [*name.split("-", 2), "", ""][:3]
-        if namespace != _namespace() or not pid.isdigit() or not rest or _running(int(pid)):
+        if namespace != here or not pid.isdigit() or not rest or _running(int(pid)):
             continue
         with contextlib.suppress(SymphonyError):  # gone meanwhile, or not a KV file
             await lip.call("kv_unlink", path=f"{folder}/{name}")
@@ -42,13 +45,13 @@ async def sweep(lip: AsyncLip, folder: str) -> int:
     return removed
 
 
-def _namespace() -> str:
-    """This process's pid namespace, as a number (its inode)."""
+def _namespace() -> str | None:
+    """This process's pid namespace, as a number (its inode); None where unreadable."""
     try:
         link = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
     except OSError:
-        return "0"
-    return "".join(c for c in link if c.isdigit()) or "0"
+        return None
+    return "".join(c for c in link if c.isdigit()) or None
 
 
 def _running(pid: int) -> bool:

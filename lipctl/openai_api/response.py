@@ -5,7 +5,9 @@ connection open and reads nothing would hold a request (its KV pages, its turn) 
 long as it liked if the request wrote its own events. Here the request hands each
 event to a writer through a small buffer and never waits on the socket; when the buffer
 stays full for `stall_seconds`, the client has read nothing for that long, and the
-request is ended as if the client had gone.
+request's work is cancelled as if the client had gone: its pages and its turn are
+free. (The writer itself waits in hypercorn's write until the client reads or goes: a
+task and at most BUFFERED_EVENTS events of memory.)
 """
 
 from __future__ import annotations
@@ -40,7 +42,14 @@ class Response:
         self._headers_sent = False
         self.work: trio.CancelScope | None = None  # the request's work, ended on a stall
         self.stalled = False
+        self.stopped = False  # the server is stopping: the work was cancelled
         self._events, self._queued = trio.open_memory_channel[bytes](BUFFERED_EVENTS)
+
+    def stop(self) -> None:
+        """Cancel the request's work: the server is stopping."""
+        self.stopped = True
+        if self.work is not None:
+            self.work.cancel()
 
     async def json(self, status: int, body: dict[str, Any]) -> None:
         await self._send({"type": "http.response.start", "status": status, "headers": JSON_HEADERS})
@@ -55,6 +64,8 @@ class Response:
 
     async def event(self, body: dict[str, Any]) -> None:
         """Queue one event; if the queue stays full for `stall_seconds`, cancel `work`."""
+        if self.stalled:  # nobody reads: what the request still says goes nowhere
+            return
         data = b"data: " + msgspec.json.encode(body) + b"\n\n"
         self.started = True
         with trio.move_on_after(self.stall_seconds):
@@ -69,8 +80,9 @@ class Response:
     async def done(self) -> None:
         """Queue the stream's end; the writer ends after sending it."""
         self.started = True
-        with trio.move_on_after(self.stall_seconds):
-            await self._events.send(DONE)
+        if not self.stalled:
+            with trio.move_on_after(self.stall_seconds):
+                await self._events.send(DONE)
         self._events.close()
 
     def close(self) -> None:
