@@ -33,8 +33,9 @@ class Row:
 
     Both forms return a dict with at least "output" (what the job made: a text, token
     ids, an answer), and "quality" (a number, higher is better) where `quality` names
-    one. Where `same_output` is set, the program is deterministic (greedy) and both
-    forms must make the same output.
+    one. Where `same_output` is set, the program is deterministic (greedy or seeded) and
+    both forms must make the same output, and the same `same_keys` (its trace: every
+    chain, sample or step).
     """
 
     program: str  # examples/NAME.py
@@ -43,6 +44,7 @@ class Row:
     prompts: Form
     quality: str = ""  # what the "quality" figure is, e.g. "votes for the right answer"
     same_output: bool = False
+    same_keys: tuple[str, ...] = ("output",)  # what must agree where same_output is set
 
 
 def example(name: str) -> ModuleType:

@@ -3,7 +3,8 @@ has a row (bench/programs_*.py), timed as a LIP and as the same job done by prom
 serving (bench/prompt_serving.py), side by side in one run on the embedded model.
 
 The LIP forms run on a server with its prefix cache, the prompt forms on one started
-with `--no-prefix-cache` (one after the other, never at once). Prints a table, writes
+with `--no-prefix-cache`: a fresh server for each form of each row, one after the
+other, never two at once. Prints a table, writes
 bench/results/programs.json and programs.png (the ratios).
 
     python bench/programs.py [--only NAME,NAME] [--quant none|int8]
@@ -121,13 +122,18 @@ async def timed_form(socket: str, row: Row, side: str) -> dict[str, Any]:
         return {"seconds": time.perf_counter() - t0, "result": result}
 
 
-def timed_forms(socket: str, rows: dict[str, Row], side: str) -> dict[str, dict]:
-    """Each row's `side` form in a process of its own, in turn (a program is a process:
-    each starts with fresh seeded streams, which belong to the process)."""
+def timed_forms(socket: str, rows: dict[str, Row], side: str, server_args: list[str]) -> dict:
+    """Each row's `side` form on a server of its own (so no prefix cache is left by the
+    row before), in a process of its own (a program is a process: each starts with fresh
+    seeded streams, which belong to the process), one after the other."""
     out = {}
     for name in rows:
-        argv = [sys.executable, __file__, "--one", name, "--side", side, "--socket", socket]
-        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        server = start_server(socket, *server_args)
+        try:
+            argv = [sys.executable, __file__, "--one", name, "--side", side, "--socket", socket]
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        finally:
+            stop_server(server)
         if done.returncode:
             raise SystemExit(f"{side} form of {name} failed:\n{done.stderr}")
         out[name] = json.loads(done.stdout.splitlines()[-1])
@@ -145,7 +151,7 @@ def compare(rows: dict[str, Row], lip: dict, prompts: dict) -> dict[str, dict[st
             "prompt_s": b["seconds"],
             "lip_s": a["seconds"],
             "ratio": b["seconds"] / a["seconds"],
-            "same_output": (a["result"]["output"] == b["result"]["output"])
+            "same_output": all(a["result"].get(k) == b["result"].get(k) for k in row.same_keys)
             if row.same_output
             else None,
         }
@@ -222,11 +228,7 @@ def main() -> None:
     results = {}
     try:
         for side, flags in (("lip", []), ("prompts", ["--no-prefix-cache"])):
-            server = start_server(socket, *extra, *flags)
-            try:
-                results[side] = timed_forms(socket, rows, side)
-            finally:
-                stop_server(server)
+            results[side] = timed_forms(socket, rows, side, [*extra, *flags])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     table = compare(rows, results["lip"], results["prompts"])

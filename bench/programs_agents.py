@@ -151,6 +151,7 @@ ROWS: list[Row] = [
         prompts=react_prompts,
         quality="the final answer is right (1) or not (0)",
         same_output=True,
+        same_keys=("output", "steps"),
     ),
     Row(
         program="output_validation",

@@ -94,8 +94,8 @@ async def tree_of_thought_prompts(
     seed: int = 0,
 ) -> dict[str, Any]:
     """The same breadth-first search: every thought is a request with the whole path's
-    text, and every value two (the logprobs of " yes" and of " no" after it, as a prompt
-    server's echo + logprobs gives them); nothing is pruned mid-thought."""
+    text, and every value one (the logprobs of " yes" and of " no" as the next token; two,
+    by echo + logprobs, where either is several tokens); nothing is pruned mid-thought."""
     tot = tree_of_thought
     prompt = await lip.tokenize(tot.puzzle_prompt(numbers, target))
     question = await lip.tokenize(tot.VALUE_QUESTION)
@@ -117,7 +117,9 @@ async def tree_of_thought_prompts(
             asked = prompt + path + question
             means[i] = await prompt_serving.logprob(lip, asked, choice) / len(choice)
 
-        if line:  # an empty line is no step: value 0, as in the LIP
+        if line and len(yes) == len(no) == 1:  # both in one request, of the next token
+            means = await prompt_serving.next_logprobs(lip, prompt + path + question, yes + no)
+        elif line:  # an empty line is no step: value 0, as in the LIP
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(mean, 0, yes)
                 nursery.start_soon(mean, 1, no)
@@ -211,5 +213,6 @@ ROWS: list[Row] = [
         prompts=functools.partial(self_consistency_prompts, **SC),
         quality="1.0 if the majority vote is the known answer (15), else 0.0",
         same_output=True,
+        same_keys=("output", "chains"),
     ),
 ]

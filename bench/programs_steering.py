@@ -115,7 +115,13 @@ async def best_of_n_prompts(lip: AsyncLip, temperature: float = 0.8) -> dict[str
             nursery.start_soon(judge, i, sample.token_ids)
     scores = [total / len(s.token_ids) for total, s in zip(sums, drawn, strict=True)]
     best = max(range(n), key=scores.__getitem__)
-    return {"output": drawn[best].text, "scores": scores, "quality": scores[best]}
+    samples = [s.text for s in drawn]
+    return {
+        "output": drawn[best].text,
+        "samples": samples,
+        "scores": scores,
+        "quality": scores[best],
+    }
 
 
 # 3. the watermark: a whole prompt per token, with the green list's logit_bias -------
@@ -278,6 +284,7 @@ ROWS: list[Row] = [
         prompts=best_of_n_prompts,
         quality="the best answer's mean logprob under the judging prompt",
         same_output=True,
+        same_keys=("output", "samples"),
     ),
     Row(
         program="watermark",

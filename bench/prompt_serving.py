@@ -49,3 +49,16 @@ async def logprob(lip: AsyncLip, prompt: Sequence[int], continuation: Sequence[i
     finally:
         await kv.unlink()
     return sum(o.logprobs[0][1] for o in result.outputs if o.logprobs)
+
+
+async def next_logprobs(lip: AsyncLip, prompt: Sequence[int], ids: Sequence[int]) -> list[float]:
+    """One request: the logprobs of each of `ids` as the next token after `prompt`, as a
+    prompt server's logprobs for the listed tokens give them."""
+    await lip.mkdir(FOLDER, parents=True)
+    kv = await lip.kv(_fresh_name(), create=True)
+    try:
+        result = await kv.forward(prompt, outputs=[{"at": len(prompt) - 1, "logprobs": list(ids)}])
+    finally:
+        await kv.unlink()
+    given = dict(result.outputs[0].logprobs or [])
+    return [given[i] for i in ids]

@@ -12,6 +12,7 @@ the context never runs out. Each turn appends the user's message and `kv.generat
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import trio
 
+from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncLip, connect
 
 QUESTIONS = [
@@ -52,10 +54,11 @@ async def run(
 ) -> dict[str, Any]:
     """Chat for `turns` turns in a file kept under `budget` tokens (plus one turn)."""
     await lip.mkdir("attention_sink_chat", parents=True)
-    kv = await lip.kv(f"attention_sink_chat/{os.getpid()}-{time.time_ns()}.kv", create=True)
+    path = f"attention_sink_chat/{os.getpid()}-{time.time_ns()}.kv"
     newline = await lip.tokenize("\n")  # the template's newline after the end of a turn
     answers, rows, most_pages = [], [], 0
     try:
+        kv = await lip.kv(path, create=True)
         for turn in range(turns):
             sink_ids, user_ids = await turn_ids(lip, turn)
             if turn == 0:
@@ -73,8 +76,9 @@ async def run(
                 f"[tokens {stat['tokens']}, next position {stat['next_position']}, "
                 f"pages {stat['pages']}]"
             )
-    finally:
-        await kv.unlink()
+    finally:  # whatever happened (a cancel too), the file goes
+        with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
+            await lip.call("kv_unlink", path=path)
     page_size = int(lip.info["model"]["page_size"])
     return {
         "output": answers,

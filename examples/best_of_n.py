@@ -14,6 +14,7 @@ is returned.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -21,7 +22,8 @@ from typing import Any
 
 import trio
 
-from symphony.lipctl.aio import AsyncKV, AsyncLip, connect
+from symphony.lipctl import SymphonyError
+from symphony.lipctl.aio import AsyncLip, connect
 from symphony.lipctl.results import GenerateResult
 
 QUESTION = "Why is the sky blue? Answer in one sentence."
@@ -36,6 +38,17 @@ async def prompts(lip: AsyncLip, question: str) -> tuple[list[int], list[int]]:
     return await lip.apply_chat_template([user]), await lip.apply_chat_template(judge)
 
 
+async def remove_run(lip: AsyncLip, folder: str, run_id: str) -> None:
+    """Unlink every file of run `run_id` in `folder`: the names that begin "RUN_ID-", so
+    also one a cancel cut off while it was being made. Shielded from the cancel, and
+    each on its own: one that fails does not keep the others."""
+    with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
+        for name in await lip.listdir(folder):
+            if name.startswith(f"{run_id}-"):
+                with contextlib.suppress(SymphonyError):
+                    await lip.call("kv_unlink", path=f"{folder}/{name}")
+
+
 async def run(
     lip: AsyncLip,
     question: str = QUESTION,
@@ -47,20 +60,17 @@ async def run(
     """The likeliest under the judge of `n` sampled answers to `question`."""
     prompt_ids, judge_ids = await prompts(lip, question)
     await lip.mkdir("best_of_n", parents=True)
-    stem = f"best_of_n/{os.getpid()}-{time.time_ns()}"
-    files: list[AsyncKV] = []
+    run_id = f"{os.getpid()}-{time.time_ns()}"
+    stem = f"best_of_n/{run_id}"
     samples: list[GenerateResult | None] = [None] * n
     try:
         prompt = await lip.kv(f"{stem}-prompt.kv", create=True)
-        files.append(prompt)
         judge = await lip.kv(f"{stem}-judge.kv", create=True)
-        files.append(judge)
         await prompt.append(prompt_ids)
-        for i in range(n):
-            files.append(await prompt.fork(f"{stem}-{i}.kv"))
+        forks = [await prompt.fork(f"{stem}-{i}.kv") for i in range(n)]
 
         async def draw(i: int) -> None:
-            sample = await files[2 + i].generate(max_tokens, temperature=temperature, seed=seed + i)
+            sample = await forks[i].generate(max_tokens, temperature=temperature, seed=seed + i)
             samples[i] = sample
 
         async with trio.open_nursery() as nursery:  # the judge prefills meanwhile
@@ -70,9 +80,8 @@ async def run(
         drawn = [s for s in samples if s is not None]
         # each answer as generated, its end of turn too (max_tokens >= 1: never empty)
         scores = await judge.score([s.token_ids for s in drawn])
-    finally:
-        for kv in files:
-            await kv.unlink()
+    finally:  # whatever happened (a cancel too), no file of this run stays
+        await remove_run(lip, "best_of_n", run_id)
     best = max(range(n), key=scores.__getitem__)
     return {
         "output": drawn[best].text,

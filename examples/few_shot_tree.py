@@ -13,6 +13,7 @@ questions run at once, and the model computes each shared prefix once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 import trio
 
+from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncKV, AsyncLip, connect
 
 INSTRUCTION = "Answer each question with a single word."
@@ -83,27 +85,35 @@ def accuracy(answers: list[str], questions: list[tuple[str, list[int], str]]) ->
     return right / len(questions)
 
 
+async def remove_run(lip: AsyncLip, folder: str, run_id: str) -> None:
+    """Unlink every file of run `run_id` in `folder`: the names that begin "RUN_ID-", so
+    also one a cancel cut off while it was being made. Shielded from the cancel, and
+    each on its own: one that fails does not keep the others."""
+    with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
+        for name in await lip.listdir(folder):
+            if name.startswith(f"{run_id}-"):
+                with contextlib.suppress(SymphonyError):
+                    await lip.call("kv_unlink", path=f"{folder}/{name}")
+
+
 async def run(lip: AsyncLip, per_category: int = 4, max_tokens: int = 6) -> dict[str, Any]:
     """Answer `per_category` questions of each category, sharing the few-shot prefixes."""
     root_ids, category_ids, questions = await tree_tokens(lip, per_category)
     await lip.mkdir("few_shot_tree", parents=True)
-    stem = f"few_shot_tree/{os.getpid()}-{time.time_ns()}"
-    files: list[AsyncKV] = []
+    run_id = f"{os.getpid()}-{time.time_ns()}"
+    stem = f"few_shot_tree/{run_id}"
     answers = [""] * len(questions)
     shared = [0] * len(questions)
     try:
         root = await lip.kv(f"{stem}-root.kv", create=True)
-        files.append(root)
         await root.append(root_ids)
         categories: dict[str, AsyncKV] = {}
         for name, ids in category_ids.items():
             categories[name] = await root.fork(f"{stem}-{name}.kv")
-            files.append(categories[name])
             await categories[name].append(ids)  # copies the root's last page only if partial
         leaves = []
         for i, (name, _, _) in enumerate(questions):
             leaves.append(await categories[name].fork(f"{stem}-q{i}.kv"))
-            files.append(leaves[-1])
 
         async def answer(i: int) -> None:
             await leaves[i].append(questions[i][1])
@@ -114,9 +124,8 @@ async def run(lip: AsyncLip, per_category: int = 4, max_tokens: int = 6) -> dict
         async with trio.open_nursery() as nursery:
             for i in range(len(questions)):
                 nursery.start_soon(answer, i)
-    finally:
-        for kv in files:
-            await kv.unlink()
+    finally:  # whatever happened (a cancel too), no file of this run stays
+        await remove_run(lip, "few_shot_tree", run_id)
     return {
         "output": answers,
         "quality": accuracy(answers, questions),

@@ -10,13 +10,14 @@ answered from the merged context, so no document or note is prefilled twice. Mer
 an approximation: each branch's keys never attended to the other branches.
 
 Calls: apply_chat_template, tokenize, kv.append, kv.fork, kv.generate, kv.drop,
-lip.kv_concat, kv.stat, kv.unlink.
+lip.kv_concat, kv.stat; listdir and kv_unlink to remove the run's files.
 
     lipctl run examples/graph_of_thought.py ["QUESTION"]
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ from typing import Any
 
 import trio
 
+from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncKV, AsyncLip, connect
 
 SYSTEM = "You are a careful assistant. You answer briefly, using only the given documents."
@@ -47,6 +49,17 @@ def quality(answer: str, expect: Sequence[str]) -> float:
     return sum(word in answer for word in expect) / len(expect) if expect else 0.0
 
 
+async def remove_run(lip: AsyncLip, folder: str, run_id: str) -> None:
+    """Unlink every file of run `run_id` in `folder`: the names that begin "RUN_ID-", so
+    also one a cancel cut off while it was being made. Shielded from the cancel, and
+    each on its own: one that fails does not keep the others."""
+    with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
+        for name in await lip.listdir(folder):
+            if name.startswith(f"{run_id}-"):
+                with contextlib.suppress(SymphonyError):
+                    await lip.call("kv_unlink", path=f"{folder}/{name}")
+
+
 async def take_notes(lip: AsyncLip, kv: AsyncKV, turn: list[int], max_tokens: int) -> str:
     """Generate one branch's notes after `turn` and close the assistant's turn (ChatML)."""
     await kv.append(turn)
@@ -67,17 +80,16 @@ async def run(
 ) -> dict[str, Any]:
     """Notes on each document in parallel branches, merged; the answer from the merge."""
     await lip.mkdir("graph_of_thought", parents=True)
-    base = f"graph_of_thought/{os.getpid()}-{time.time_ns()}"
+    run_id = f"{os.getpid()}-{time.time_ns()}"
+    base = f"graph_of_thought/{run_id}"
     system = {"role": "system", "content": SYSTEM}
     header_ids = await lip.apply_chat_template([system], add_generation_prompt=False)
-    made: list[AsyncKV] = []
     try:
         header = await lip.kv(f"{base}-header.kv", create=True)
-        made.append(header)
         await header.append(header_ids)
+        branches: list[AsyncKV] = []
         for i in range(len(documents)):  # copy-on-write: they share the header's pages
-            made.append(await header.fork(f"{base}-branch{i}.kv"))
-        branches = made[1:]
+            branches.append(await header.fork(f"{base}-branch{i}.kv"))
         notes = [""] * len(documents)
 
         async def branch(i: int) -> None:
@@ -91,14 +103,12 @@ async def run(
             await later.drop(0, len(header_ids))
         pieces = [(await b.stat())["tokens"] for b in branches]
         merged = await lip.kv_concat(f"{base}-merged.kv", [b.path for b in branches])
-        made.append(merged)
         stat = await merged.stat()
         final = await lip.apply_chat_template([system, {"role": "user", "content": question}])
         await merged.append(final[len(header_ids) :])
         answer = (await merged.generate(max_tokens=answer_tokens, temperature=0.0)).text.strip()
-    finally:
-        for kv in made:
-            await kv.unlink()
+    finally:  # whatever happened (a cancel too), no file of this run stays
+        await remove_run(lip, "graph_of_thought", run_id)
     return {
         "output": answer,
         "quality": quality(answer, expect),

@@ -19,6 +19,7 @@ gamma > 1 pushes further in the direction the instruction moves the model. Greed
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ from typing import Any
 
 import trio
 
+from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncLip, connect
 
 QUESTION = "Tell me about the moon."
@@ -65,6 +67,17 @@ def guided_pick(
     return max({*cond, *uncond}, key=guided)
 
 
+async def remove_run(lip: AsyncLip, folder: str, run_id: str) -> None:
+    """Unlink every file of run `run_id` in `folder`: the names that begin "RUN_ID-", so
+    also one a cancel cut off while it was being made. Shielded from the cancel, and
+    each on its own: one that fails does not keep the others."""
+    with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
+        for name in await lip.listdir(folder):
+            if name.startswith(f"{run_id}-"):
+                with contextlib.suppress(SymphonyError):
+                    await lip.call("kv_unlink", path=f"{folder}/{name}")
+
+
 async def run(
     lip: AsyncLip,
     question: str = QUESTION,
@@ -78,10 +91,11 @@ async def run(
     cond_ids, uncond_ids = await contexts(lip, question, guide, negative)
     stops = await end_of_turn_ids(lip)
     await lip.mkdir("guidance_decoding", parents=True)
-    stem = f"guidance_decoding/{os.getpid()}-{time.time_ns()}"
-    files = [await lip.kv(f"{stem}-{side}.kv", create=True) for side in ("cond", "uncond")]
+    run_id = f"{os.getpid()}-{time.time_ns()}"
+    stem = f"guidance_decoding/{run_id}"
     generated: list[int] = []
     try:
+        files = [await lip.kv(f"{stem}-{side}.kv", create=True) for side in ("cond", "uncond")]
         pending = [cond_ids, uncond_ids]  # first the prompts, then the token picked last
         for _ in range(max_tokens):
             # both files in one engine step; the top-k after the last token appended
@@ -97,9 +111,8 @@ async def run(
                 break
             generated.append(token)
             pending = [[token], [token]]
-    finally:
-        for kv in files:
-            await kv.unlink()
+    finally:  # whatever happened (a cancel too), no file of this run stays
+        await remove_run(lip, "guidance_decoding", run_id)
     return {"output": await lip.detokenize(generated), "token_ids": generated}
 
 

@@ -19,6 +19,7 @@ kv.truncate, kv.unlink (main also kv.generate, to compare).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -26,6 +27,7 @@ from typing import Any
 
 import trio
 
+from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncLip, connect
 
 FOLDER = "jacobi_decoding"
@@ -56,10 +58,11 @@ async def run(
     prompt = await lip.apply_chat_template([{"role": "user", "content": question}])
     stops = await stop_ids(lip)
     await lip.mkdir(FOLDER, parents=True)
-    kv = await lip.kv(f"{FOLDER}/{os.getpid()}-{time.time_ns()}.kv", create=True)
+    path = f"{FOLDER}/{os.getpid()}-{time.time_ns()}.kv"
     out: list[int] = []
     num_forward = num_accepted = 0
     try:
+        kv = await lip.kv(path, create=True)
         num_kept = await kv.append(prompt[:-1])
         pending = prompt[-1]  # the latest token, not yet in the file
         guesses = [pending] * window  # any start will do; a repeat is as good as any
@@ -84,8 +87,9 @@ async def run(
             # the Jacobi step: next guesses are the predictions past the accepted ones
             guesses = (predicted[accepted + 1 :] + [pending] * window)[:window]
             num_forward, num_accepted = num_forward + 1, num_accepted + accepted
-    finally:
-        await kv.unlink()
+    finally:  # whatever happened (a cancel too), the file goes
+        with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
+            await lip.call("kv_unlink", path=path)
     # ended after the first stop token, and at max_tokens, as generate ends
     ends = [i + 1 for i, token in enumerate(out) if token in stops]
     token_ids = out[: min([max_tokens, *ends[:1]])]
@@ -103,12 +107,14 @@ async def compare(max_tokens: int, window: int) -> None:
         t0 = time.perf_counter()
         result = await run(lip, max_tokens=max_tokens, window=window)
         jacobi_s, t0 = time.perf_counter() - t0, time.perf_counter()
-        kv = await lip.kv(f"{FOLDER}/{os.getpid()}-{time.time_ns()}-plain.kv", create=True)
+        path = f"{FOLDER}/{os.getpid()}-{time.time_ns()}-plain.kv"
         try:
+            kv = await lip.kv(path, create=True)
             await kv.append(await lip.apply_chat_template([{"role": "user", "content": QUESTION}]))
             reference = (await kv.generate(max_tokens=max_tokens, temperature=0.0)).token_ids
         finally:
-            await kv.unlink()
+            with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
+                await lip.call("kv_unlink", path=path)
         plain_s = time.perf_counter() - t0
     print(f"plain:  {len(reference)} tokens in {plain_s:.2f} s")
     num_tokens, num_calls = len(result["token_ids"]), result["forward_calls"]

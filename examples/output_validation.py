@@ -16,6 +16,7 @@ seed=), kv.truncate, kv.unlink.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -25,6 +26,7 @@ from typing import Any
 
 import trio
 
+from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncLip, connect
 
 LINE_TOKENS = 8
@@ -70,11 +72,12 @@ def retry_sampler(line: int, attempt: int) -> dict[str, Any]:
 async def run(lip: AsyncLip, count: int = 8, max_retries: int = 3) -> dict[str, Any]:
     """A list of `count` countries of Europe, each line checked as it ends."""
     await lip.mkdir("output_validation", parents=True)
-    kv = await lip.kv(f"output_validation/{os.getpid()}-{time.time_ns()}.kv", create=True)
+    path = f"output_validation/{os.getpid()}-{time.time_ns()}.kv"
     lines: list[str] = []
     line_ids: list[list[int]] = []  # each kept line's tokens, as the file holds them
     retries = 0
     try:
+        kv = await lip.kv(path, create=True)
         good_end = await kv.append(await lip.apply_chat_template(messages(count)))
         prompt_tokens = good_end
         while len(lines) < count:
@@ -96,8 +99,9 @@ async def run(lip: AsyncLip, count: int = 8, max_retries: int = 3) -> dict[str, 
             lines.append(line)
             line_ids.append(ids)
         file_tokens = (await kv.stat())["tokens"]
-    finally:
-        await kv.unlink()
+    finally:  # whatever happened (a cancel too), the file goes
+        with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
+            await lip.call("kv_unlink", path=path)
     valid = sum(check(line, lines[:i]) is None for i, line in enumerate(lines))
     return {
         "output": "\n".join(lines),

@@ -10,9 +10,21 @@ with another seed, at most MAX_RETRIES times; then its error is the observation.
 
 Tools: calculator[expr] (+ - * / and parentheses over numbers); read[path] (a text file
 under --root, default the current folder: no absolute path, no '..', no link out);
-python[code] (one line in a separate `python -I` process, at most 2 s of wall and CPU
-time and 256 MiB, its output cut to 500 characters). That bounds time and memory only:
-the code can read what the LIP's user can, and no network ban is enforced.
+python[code] (one line in a separate `python -I` process, its output cut to 500
+characters).
+
+The python tool is no sandbox. The code runs as the LIP's user: it can read, write and
+delete that user's files, open network connections, and reach the Symphony socket (its
+environment is empty, so no SYMPHONY_SOCKET or key is passed, but the default socket
+path is known and it connects as the same uid), so it could use the user's KV files and
+spawn LIPs. Only its time (2 s of wall and CPU time), memory (256 MiB of address space),
+processes (RLIMIT_NPROC counts all of the uid's processes and threads, and is set to 1:
+it starts none; root is exempt), open files (32) and output (1 MiB written, 500
+characters read) are bounded; it runs in a session of its own, whose whole process group
+is killed when it exits or its time is up (a grandchild that makes a session of its own
+escapes that). The model writes the code, and what read[] brings in can steer the model
+(prompt injection): use the tool only on trusted inputs, or run the LIP in a container or
+a VM.
 
 Calls: apply_chat_template, tokenize, kv.append, kv.generate(stop=, blocked=, grammar=),
 kv.truncate, kv.unlink. `act` runs on anything with append/generate/truncate, so the
@@ -26,10 +38,11 @@ Without a question it asks one about a file it writes into a temporary folder.
 from __future__ import annotations
 
 import ast
+import contextlib
 import operator
 import os
 import re
-import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +53,7 @@ from typing import Any
 
 import trio
 
+from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncLip, connect
 
 SYSTEM = (
@@ -106,41 +120,60 @@ def read_file(root: str, path: str) -> str:
         return file.read(4 * OBSERVATION_CHARS).decode(errors="replace")
 
 
-def _limit_child() -> None:
-    """In the child before exec: 2 s of CPU, 256 MiB of memory, 1 MiB of output."""
-    limits = ((resource.RLIMIT_CPU, 2), (resource.RLIMIT_AS, 256 << 20))
-    for limit, value in (*limits, (resource.RLIMIT_FSIZE, 1 << 20)):
-        hard = resource.getrlimit(limit)[1]
-        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(limit, (value, value))
+# the python tool's rlimits (soft = hard): CPU seconds, bytes of address space, bytes a
+# file may grow to, open files, and the uid's processes and threads (1: none new)
+LIMITS = {"CPU": 2, "AS": 256 << 20, "FSIZE": 1 << 20, "NOFILE": 32, "NPROC": 1}
+# Run by the child itself, before the code: no preexec_fn, which may deadlock a child
+# forked from a process with threads (trio has worker threads). The code comes as
+# sys.argv[1], data never put into this source; it runs in a namespace of its own.
+PRELUDE = """\
+import resource, sys
+for name, value in {limits!r}.items():
+    limit = getattr(resource, "RLIMIT_" + name)
+    hard = resource.getrlimit(limit)[1]
+    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+    resource.setrlimit(limit, (value, value))
+exec(compile(sys.argv.pop(1), "<python>", "exec"), {{"__name__": "__main__"}})
+"""
 
 
-async def run_python(code: str, root: str = ".", seconds: float = 2.0) -> str:
-    """What one line of Python prints, run in its own bounded `python -I` process."""
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # none left
+        os.killpg(pgid, signal.SIGKILL)
 
-    async def kill(process: trio.Process) -> None:
-        process.kill()
 
+async def run_python(
+    code: str, root: str = ".", seconds: float = 2.0, limits: dict[str, int] = LIMITS
+) -> str:
+    """What Python `code` prints, run in its own bounded `python -I` process (see the
+    module's docstring: bounded, not sandboxed)."""
+    argv = [sys.executable, "-I", "-c", PRELUDE.format(limits=limits), code]
     # a file, not a pipe, takes the output: RLIMIT_FSIZE bounds what a loop can print
-    with tempfile.TemporaryFile() as out, trio.move_on_after(seconds):
-        argv = [sys.executable, "-I", "-c", code]
-        done = await trio.run_process(
+    with tempfile.TemporaryFile() as out:
+        process = await trio.lowlevel.open_process(
             argv,
+            stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            check=False,
             cwd=root,
             env={},
-            preexec_fn=_limit_child,  # in the child, before exec
-            deliver_cancel=kill,
+            start_new_session=True,  # its own process group, all of it to kill
         )
+        try:
+            with trio.move_on_after(seconds) as timer:
+                await process.wait()
+        finally:  # out of time, cancelled or exited: the group goes, grandchildren too
+            _kill_group(process.pid)
+            with trio.CancelScope(shield=True):
+                await process.wait()
+        if timer.cancelled_caught:
+            raise ToolError(f"python: stopped after {seconds} s")
         out.seek(0)
         text = out.read(4 * OBSERVATION_CHARS).decode(errors="replace").strip()
-        if done.returncode:
-            last = text.splitlines()[-1] if text else f"exit status {done.returncode}"
+        if process.returncode:
+            last = text.splitlines()[-1] if text else f"exit status {process.returncode}"
             raise ToolError(f"python: {last}")
         return text or "(nothing printed)"
-    raise ToolError(f"python: stopped after {seconds} s")
 
 
 async def use_tool(tool: str, argument: str, root: str) -> str:
@@ -205,12 +238,14 @@ async def run(
 ) -> dict[str, Any]:
     """Answer `question` with the tools; "quality" is 1.0 when the answer holds `expect`."""
     await lip.mkdir("react_agent", parents=True)
-    kv = await lip.kv(f"react_agent/{os.getpid()}-{time.time_ns()}.kv", create=True)
+    path = f"react_agent/{os.getpid()}-{time.time_ns()}.kv"
     try:
+        kv = await lip.kv(path, create=True)
         result = await act(kv, lip, question, root, max_steps)
         result["file_tokens"] = (await kv.stat())["tokens"]
-    finally:
-        await kv.unlink()
+    finally:  # whatever happened (a cancel too), the file goes
+        with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
+            await lip.call("kv_unlink", path=path)
     if expect is not None:
         result["quality"] = float(expect in result["output"])
     return result

@@ -13,6 +13,7 @@ appending nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 import trio
 
+from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncLip, connect
 
 QUESTION = "Which of these is a fruit?"
@@ -42,14 +44,16 @@ async def run(
     """The likeliest of `choices` as the answer to `question`."""
     choices = choices or CHOICES
     await lip.mkdir("select_choice", parents=True)
-    kv = await lip.kv(f"select_choice/{os.getpid()}-{time.time_ns()}.kv", create=True)
+    path = f"select_choice/{os.getpid()}-{time.time_ns()}.kv"
     try:
+        kv = await lip.kv(path, create=True)
         await kv.append(await question_ids(lip, question))
         scores = await kv.score([await choice_ids(lip, c) for c in choices])
         after = await kv.sample(temperature=0.0)
         tokens = int((await kv.stat())["tokens"])  # neither call appended
-    finally:
-        await kv.unlink()
+    finally:  # whatever happened (a cancel too), the file goes
+        with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
+            await lip.call("kv_unlink", path=path)
     best = max(range(len(choices)), key=scores.__getitem__)
     return {
         "output": choices[best],

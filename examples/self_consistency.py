@@ -17,6 +17,7 @@ It prints `majority answer: A (V of N votes)`, and `right: True/False` given an 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -26,6 +27,7 @@ from typing import Any
 
 import trio
 
+from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncLip, connect
 
 EXEMPLARS = [  # Wei et al. 2022's GSM8K chain-of-thought exemplars (the first six)
@@ -93,6 +95,17 @@ def vote(chains: list[str], answer: str | None) -> dict[str, Any]:
     return {"output": winner, "votes": count, "answers": answers, "quality": quality}
 
 
+async def remove_run(lip: AsyncLip, folder: str, run_id: str) -> None:
+    """Unlink every file of run `run_id` in `folder`: the names that begin "RUN_ID-", so
+    also one a cancel cut off while it was being made. Shielded from the cancel, and
+    each on its own: one that fails does not keep the others."""
+    with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
+        for name in await lip.listdir(folder):
+            if name.startswith(f"{run_id}-"):
+                with contextlib.suppress(SymphonyError):
+                    await lip.call("kv_unlink", path=f"{folder}/{name}")
+
+
 async def run(
     lip: AsyncLip,
     question: str = QUESTION,
@@ -105,10 +118,11 @@ async def run(
     """Sample `chains` chains (seeds 0..chains-1) on forks of one prefilled prompt and
     vote; also returns the "chains" and the pages each fork shared ("shared_pages")."""
     await lip.mkdir("self_consistency", parents=True)
-    name = f"self_consistency/{os.getpid()}-{time.time_ns()}"
-    prompt = await lip.kv(f"{name}-prompt.kv", create=True, exclusive=True)
+    run_id = f"{os.getpid()}-{time.time_ns()}"
+    name = f"self_consistency/{run_id}"
     forks = []
     try:
+        prompt = await lip.kv(f"{name}-prompt.kv", create=True, exclusive=True)
         await prompt.append(await lip.tokenize(few_shot_prompt(question, shots)))
         for i in range(chains):
             forks.append(await prompt.fork(f"{name}-{i}.kv"))
@@ -124,10 +138,8 @@ async def run(
         texts = [r.text for r in results]
         shared = min([(await kv.stat())["shared_pages"] for kv in forks], default=0)
         return {**vote(texts, answer), "chains": texts, "shared_pages": shared}
-    finally:
-        with trio.CancelScope(shield=True):
-            for kv in [*forks, prompt]:
-                await kv.unlink()
+    finally:  # whatever happened (a cancel too), no file of this run stays
+        await remove_run(lip, "self_consistency", run_id)
 
 
 def main() -> None:

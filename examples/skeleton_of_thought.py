@@ -16,6 +16,7 @@ It prints the answer, then `joined N points`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ from typing import Any
 
 import trio
 
+from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncLip, connect
 
 QUESTION = "How can I improve my sleep?"
@@ -66,6 +68,17 @@ def join(points: list[str], expansions: list[str]) -> str:
     )
 
 
+async def remove_run(lip: AsyncLip, folder: str, run_id: str) -> None:
+    """Unlink every file of run `run_id` in `folder`: the names that begin "RUN_ID-", so
+    also one a cancel cut off while it was being made. Shielded from the cancel, and
+    each on its own: one that fails does not keep the others."""
+    with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
+        for name in await lip.listdir(folder):
+            if name.startswith(f"{run_id}-"):
+                with contextlib.suppress(SymphonyError):
+                    await lip.call("kv_unlink", path=f"{folder}/{name}")
+
+
 async def run(
     lip: AsyncLip,
     question: str = QUESTION,
@@ -76,10 +89,11 @@ async def run(
     """The joined answer ("output"), its "skeleton" and "points", and the pages each
     point's fork shared with the question and skeleton ("shared_pages")."""
     await lip.mkdir("skeleton_of_thought", parents=True)
-    name = f"skeleton_of_thought/{os.getpid()}-{time.time_ns()}"
-    question_kv = await lip.kv(f"{name}-question.kv", create=True, exclusive=True)
+    run_id = f"{os.getpid()}-{time.time_ns()}"
+    name = f"skeleton_of_thought/{run_id}"
     forks = []
     try:
+        question_kv = await lip.kv(f"{name}-question.kv", create=True, exclusive=True)
         await question_kv.append(await skeleton_prompt(lip, question, context))
         skeleton = await question_kv.generate(
             skeleton_tokens, temperature=0.0, grammar={"regex": SKELETON}
@@ -105,10 +119,8 @@ async def run(
             "points": points,
             "shared_pages": shared,
         }
-    finally:
-        with trio.CancelScope(shield=True):
-            for kv in [*forks, question_kv]:
-                await kv.unlink()
+    finally:  # whatever happened (a cancel too), no file of this run stays
+        await remove_run(lip, "skeleton_of_thought", run_id)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ kv.unlink (main also kv.generate, to compare).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ from typing import Any
 
 import trio
 
+from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncLip, connect
 
 FOLDER = "speculative"
@@ -86,10 +88,11 @@ async def run(
     greedy: dict[str, Any] = {"temperature": 0.0, "logit_bias": logit_bias or {}}
     stops = await stop_ids(lip)
     await lip.mkdir(FOLDER, parents=True)
-    kv = await lip.kv(f"{FOLDER}/{os.getpid()}-{time.time_ns()}.kv", create=True)
+    path = f"{FOLDER}/{os.getpid()}-{time.time_ns()}.kv"
     out: list[int] = []
     num_verify = num_forward = num_accepted = 0
     try:
+        kv = await lip.kv(path, create=True)
         await kv.append(prompt[:-1])
         pending = prompt[-1]  # the latest token, not yet in the file
         while len(out) < max_tokens and not stops & set(out):
@@ -106,8 +109,9 @@ async def run(
                 new, num_forward = [token], num_forward + 1
             out += new
             pending = new[-1]
-    finally:
-        await kv.unlink()
+    finally:  # whatever happened (a cancel too), the file goes
+        with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
+            await lip.call("kv_unlink", path=path)
     # ended after the first stop token, and at max_tokens, as generate ends
     ends = [i + 1 for i, token in enumerate(out) if token in stops]
     token_ids = out[: min([max_tokens, *ends[:1]])]
@@ -126,12 +130,14 @@ async def compare(max_tokens: int) -> None:
         t0 = time.perf_counter()
         result = await run(lip, max_tokens=max_tokens)
         spec_s, t0 = time.perf_counter() - t0, time.perf_counter()
-        kv = await lip.kv(f"{FOLDER}/{os.getpid()}-{time.time_ns()}-plain.kv", create=True)
+        path = f"{FOLDER}/{os.getpid()}-{time.time_ns()}-plain.kv"
         try:
+            kv = await lip.kv(path, create=True)
             await kv.append(await chat_prompt(lip, REQUEST, TEXT))
             reference = (await kv.generate(max_tokens=max_tokens, temperature=0.0)).token_ids
         finally:
-            await kv.unlink()
+            with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
+                await lip.call("kv_unlink", path=path)
         plain_s = time.perf_counter() - t0
     calls = result["verify_calls"] + result["forward_calls"]
     print(f"plain:       {len(reference)} tokens in {plain_s:.2f} s")

@@ -19,6 +19,7 @@ comes back. A fork of the prompt generates the same answer without the watermark
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -31,6 +32,7 @@ from typing import Any
 
 import trio
 
+from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncLip, connect
 
 PROMPT = "Write a short story about a lighthouse keeper."
@@ -75,6 +77,17 @@ def green_bias(previous: int, vocab_size: int, delta: float, fraction: float) ->
     return dict.fromkeys(green_ids(previous, vocab_size, fraction), delta)
 
 
+async def remove_run(lip: AsyncLip, folder: str, run_id: str) -> None:
+    """Unlink every file of run `run_id` in `folder`: the names that begin "RUN_ID-", so
+    also one a cancel cut off while it was being made. Shielded from the cancel, and
+    each on its own: one that fails does not keep the others."""
+    with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
+        for name in await lip.listdir(folder):
+            if name.startswith(f"{run_id}-"):
+                with contextlib.suppress(SymphonyError):
+                    await lip.call("kv_unlink", path=f"{folder}/{name}")
+
+
 async def run(
     lip: AsyncLip,
     prompt: str = PROMPT,
@@ -87,14 +100,13 @@ async def run(
     prompt_ids = await lip.apply_chat_template([{"role": "user", "content": prompt}])
     stops = await end_of_turn_ids(lip)
     await lip.mkdir("watermark", parents=True)
-    stem = f"watermark/{os.getpid()}-{time.time_ns()}"
-    marked = await lip.kv(f"{stem}-marked.kv", create=True)
-    files = [marked]
+    run_id = f"{os.getpid()}-{time.time_ns()}"
+    stem = f"watermark/{run_id}"
     generated: list[int] = []
     try:
+        marked = await lip.kv(f"{stem}-marked.kv", create=True)
         await marked.append(prompt_ids)
         plain = await marked.fork(f"{stem}-plain.kv")
-        files.append(plain)
 
         async def watermarked() -> None:
             bias = green_bias(prompt_ids[-1], vocab_size, delta, fraction)
@@ -112,9 +124,8 @@ async def run(
         async with trio.open_nursery() as nursery:  # the plain answer meanwhile
             nursery.start_soon(watermarked)
             unmarked = await plain.generate(max_tokens=max_tokens, temperature=0.0)
-    finally:
-        for kv in files:
-            await kv.unlink()
+    finally:  # whatever happened (a cancel too), no file of this run stays
+        await remove_run(lip, "watermark", run_id)
     plain_ids = [t for t in unmarked.token_ids if t not in stops]
     return {
         "output": await lip.detokenize(generated),

@@ -84,6 +84,53 @@ async def test_python_prints_and_is_bounded_in_time_memory_and_output() -> None:
         assert words in errors[code], errors[code]
 
 
+def gone(pid: int) -> bool:
+    """Whether process `pid` has ended (a zombie nobody reaped yet has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
+async def test_python_kills_the_grandchildren_its_code_forked(tmp_path: Path) -> None:
+    # RLIMIT_NPROC (1) already refuses the fork to any uid but root: without it the
+    # fork works for every uid, and the process group kill is what must end it
+    limits = {k: v for k, v in react.LIMITS.items() if k != "NPROC"}
+
+    async def fork_and(child_seconds: int, name: str) -> None:
+        started, marker = tmp_path / f"{name}.pid", tmp_path / f"{name}.marker"
+        wakes = 1 if child_seconds == 0 else 3  # after the child ends, or its time is up
+        code = (
+            "import os, time\n"
+            "if os.fork() == 0:\n"
+            f"    open({str(started)!r} + '.new', 'w').write(str(os.getpid()))\n"
+            f"    os.rename({str(started)!r} + '.new', {str(started)!r})\n"
+            f"    time.sleep({wakes})\n"
+            f"    open({str(marker)!r}, 'w').close()\n"
+            "    os._exit(0)\n"
+            f"while not os.path.exists({str(started)!r}): time.sleep(0.01)\n"
+            f"time.sleep({child_seconds})\n"
+        )
+        begun = time.monotonic()
+        try:
+            assert await react.run_python(code, limits=limits) == "(nothing printed)"
+        except react.ToolError as exc:  # the child itself out of time
+            assert child_seconds and "stopped after" in str(exc), exc
+        returned = time.monotonic()
+        pid = int(started.read_text())
+        while not gone(pid):
+            assert time.monotonic() - returned < 3, "the grandchild outlived run_python"
+            await trio.sleep(0.01)
+        # past the grandchild's sleep: had it lived, it would have left the marker
+        await trio.sleep(max(0, begun + wakes + 0.5 - time.monotonic()))
+        assert not marker.exists()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fork_and, 0, "exited")  # the child ends at once
+        nursery.start_soon(fork_and, 30, "timed_out")  # the child runs past its 2 s
+
+
 # ReAct: grammar, rollback, files -----------------------------------------------------
 
 
@@ -160,5 +207,7 @@ async def test_bench_rows_run_in_both_forms(tiny_socket) -> None:
                 assert 0.0 <= lip_result["quality"] <= 1.0, row.program
                 assert 0.0 <= prompt_result["quality"] <= 1.0, row.program
             if row.same_output:
-                assert lip_result["output"] == prompt_result["output"], row.program
+                assert [lip_result.get(k) for k in row.same_keys] == [
+                    prompt_result.get(k) for k in row.same_keys
+                ]
             assert await lip.listdir(row.program) == []
