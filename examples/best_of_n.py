@@ -14,7 +14,6 @@ is returned.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -22,9 +21,9 @@ from typing import Any
 
 import trio
 
-from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncLip, connect
 from symphony.lipctl.results import GenerateResult
+from symphony.lipctl.scratch import remove_run
 
 QUESTION = "Why is the sky blue? Answer in one sentence."
 JUDGE = "You are a strict grader. Only a correct, clear and concise answer is likely here."
@@ -36,17 +35,6 @@ async def prompts(lip: AsyncLip, question: str) -> tuple[list[int], list[int]]:
     user = {"role": "user", "content": question}
     judge = [{"role": "system", "content": JUDGE}, user]
     return await lip.apply_chat_template([user]), await lip.apply_chat_template(judge)
-
-
-async def remove_run(lip: AsyncLip, folder: str, run_id: str) -> None:
-    """Unlink every file of run `run_id` in `folder`: the names that begin "RUN_ID-", so
-    also one a cancel cut off while it was being made. Shielded from the cancel, and
-    each on its own: one that fails does not keep the others."""
-    with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
-        for name in await lip.listdir(folder):
-            if name.startswith(f"{run_id}-"):
-                with contextlib.suppress(SymphonyError):
-                    await lip.call("kv_unlink", path=f"{folder}/{name}")
 
 
 async def run(

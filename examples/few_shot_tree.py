@@ -13,7 +13,6 @@ questions run at once, and the model computes each shared prefix once.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -21,8 +20,8 @@ from typing import Any
 
 import trio
 
-from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncKV, AsyncLip, connect
+from symphony.lipctl.scratch import remove_run
 
 INSTRUCTION = "Answer each question with a single word."
 SHARED = [
@@ -83,17 +82,6 @@ def accuracy(answers: list[str], questions: list[tuple[str, list[int], str]]) ->
         for a, (_, _, expected) in zip(answers, questions, strict=True)
     )
     return right / len(questions)
-
-
-async def remove_run(lip: AsyncLip, folder: str, run_id: str) -> None:
-    """Unlink every file of run `run_id` in `folder`: the names that begin "RUN_ID-", so
-    also one a cancel cut off while it was being made. Shielded from the cancel, and
-    each on its own: one that fails does not keep the others."""
-    with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
-        for name in await lip.listdir(folder):
-            if name.startswith(f"{run_id}-"):
-                with contextlib.suppress(SymphonyError):
-                    await lip.call("kv_unlink", path=f"{folder}/{name}")
 
 
 async def run(lip: AsyncLip, per_category: int = 4, max_tokens: int = 6) -> dict[str, Any]:

@@ -17,7 +17,6 @@ lip.kv_concat, kv.stat; listdir and kv_unlink to remove the run's files.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -26,8 +25,8 @@ from typing import Any
 
 import trio
 
-from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncKV, AsyncLip, connect
+from symphony.lipctl.scratch import remove_run
 
 SYSTEM = "You are a careful assistant. You answer briefly, using only the given documents."
 DOCUMENTS = (
@@ -47,17 +46,6 @@ def branch_message(document: str) -> dict[str, str]:
 def quality(answer: str, expect: Sequence[str]) -> float:
     """The share of the expected words the answer holds."""
     return sum(word in answer for word in expect) / len(expect) if expect else 0.0
-
-
-async def remove_run(lip: AsyncLip, folder: str, run_id: str) -> None:
-    """Unlink every file of run `run_id` in `folder`: the names that begin "RUN_ID-", so
-    also one a cancel cut off while it was being made. Shielded from the cancel, and
-    each on its own: one that fails does not keep the others."""
-    with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
-        for name in await lip.listdir(folder):
-            if name.startswith(f"{run_id}-"):
-                with contextlib.suppress(SymphonyError):
-                    await lip.call("kv_unlink", path=f"{folder}/{name}")
 
 
 async def take_notes(lip: AsyncLip, kv: AsyncKV, turn: list[int], max_tokens: int) -> str:

@@ -19,7 +19,6 @@ gamma > 1 pushes further in the direction the instruction moves the model. Greed
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -28,8 +27,8 @@ from typing import Any
 
 import trio
 
-from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncLip, connect
+from symphony.lipctl.scratch import remove_run
 
 QUESTION = "Tell me about the moon."
 GUIDE = "Answer like a pirate."
@@ -65,17 +64,6 @@ def guided_pick(
         return u + gamma * (c - u), -token  # ties go to the lower id, in every form
 
     return max({*cond, *uncond}, key=guided)
-
-
-async def remove_run(lip: AsyncLip, folder: str, run_id: str) -> None:
-    """Unlink every file of run `run_id` in `folder`: the names that begin "RUN_ID-", so
-    also one a cancel cut off while it was being made. Shielded from the cancel, and
-    each on its own: one that fails does not keep the others."""
-    with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
-        for name in await lip.listdir(folder):
-            if name.startswith(f"{run_id}-"):
-                with contextlib.suppress(SymphonyError):
-                    await lip.call("kv_unlink", path=f"{folder}/{name}")
 
 
 async def run(

@@ -17,7 +17,6 @@ It prints `majority answer: A (V of N votes)`, and `right: True/False` given an 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import sys
@@ -27,8 +26,8 @@ from typing import Any
 
 import trio
 
-from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncLip, connect
+from symphony.lipctl.scratch import remove_run
 
 EXEMPLARS = [  # Wei et al. 2022's GSM8K chain-of-thought exemplars (the first six)
     (
@@ -93,17 +92,6 @@ def vote(chains: list[str], answer: str | None) -> dict[str, Any]:
     winner, count = votes.most_common(1)[0] if votes else (None, 0)
     quality = float(winner == answer) if answer is not None else count / len(chains)
     return {"output": winner, "votes": count, "answers": answers, "quality": quality}
-
-
-async def remove_run(lip: AsyncLip, folder: str, run_id: str) -> None:
-    """Unlink every file of run `run_id` in `folder`: the names that begin "RUN_ID-", so
-    also one a cancel cut off while it was being made. Shielded from the cancel, and
-    each on its own: one that fails does not keep the others."""
-    with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
-        for name in await lip.listdir(folder):
-            if name.startswith(f"{run_id}-"):
-                with contextlib.suppress(SymphonyError):
-                    await lip.call("kv_unlink", path=f"{folder}/{name}")
 
 
 async def run(

@@ -16,7 +16,6 @@ It prints the answer, then `joined N points`.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -24,8 +23,8 @@ from typing import Any
 
 import trio
 
-from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncLip, connect
+from symphony.lipctl.scratch import remove_run
 
 QUESTION = "How can I improve my sleep?"
 SKELETON_ASK = (
@@ -66,17 +65,6 @@ def join(points: list[str], expansions: list[str]) -> str:
         f"{i}. {point}: {text.strip()}"
         for i, (point, text) in enumerate(zip(points, expansions, strict=True), 1)
     )
-
-
-async def remove_run(lip: AsyncLip, folder: str, run_id: str) -> None:
-    """Unlink every file of run `run_id` in `folder`: the names that begin "RUN_ID-", so
-    also one a cancel cut off while it was being made. Shielded from the cancel, and
-    each on its own: one that fails does not keep the others."""
-    with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
-        for name in await lip.listdir(folder):
-            if name.startswith(f"{run_id}-"):
-                with contextlib.suppress(SymphonyError):
-                    await lip.call("kv_unlink", path=f"{folder}/{name}")
 
 
 async def run(

@@ -30,6 +30,7 @@ from typing import Any
 import trio
 
 from symphony.lipctl.aio import AsyncKV, AsyncLip, connect
+from symphony.lipctl.scratch import remove_run
 
 EXAMPLES = (
     "Combine the numbers with + - * to reach the target, one step a line.\n"
@@ -164,10 +165,7 @@ async def run(
             "pruned_tokens": pruned_tokens,
         }
     finally:  # whatever happened, no file of this run stays
-        with trio.CancelScope(shield=True):
-            for name in await lip.listdir("tree_of_thought"):
-                if name.startswith(run_id + "-"):
-                    await lip.call("kv_unlink", path=f"tree_of_thought/{name}")
+        await remove_run(lip, "tree_of_thought", run_id)
 
 
 def main() -> None:

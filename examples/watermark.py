@@ -19,7 +19,6 @@ comes back. A fork of the prompt generates the same answer without the watermark
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import math
@@ -32,8 +31,8 @@ from typing import Any
 
 import trio
 
-from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncLip, connect
+from symphony.lipctl.scratch import remove_run
 
 PROMPT = "Write a short story about a lighthouse keeper."
 KEY = 15485863  # the paper's hash key (a prime)
@@ -75,17 +74,6 @@ async def end_of_turn_ids(lip: AsyncLip) -> set[int]:
 def green_bias(previous: int, vocab_size: int, delta: float, fraction: float) -> dict[int, float]:
     """The logit_bias of the token after `previous`."""
     return dict.fromkeys(green_ids(previous, vocab_size, fraction), delta)
-
-
-async def remove_run(lip: AsyncLip, folder: str, run_id: str) -> None:
-    """Unlink every file of run `run_id` in `folder`: the names that begin "RUN_ID-", so
-    also one a cancel cut off while it was being made. Shielded from the cancel, and
-    each on its own: one that fails does not keep the others."""
-    with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
-        for name in await lip.listdir(folder):
-            if name.startswith(f"{run_id}-"):
-                with contextlib.suppress(SymphonyError):
-                    await lip.call("kv_unlink", path=f"{folder}/{name}")
 
 
 async def run(
