@@ -13,7 +13,6 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from symphony.lipctl.aio import AsyncLip
@@ -22,7 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.program_helpers import load_example  # noqa: E402  (the repository root, above)
+# example("NAME"): examples/NAME.py, imported (its command line runs only as __main__)
+from tests.program_helpers import load_example as example  # noqa: E402  (the root, above)
+
+__all__ = ["Form", "Row", "example"]
 
 Form = Callable[[AsyncLip], Awaitable[dict[str, Any]]]
 
@@ -45,8 +47,3 @@ class Row:
     quality: str = ""  # what the "quality" figure is, e.g. "votes for the right answer"
     same_output: bool = False
     same_keys: tuple[str, ...] = ("output",)  # what must agree where same_output is set
-
-
-def example(name: str) -> ModuleType:
-    """examples/NAME.py, imported (its command line runs only as __main__)."""
-    return load_example(name)

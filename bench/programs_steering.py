@@ -5,8 +5,6 @@ the same job done by prompt serving (whole prompts, fresh files, nothing forked)
 from __future__ import annotations
 
 import functools
-import itertools
-import os
 from typing import Any
 
 import prompt_serving
@@ -23,21 +21,6 @@ watermark = example("watermark")
 few_shot_tree = example("few_shot_tree")
 select_choice = example("select_choice")
 attention_sink_chat = example("attention_sink_chat")
-
-_names = itertools.count()
-
-
-async def next_top_k(lip: AsyncLip, prompt: list[int], k: int) -> list[tuple[int, float]]:
-    """One request: the whole `prompt` on a fresh file, and the k likeliest next tokens
-    (a prompt server's max_tokens=0 with top logprobs)."""
-    await lip.mkdir(prompt_serving.FOLDER, parents=True)
-    kv = await lip.kv(f"{prompt_serving.FOLDER}/{os.getpid()}-top-{next(_names)}.kv", create=True)
-    try:
-        result = await kv.forward(prompt, outputs=[{"at": len(prompt) - 1, "top_k": k}])
-    finally:
-        await kv.unlink()
-    return result.outputs[0].top_k or []
-
 
 # 1. classifier-free guidance: two whole prompts a token, at once --------------------
 
@@ -56,7 +39,7 @@ async def guidance_prompts(lip: AsyncLip, top_k: int = 20) -> dict[str, Any]:
     tops: list[list[tuple[int, float]]] = [[], []]
 
     async def ask(i: int, prompt: list[int]) -> None:
-        tops[i] = await next_top_k(lip, prompt + generated, top_k)
+        tops[i] = await prompt_serving.next_top_k(lip, prompt + generated, top_k)
 
     for _ in range(GUIDANCE["max_tokens"]):
         async with trio.open_nursery() as nursery:  # both whole prompts at once

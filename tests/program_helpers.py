@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 from types import ModuleType
 
 from tests.server_helpers import ROOT
@@ -23,7 +22,3 @@ def load_example(name: str) -> ModuleType:
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def example_path(name: str) -> Path:
-    return ROOT / "examples" / f"{name}.py"

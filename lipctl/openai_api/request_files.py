@@ -11,13 +11,12 @@ files of another namespace (a LIP in another container) stay.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import uuid
 
 from symphony.lipctl.aio import AsyncLip
-from symphony.lipctl.wire import SymphonyError
+from symphony.lipctl.scratch import remove_where
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +31,12 @@ async def sweep(lip: AsyncLip, folder: str) -> int:
     here = _namespace()
     if here is None:  # whose pids are whose cannot be told: sweep nothing
         return 0
-    removed = 0
-    for name in await lip.listdir(folder):
+
+    def left_by_the_dead(name: str) -> bool:
         namespace, pid, rest = [*name.split("-", 2), "", ""][:3]
-        if namespace != here or not pid.isdigit() or not rest or _running(int(pid)):
-            continue
-        with contextlib.suppress(SymphonyError):  # gone meanwhile, or not a KV file
-            await lip.call("kv_unlink", path=f"{folder}/{name}")
-            removed += 1
+        return namespace == here and pid.isdigit() and bool(rest) and not _running(int(pid))
+
+    removed = await remove_where(lip, folder, left_by_the_dead)
     if removed:
         log.info("removed %d files left by stopped servers in %s", removed, folder)
     return removed
