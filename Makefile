@@ -2,7 +2,8 @@
 PY      := .venv/bin/python
 PIP     := $(PY) -m pip
 STAMP   := .venv/.symphony-installed
-APT_PKGS := fuse3 libfuse3-dev pkg-config attr
+# g++, ninja and the Python headers build the int8 CPU kernels (engine/group_int8.cpp)
+APT_PKGS := fuse3 libfuse3-dev pkg-config attr g++ ninja-build python3-dev
 # one version everywhere: the local CPU build here, the registry's CUDA build on a GPU machine
 TORCH   := torch==2.13.0
 # Every Python package but torch and the project, at the exact version the suite passed
@@ -27,6 +28,7 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q -c $(LOCK) $(TORCH)
 	$(PIP) install -q --no-deps -r $(LOCK)  # complete: nothing unlocked comes in
 	$(PIP) install -q --no-deps -e .
+	$(PY) -m symphony.engine.cpu_kernels  # compiled once here, not in the first server
 	@touch $(STAMP)
 
 # A fresh environment resolved today, written to $(LOCK) (torch and the project left out).

@@ -1,11 +1,13 @@
-"""Engine throughput: Symphony (fp32, int8) beside transformers and llama.cpp, one run.
+"""Engine throughput: Symphony (fp32, int8, w8a8) beside transformers and llama.cpp, one run.
 
 Prefill tokens/s on a 512-token prompt, and aggregate decode tokens/s at batch 1, 8 and
-32, on the embedded default model. Prints a table, writes bench/results/engine.json
-and engine.png. llama.cpp (llama-cpp-python, the `bench` extra) runs at batch 1 only,
-and only when installed.
+32, on the embedded default model. Beside each decode figure: the bytes a step reads
+(weights with the LM head, and the KV of every sequence) and the fraction of the
+floor they set, bytes over the read bandwidth measured in the same run. Prints a
+table, writes bench/results/engine.json and engine.png. llama.cpp (llama-cpp-python,
+the `bench` extra) runs at batch 1 only, and only when installed.
 
-    python bench/engine.py [--quick] [--skip transformers,llamacpp]
+    python bench/engine.py [--quick] [--skip transformers,llamacpp,w8a8]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from symphony.engine.config import EngineConfig
 from symphony.engine.default_model import default_model_path
 from symphony.engine.engine import Engine
 from symphony.engine.model_files import load_model_files
+from symphony.engine.quant import linear_bytes
 
 PROMPT_LEN = 512
 BATCHES = (1, 8, 32)
@@ -50,6 +53,22 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def read_bandwidth(repeats: int = 5) -> float:
+    """Bytes/s of the best of `repeats` sums over 256 MB (far past every cache)."""
+    x = torch.ones(2**26)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * x.element_size() / min(times)
+
+
+def kv_bytes(layers: int, kv_heads: int, head_dim: int, element: int, context: int) -> int:
+    """Bytes of K and V one decode token reads over `context` positions."""
+    return 2 * layers * kv_heads * head_dim * element * context
 
 
 def bench_symphony(engine: Engine, steps: int, repeats: int) -> dict[str, float]:
@@ -76,6 +95,9 @@ def bench_symphony(engine: Engine, steps: int, repeats: int) -> dict[str, float]
             logits = engine.step(chunks)
             last = logits.argmax(-1).tolist()
         out[f"decode_b{batch}"] = batch * steps / (time.perf_counter() - t0)
+        mc = engine.model_config
+        kv = kv_bytes(mc.num_layers, mc.num_kv_heads, mc.head_dim, 4, 33 + steps // 2)
+        out[f"bytes_b{batch}"] = linear_bytes(engine.model) + batch * kv
         for t in tables:
             pool.decref(t)
     return out
@@ -144,7 +166,34 @@ def bench_llamacpp(steps: int, repeats: int) -> dict[str, float] | None:
         llm.eval([token])
         token = int(torch.tensor(llm.scores[llm.n_tokens - 1]).argmax())
     out["decode_b1"] = steps / (time.perf_counter() - t0)
+    # the GGUF's tensors as stored (what a Q4_1 step reads) and an fp16 KV cache
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(default_model_path()))
+    weights = sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
+    head = next(int(t.n_bytes) for t in reader.tensors if t.name == "token_embd.weight")
+    meta = load_model_files(default_model_path()).config
+    kv = kv_bytes(meta.num_layers, meta.num_kv_heads, meta.head_dim, 2, 33 + steps // 2)
+    out["bytes_b1"] = weights + head + kv  # the tied embedding is the LM head
     return out
+
+
+def print_table(results: dict[str, dict[str, float]], bandwidth: float) -> None:
+    """tokens/s per row, and under each decode figure its MB a step and % of the floor."""
+    cols = ["prefill", *(f"decode_b{b}" for b in BATCHES)]
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (sum over 256 MB, best of 5)")
+    print(f"{'tokens/s':<24}" + "".join(f"{c:>16}" for c in cols))
+    for name, row in results.items():
+        cells = [f"{row[c]:>16.1f}" if c in row else f"{'-':>16}" for c in cols]
+        print(f"{name:<24}" + "".join(cells))
+        floors = [""] + [
+            f"{row[f'bytes_b{b}'] / 1e6:.0f} MB {row[f'decode_b{b}'] / row[f'floor_b{b}']:.0%}"
+            if f"floor_b{b}" in row and f"decode_b{b}" in row
+            else ""
+            for b in BATCHES
+        ]
+        if any(floors):
+            print(f"{'  bytes/step, of floor':<24}" + "".join(f"{c:>16}" for c in floors))
 
 
 def plot(results: dict[str, dict[str, float]], path: Path) -> None:
@@ -179,34 +228,37 @@ def plot(results: dict[str, dict[str, float]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
-    parser.add_argument("--skip", default="", help="comma list: transformers, llamacpp, int8")
+    parser.add_argument(
+        "--skip", default="", help="comma list: transformers, llamacpp, fp32, auto, w8a8"
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     steps, repeats = (8, 1) if args.quick else (32, 3)
     torch.manual_seed(0)
     files = load_model_files(default_model_path())
     results: dict[str, dict[str, float]] = {}
-    for quant in ("none", "int8"):
+    bandwidth = read_bandwidth()
+    for quant in ("fp32", "auto", "w8a8"):
         if quant in skip:
             continue
         engine = Engine(files, EngineConfig(device="cpu", num_pages=1024, quant=quant))
-        results[f"symphony {'fp32' if quant == 'none' else quant}"] = bench_symphony(
-            engine, steps, repeats
-        )
+        name = f"symphony {engine.quant}" + (" (auto)" if quant == "auto" else "")
+        results[name] = bench_symphony(engine, steps, repeats)
         del engine
     if "transformers" not in skip:
         results["transformers fp32"] = bench_transformers(steps, repeats)
     if "llamacpp" not in skip and (lcpp := bench_llamacpp(steps, repeats)) is not None:
         results["llama.cpp Q4_1"] = lcpp
 
-    cols = ["prefill", *(f"decode_b{b}" for b in BATCHES)]
-    print(f"{'tokens/s':<20}" + "".join(f"{c:>12}" for c in cols))
-    for name, row in results.items():
-        cells = (f"{row[c]:>12.1f}" if c in row else f"{'-':>12}" for c in cols)
-        print(f"{name:<20}" + "".join(cells))
+    for row in results.values():  # the floor: tokens/s if a step cost only its reads
+        for b in BATCHES:
+            if f"bytes_b{b}" in row:
+                row[f"floor_b{b}"] = b * bandwidth / row[f"bytes_b{b}"]
+    print_table(results, bandwidth)
     path = save_results(
         "engine",
         results,
+        read_bandwidth_gbs=round(bandwidth / 1e9, 2),
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         steps=steps,

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-QUANT_MODES = ("none", "int8", "int8wo")
+QUANT_MODES = ("auto", "fp32", "int8", "w8a8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,7 +64,9 @@ class EngineConfig:
     dtype: str = ""  # empty: float32 on CPU, bfloat16 on CUDA
     page_size: int = 16
     num_pages: int = 2048
-    quant: str = "none"  # "int8": fbgemm dynamic int8; "int8wo": weight-only int8
+    # "auto": int8 on a CPU where its check passes, else fp32 (engine/quant_check.py);
+    # "int8": int8 weight groups, fp32 activations; "w8a8": fbgemm's int8 x int8
+    quant: str = "auto"
     attention: str = "auto"  # "auto", "sdpa" or "flash"
     seed: int = 0
 
@@ -75,8 +77,10 @@ class EngineConfig:
             raise ValueError(f"num_pages must be at least 2, got {self.num_pages}")
         if self.quant not in QUANT_MODES:
             raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)}, got {self.quant!r}")
-        if self.quant != "none" and not self.device.startswith("cpu"):
-            raise ValueError("quantized linear layers run on the CPU only; use --quant none")
+        if self.quant in ("int8", "w8a8") and not self.device.startswith("cpu"):
+            raise ValueError("quantized linear layers run on the CPU only; use --quant fp32")
+        if self.quant in ("int8", "w8a8") and self.dtype not in ("", "float32"):
+            raise ValueError(f"--quant {self.quant} computes in float32, not {self.dtype}")
         if self.dtype and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.attention not in ("auto", "sdpa", "flash"):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from symphony.engine import cpu_kernels
 from symphony.engine.attention import make_attention
 from symphony.engine.batch import SeqChunk, build_step_input
 from symphony.engine.config import EngineConfig
@@ -16,14 +17,15 @@ from symphony.engine.default_model import default_model_path
 from symphony.engine.model import LlamaModel
 from symphony.engine.model_files import ModelFiles, load_model_files
 from symphony.engine.page_pool import PagePool
-from symphony.engine.quant import input_absmax, quantize_linears
+from symphony.engine.quant import input_absmax, quantize_linears, restore_linears
+from symphony.engine.quant_check import CHECK_TEXT, CHECK_TOKENS, QuantCheck, compare_logits
 from symphony.engine.rope import rotate_cached_keys
 from symphony.engine.sampling import SamplingParams, sample
 from symphony.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-# Text the int8 layers calibrate their input ranges on: prose, a chat turn, code, digits.
+# Text the w8a8 layers calibrate their input ranges on: prose, a chat turn, code, digits.
 CALIBRATION_TEXT = """<|im_start|>system
 You are a helpful AI assistant.<|im_end|>
 <|im_start|>user
@@ -75,32 +77,69 @@ class Engine:
         self.attention = make_attention(
             ec.attention, mc.num_heads, mc.num_kv_heads, mc.head_dim, ec.page_size, ec.device
         )
-        if ec.quant != "none":
+        self.quant = "fp32"  # what runs: "fp32", "int8" or "w8a8"
+        self.quant_check: QuantCheck | None = None  # auto's figures, where it ran
+        if ec.quant == "auto":
+            self._auto_quant()
+        elif ec.quant != "fp32":
             self._quantize(ec.quant)
         log.info(
             "engine: %s on %s (%s, quant %s, attention %s), %d pages of %d tokens",
             mc.name,
             ec.device,
             ec.torch_dtype,
-            ec.quant,
+            self.quant,
             self.attention.name,
             ec.num_pages,
             ec.page_size,
         )
 
     def _quantize(self, mode: str) -> None:
-        """Swap the linear layers for int8 ones, calibrated on a short built-in text."""
-        ids = self.tokenizer.encode(CALIBRATION_TEXT)[: self.model_config.max_position]
+        """Swap the linear layers for `mode` ones ("w8a8" calibrates on a built-in text)."""
+        absmax = None
+        if mode == "w8a8":
+            ids = self.tokenizer.encode(CALIBRATION_TEXT)[: self.model_config.max_position]
+            absmax = input_absmax(self.model, lambda: self.prompt_logits(ids))
+        quantize_linears(self.model, mode, absmax)
+        self.quant = mode
+
+    def _auto_quant(self) -> None:
+        """int8 if the kernels run here and the int8 model passes its check, else fp32."""
+        ec = self.config
+        if not ec.device.startswith("cpu") or ec.torch_dtype != torch.float32:
+            return
+        if cpu_kernels.load() is None:
+            log.warning("quant auto: fp32 (the int8 kernels do not run here)")
+            return
+        # at most CHECK_TOKENS, and no more than the pool holds: a small pool checks less
+        room = min(self.model_config.max_position, self.pool.num_free * self.page_size)
+        ids = self.tokenizer.encode(CHECK_TEXT)[: min(CHECK_TOKENS, room)]
+        reference = self.prompt_logits(ids)
+        originals = quantize_linears(self.model, "int8")
+        self.quant_check = compare_logits(reference, self.prompt_logits(ids))
+        if self.quant_check.passed:
+            self.quant = "int8"
+            log.info("quant auto: int8 (%s)", self.quant_check.describe())
+        else:
+            restore_linears(self.model, originals)
+            log.warning("quant auto: fp32, int8 strays too far (%s)", self.quant_check.describe())
+
+    def prompt_logits(self, ids: Sequence[int], chunk: int = 512) -> torch.Tensor:
+        """Logits [len(ids), vocab] of every position of `ids` as one sequence, computed
+        `chunk` tokens a step (a long prompt in one step pays a quadratic mask); the
+        pages are freed after.
+        """
         pages = self.pool.allocate(self.pages_for(len(ids)))
-
-        def run() -> None:
-            self.step([SeqChunk(ids, 0, pages, num_logits=len(ids))])
-
         try:
-            absmax = input_absmax(self.model, run)
+            return torch.cat(
+                [
+                    self.step([SeqChunk(part, i, pages, num_logits=len(part))])
+                    for i in range(0, len(ids), chunk)
+                    if (part := ids[i : i + chunk])
+                ]
+            )
         finally:
             self.pool.decref(pages)
-        quantize_linears(self.model, mode, absmax)
 
     @property
     def page_size(self) -> int:

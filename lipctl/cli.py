@@ -36,7 +36,12 @@ def parser() -> argparse.ArgumentParser:
     mount.add_argument("--no-mount", action="store_true", help="serve the socket only")
     serve.add_argument("--state", help="keep KV files here across restarts (fsync, shutdown)")
     serve.add_argument("--socket-mode", default="0666", help="octal mode of the socket")
-    serve.add_argument("--quant", choices=("none", "int8", "int8wo"), default="none")
+    serve.add_argument(
+        "--quant",
+        choices=("auto", "fp32", "int8", "w8a8"),
+        default="auto",
+        help="auto: int8 on a CPU where it matches fp32 (checked at load), else fp32",
+    )
     serve.add_argument("--pages", type=int, default=4096, help="KV pages in the pool")
     serve.add_argument("--page-size", type=int, default=16)
     serve.add_argument("--max-step-tokens", type=int, default=512)
@@ -123,9 +128,11 @@ def format_ps(rows: list[dict[str, Any]]) -> str:
 
 def format_status(st: dict[str, Any]) -> str:
     p = st["pages"]
+    check = st.get("quant_check")
     return "\n".join(
         [
-            f"model      {st['model']} on {st['device']} ({st['dtype']})",
+            f"model      {st['model']} on {st['device']} ({st['dtype']}, {st['quant']} weights)",
+            *([f"quant      auto chose {st['quant']}: {check}"] if check else []),
             f"pages      {p['total']} total, {p['used']} used ({p['shared']} shared), "
             f"{p['cached']} cached, {p['free']} free",
             f"files      {st['files']}",

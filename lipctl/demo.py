@@ -42,7 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt", default=QUESTION)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--branches", type=int, default=4)
-    parser.add_argument("--quant", choices=("none", "int8", "int8wo"), default="none")
+    parser.add_argument(
+        "--quant",
+        choices=("auto", "fp32", "int8", "w8a8"),
+        default="auto",
+        help="auto: int8 on a CPU where it matches fp32 (checked at load), else fp32",
+    )
     parser.add_argument("--engine-only", action="store_true", help="no server: the engine alone")
     return parser.parse_args(argv)
 
@@ -153,6 +158,7 @@ def run_engine_only(args: argparse.Namespace) -> int:
         print(f"symphony-demo: {exc}", file=sys.stderr)
         return 1
     s = runner.stats
+    print(f"weights {engine.quant}" + (f" ({c.describe()})" if (c := engine.quant_check) else ""))
     print(f"user    {args.prompt}")
     print(f"reply   {engine.tokenizer.decode(gen.output_ids, skip_special=True).strip()}")
     print(f"prefill {s.prefill_tokens} tokens at {s.prefill_tps:.0f} tok/s")

@@ -117,6 +117,8 @@ class Syscalls:
             "model": self.engine.model_config.name,
             "device": self.engine.config.device,
             "dtype": str(self.engine.config.torch_dtype).removeprefix("torch."),
+            "quant": self.engine.quant,
+            "quant_check": check.describe() if (check := self.engine.quant_check) else None,
             "steps": s.num_steps,
             "tokens_computed": s.num_tokens,
             "tokens_per_second": round(s.num_tokens / s.busy_seconds, 1) if s.busy_seconds else 0.0,

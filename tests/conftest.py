@@ -28,7 +28,7 @@ def tiny_engine() -> Engine:
 @pytest.fixture(scope="session")
 def real_engine() -> Engine:
     """The embedded SmolLM2-135M in fp32, loaded once per session (from the weight cache)."""
-    return Engine(None, EngineConfig(device="cpu", num_pages=1024))
+    return Engine(None, EngineConfig(device="cpu", num_pages=1024, quant="fp32"))
 
 
 @pytest.fixture(scope="session")

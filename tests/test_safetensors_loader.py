@@ -43,7 +43,7 @@ def hf_dir(tmp_path):
 def test_safetensors_dir_matches_transformers(hf_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SYMPHONY_CACHE", str(tmp_path / "cache"))
     path, model = hf_dir
-    engine = Engine(path, EngineConfig(device="cpu", num_pages=32, page_size=8))
+    engine = Engine(path, EngineConfig(device="cpu", num_pages=32, page_size=8, quant="fp32"))
     ids = list(range(3, 60))
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]

@@ -1,0 +1,48 @@
+"""The C++ CPU kernels of engine/*.cpp, compiled at first use and cached by torch.
+
+`load()` builds them once per machine (torch's cpp_extension keeps the result under
+~/.cache/torch_extensions, keyed by the source's hash) and returns the module, or None
+where they cannot run here: no AVX2/FMA, no C++ compiler, a failed build. Each reason
+is logged once; callers keep a slower path for None.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("group_int8.cpp")
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The compiled kernels, or None (with one logged line saying why)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        log.warning("int8 kernels: this CPU lacks AVX2 (%s); using the slow path", capability)
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        return cpp_extension.load(
+            name="symphony_group_int8",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # a compiler missing or failing: any error, one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("int8 kernels: build failed (%s); using the slow path", first)
+        return None
+
+
+if __name__ == "__main__":  # `make install` builds them ahead of the first server
+    logging.basicConfig(format="%(message)s")
+    print("int8 CPU kernels:", "built" if load() is not None else "not available (see above)")

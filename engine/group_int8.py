@@ -1,0 +1,134 @@
+"""int8 weights in groups of 32 inputs, each with a scale and a zero: exact for GGUF models.
+
+A GGUF file's Q4_1 block is 32 weights m + d*k (k = 0..15) and a Q8_0 block 32
+weights d*k (k = -127..127). One int8 group of 32 with its own scale and zero holds
+either exactly: asymmetric (scale (max - min) / 255, so k*d is 17k steps) for the
+first, symmetric (scale max|w| / 127) for the second; each group takes whichever of
+the two fits it better. So the int8 model computes what the dequantized fp32 model
+computes, up to fp32 rounding, from a quarter of the bytes.
+
+Activations stay fp32. Steps of a few rows (decode) stream the int8 weights through
+the AVX2 kernel of group_int8.cpp; steps of many rows (prefill) expand each weight to
+fp32 in a reused buffer and run torch's GEMM, where compute and not bytes is the cost.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from symphony.engine import cpu_kernels
+
+log = logging.getLogger(__name__)
+
+GROUP = 32
+# Above this many rows a step's matmul is compute-bound: fp32 GEMM on expanded weights
+# beats the streaming kernel (measured on the 2-core AVX2 CPU, bench/README.md).
+STREAM_ROWS = 48
+
+
+def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 q [N, K] and fp32 scales, zeros [N, K / 32] with weight ~= q * scale + zero."""
+    n, k = weight.shape
+    if k % GROUP:
+        raise ValueError(f"input size {k} is not a multiple of {GROUP}")
+    w = weight.float().reshape(n, k // GROUP, GROUP)
+    lo, hi = w.amin(-1), w.amax(-1)
+    tiny = torch.finfo(torch.float32).tiny
+    # asymmetric: q = -128..127 spans [lo, hi]
+    scale_a = ((hi - lo) / 255).clamp(min=tiny)
+    q_a = torch.round((w - lo[..., None]) / scale_a[..., None]).clamp(0, 255) - 128
+    zero_a = lo + 128 * scale_a
+    err_a = (q_a * scale_a[..., None] + zero_a[..., None] - w).abs().amax(-1)
+    # symmetric: q = -127..127 spans [-max|w|, max|w|], zero 0
+    scale_s = (w.abs().amax(-1) / 127).clamp(min=tiny)
+    q_s = torch.round(w / scale_s[..., None]).clamp(-127, 127)
+    err_s = (q_s * scale_s[..., None] - w).abs().amax(-1)
+    sym = err_s < err_a
+    q = torch.where(sym[..., None], q_s, q_a).to(torch.int8).reshape(n, k)
+    scales = torch.where(sym, scale_s, scale_a).contiguous()
+    zeros = torch.where(sym, torch.zeros_like(zero_a), zero_a).contiguous()
+    return q.contiguous(), scales, zeros
+
+
+def dequantize_groups(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight [N, K] of `quantize_groups`' output, in torch ops."""
+    n, k = q.shape
+    w = q.view(n, k // GROUP, GROUP).float() * scales[..., None] + zeros[..., None]
+    return w.view(n, k)
+
+
+class _Scratch:
+    """One fp32 buffer that every layer expands its weight into, grown on demand."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0)
+
+    def take(self, numel: int) -> torch.Tensor:
+        if self.buffer.numel() < numel:
+            self.buffer = torch.empty(numel)
+        return self.buffer
+
+
+class GroupInt8Linear(nn.Module):
+    """y = x W^T (+ b), W held as int8 groups of 32 (see the module docstring)."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        kernels: ModuleType | None,
+        scratch: _Scratch,
+    ) -> None:
+        super().__init__()
+        q, scales, zeros = quantize_groups(weight)
+        self.register_buffer("q", q)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._kernels = kernels
+        self._scratch = scratch
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a step reads: the int8 weights, their scales and zeros."""
+        return sum(t.numel() * t.element_size() for t in (self.q, self.scales, self.zeros))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self._kernels
+        if k is None:  # no compiled kernels here: correct, and slower than fp32
+            y = F.linear(x, dequantize_groups(self.q, self.scales, self.zeros))
+        elif x.shape[0] <= STREAM_ROWS:
+            y = k.group_int8_mm(x, self.q, self.scales, self.zeros)
+        else:
+            w = k.group_int8_dequant(
+                self.q, self.scales, self.zeros, self._scratch.take(self.q.numel())
+            )
+            y = F.linear(x, w)
+        return y if self.bias is None else y + self.bias
+
+
+def group_int8_layers(
+    linears: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+) -> dict[str, nn.Module]:
+    """A GroupInt8Linear for each (weight, bias) by name, sharing one scratch buffer.
+
+    Layers whose input size is not a multiple of 32 are left out (they stay fp32).
+    """
+    kernels = cpu_kernels.load()
+    scratch = _Scratch()
+    out: dict[str, nn.Module] = {}
+    for name, (weight, bias) in linears.items():
+        if weight.shape[1] % GROUP:
+            log.info("int8: %s stays fp32 (input size %d)", name, weight.shape[1])
+            continue
+        out[name] = GroupInt8Linear(weight, bias, kernels, scratch)
+    return out
