@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from symphony.engine import cpu_kernels
 from symphony.engine.batch import AttnMetadata
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class _SdpaPlan:
     decode_pages: torch.Tensor | None  # [B * max_pages] long, padded with own last page
     decode_mask: torch.Tensor | None  # [B, 1, 1, L] bool; None when B == 1 (no padding)
     decode_len: int  # L: keys per decode sequence after the gather
+    decode_lens: torch.Tensor | None  # [B] long: each decode sequence's context length
     all_decode: bool  # every token of the step is a decode token, in order
     prefills: list[_PrefillPlan]
     # when decode sequences share most pages (forks of one prefix): each distinct page
@@ -95,7 +97,9 @@ class SdpaAttention:
     def prepare(self, meta: AttnMetadata) -> _SdpaPlan:
         device = meta.slot_mapping.device
         ids = meta.decode_seq_ids
-        plan = _SdpaPlan(None, None, None, 0, len(ids) == len(meta.query_lens), [], None, None)
+        plan = _SdpaPlan(
+            None, None, None, 0, None, len(ids) == len(meta.query_lens), [], None, None
+        )
         if ids:
             lens = [meta.context_lens[i] for i in ids]
             max_pages = -(-max(lens) // self.page_size)
@@ -108,6 +112,7 @@ class SdpaAttention:
             plan.decode_len = max_pages * self.page_size
             plan.decode_rows = torch.tensor([meta.query_starts[i] for i in ids], device=device)
             plan.decode_pages = torch.tensor(pages, dtype=torch.long, device=device)
+            plan.decode_lens = torch.tensor(lens, dtype=torch.long, device=device)
             if len(ids) > 1:
                 self._plan_shared(plan, [meta.block_tables[i] for i in ids], lens, max_pages)
             if len(ids) == 1:
@@ -201,7 +206,13 @@ class SdpaAttention:
             return self._decode_shared(q, k_cache, v_cache, plan)
         b, kvh, d = q.shape[0], self.num_kv_heads, self.head_dim
         pages = plan.decode_pages
-        assert pages is not None
+        assert pages is not None and plan.decode_lens is not None
+        kernels = cpu_kernels.load() if q.is_cpu and k_cache.dtype == torch.float32 else None
+        if kernels is not None and d % 8 == 0:  # straight from the pages, no gathered copy
+            table = pages.view(b, -1)
+            return kernels.paged_decode_attention(
+                q, k_cache, v_cache, table, plan.decode_lens, d**-0.5
+            )
         # [B * max_pages, page_size, kvh, d] -> [B, kvh, L, d]
         k = k_cache.index_select(0, pages).view(b, -1, kvh, d)[:, : plan.decode_len]
         v = v_cache.index_select(0, pages).view(b, -1, kvh, d)[:, : plan.decode_len]

@@ -8,6 +8,9 @@
 // the four.
 
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
 #include <immintrin.h>
 #include <torch/extension.h>
 
@@ -136,7 +139,206 @@ torch::Tensor group_int8_dequant(torch::Tensor q, torch::Tensor scales, torch::T
   return w;
 }
 
+// x / rms(x) * weight over each row of x [T, H]: one pass where torch's ops take six
+// launches (at batch 1 their overhead, not the arithmetic, was the cost: 34 us a call)
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be fp32 [T, H]");
+  TORCH_CHECK(weight.dim() == 1 && weight.scalar_type() == torch::kFloat32 &&
+                  weight.size(0) == x.size(1) && weight.is_contiguous(),
+              "weight must be fp32 [H]");
+  x = x.contiguous();
+  const int64_t T = x.size(0), H = x.size(1);
+  auto y = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* row = xp + t * H;
+      float* out = yp + t * H;
+      __m256 acc = _mm256_setzero_ps();
+      int64_t h = 0;
+      for (; h + 8 <= H; h += 8) {
+        const __m256 v = _mm256_loadu_ps(row + h);
+        acc = _mm256_fmadd_ps(v, v, acc);
+      }
+      float squares = hsum(acc);
+      for (; h < H; ++h) squares += row[h] * row[h];
+      const float inv = 1.0f / std::sqrt(squares / static_cast<float>(H) + static_cast<float>(eps));
+      const __m256 vinv = _mm256_set1_ps(inv);
+      h = 0;
+      for (; h + 8 <= H; h += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(row + h), vinv);
+        _mm256_storeu_ps(out + h, _mm256_mul_ps(v, _mm256_loadu_ps(wp + h)));
+      }
+      for (; h < H; ++h) out[h] = row[h] * inv * wp[h];
+    }
+  });
+  return y;
+}
+
+namespace {
+
+// rotate-half RoPE of one head: (x1 cos - x2 sin, x2 cos + x1 sin), x1 and x2 its halves
+inline void rope_head(const float* x, const float* cos, const float* sin, int64_t half,
+                      float* out) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    out[i] = x1 * cos[i] - x2 * sin[i];
+    out[i + half] = x2 * cos[i] + x1 * sin[i];
+  }
+}
+
+inline float finite_or_zero(float v) { return std::isfinite(v) ? v : 0.0f; }
+
+}  // namespace
+
+// One decode layer's Q, K and V from its fused projection qkv [T, (nh + 2 nkv) d]: Q
+// and K rotated by RoPE at each token's position (cos, sin [T, d / 2]), K and V
+// stored into the flat cache slots `slots` of k_cache, v_cache [.., nkv, d] with every
+// non-finite value made 0 (another sequence's masked slot must not hold a NaN); returns
+// Q [T, nh, d]. One call where torch's ops take fourteen.
+torch::Tensor rope_store_kv(torch::Tensor qkv, int64_t num_heads, int64_t num_kv_heads,
+                            torch::Tensor cos, torch::Tensor sin, torch::Tensor slots,
+                            torch::Tensor k_cache, torch::Tensor v_cache) {
+  const int64_t T = qkv.size(0), d = cos.size(1) * 2, half = d / 2;
+  const int64_t nh = num_heads, nkv = num_kv_heads;
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == torch::kFloat32 &&
+                  qkv.size(1) == (nh + 2 * nkv) * d,
+              "qkv must be fp32 [T, (heads + 2 kv_heads) head_dim]");
+  for (const auto* t : {&cos, &sin})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->dim() == 2 &&
+                    t->size(0) == T,
+                "cos and sin must be contiguous fp32 [T, head_dim / 2]");
+  for (const auto* t : {&k_cache, &v_cache})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() &&
+                    t->numel() % (nkv * d) == 0,
+                "the caches must be contiguous fp32 [.., kv_heads, head_dim]");
+  TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.numel() == T, "one slot per token");
+  qkv = qkv.contiguous();
+  slots = slots.contiguous();
+  const int64_t capacity = k_cache.numel() / (nkv * d);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < capacity, "slot ", sp[t], " outside the cache");
+  auto q = torch::empty({T, nh, d}, qkv.options());
+  const float* xp = qkv.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* snp = sin.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  TORCH_CHECK(d <= 1024, "head_dim above 1024");
+  const int64_t width = (nh + 2 * nkv) * d;
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    float rotated[1024];  // one head; head_dim is checked below
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* row = xp + t * width;
+      const float* c = cp + t * half;
+      const float* s = snp + t * half;
+      for (int64_t h = 0; h < nh; ++h) rope_head(row + h * d, c, s, half, qp + (t * nh + h) * d);
+      float* kdst = kc + sp[t] * nkv * d;
+      float* vdst = vc + sp[t] * nkv * d;
+      for (int64_t h = 0; h < nkv; ++h) {
+        rope_head(row + (nh + h) * d, c, s, half, rotated);
+        const float* v = row + (nh + nkv + h) * d;
+        for (int64_t i = 0; i < d; ++i) {
+          kdst[h * d + i] = finite_or_zero(rotated[i]);
+          vdst[h * d + i] = finite_or_zero(v[i]);
+        }
+      }
+    }
+  });
+  return q;
+}
+
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {  // n % 8 == 0
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8)
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  return hsum(acc);
+}
+
+inline void add_scaled(float* out, float w, const float* v, int64_t n) {  // out += w v
+  const __m256 wv = _mm256_set1_ps(w);
+  for (int64_t i = 0; i < n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
+}
+
+}  // namespace
+
+// Decode attention straight from the pages: q [B, heads, d], one query per sequence,
+// seeing its first context_lens[b] slots through block_tables [B, max_pages]; the
+// caches [pages, page_size, kv_heads, d]. No gathered copy of K and V (SDPA over
+// gathered pages copied every key and value of every layer each step).
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor context_lens,
+                                     double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32, "q must be fp32 [B, heads, d]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.scalar_type() == torch::kFloat32 &&
+                  k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.scalar_type() == torch::kFloat32 && v_cache.is_contiguous(),
+              "the caches must be contiguous fp32 [pages, page_size, kv_heads, d]");
+  const int64_t B = q.size(0), nh = q.size(1), d = q.size(2);
+  const int64_t pages = k_cache.size(0), ps = k_cache.size(1), nkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == d && d % 8 == 0 && nh % nkv == 0, "head shapes disagree");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B &&
+                  block_tables.scalar_type() == torch::kLong,
+              "block_tables must be long [B, max_pages]");
+  TORCH_CHECK(context_lens.numel() == B && context_lens.scalar_type() == torch::kLong,
+              "context_lens must be long [B]");
+  q = q.contiguous();
+  block_tables = block_tables.contiguous();
+  context_lens = context_lens.contiguous();
+  const int64_t max_pages = block_tables.size(1), group = nh / nkv;
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= max_pages * ps, "context length outside its table");
+    for (int64_t j = 0; j < (lens[b] + ps - 1) / ps; ++j)
+      TORCH_CHECK(bt[b * max_pages + j] >= 0 && bt[b * max_pages + j] < pages, "page outside the pool");
+  }
+  auto out = torch::zeros_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * nkv, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / nkv, h = i % nkv, L = lens[b];
+      const int64_t* table = bt + b * max_pages;
+      scores.assign(group * L, 0.0f);
+      const float* qh = qp + (b * nh + h * group) * d;
+      for (int64_t t = 0; t < L; ++t) {
+        const float* k = kp + ((table[t / ps] * ps + t % ps) * nkv + h) * d;
+        for (int64_t g = 0; g < group; ++g) scores[g * L + t] = dot(qh + g * d, k, d) * sc;
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* row = scores.data() + g * L;
+        float top = row[0];
+        for (int64_t t = 1; t < L; ++t) top = std::max(top, row[t]);
+        float total = 0.0f;
+        for (int64_t t = 0; t < L; ++t) total += (row[t] = std::exp(row[t] - top));
+        for (int64_t t = 0; t < L; ++t) row[t] /= total;
+      }
+      float* oh = op + (b * nh + h * group) * d;
+      for (int64_t t = 0; t < L; ++t) {
+        const float* v = vp + ((table[t / ps] * ps + t % ps) * nkv + h) * d;
+        for (int64_t g = 0; g < group; ++g) add_scaled(oh + g * d, scores[g * L + t], v, d);
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the pages");
+  m.def("rope_store_kv", &rope_store_kv, "RoPE on Q and K, K and V into their cache slots");
+  m.def("rms_norm", &rms_norm, "x / rms(x) * weight, row by row");
   m.def("group_int8_mm", &group_int8_mm, "x W^T with W in int8 groups of 32");
   m.def("group_int8_dequant", &group_int8_dequant, "W in fp32 from its int8 groups of 32");
 }

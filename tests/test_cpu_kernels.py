@@ -1,0 +1,87 @@
+"""The compiled CPU kernels compute what the torch ops they replace compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from symphony.engine import cpu_kernels
+from symphony.engine.config import EngineConfig
+from symphony.engine.engine import Engine
+from symphony.engine.generate import generate
+from symphony.engine.rope import apply_rope
+from tests.tiny import tiny_model_files
+
+kernels = cpu_kernels.load()
+pytestmark = pytest.mark.skipif(
+    kernels is None, reason="the CPU kernels do not build or run on this CPU"
+)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 70])
+def test_rms_norm(rows):
+    x, w = torch.randn(rows, 576) * 5, torch.randn(576)
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), want)
+
+
+def test_rope_store_kv_matches_torch_and_zeroes_non_finite_values():
+    torch.manual_seed(0)
+    t, nh, nkv, d = 5, 4, 2, 16
+    qkv = torch.randn(t, (nh + 2 * nkv) * d)
+    qkv[1, (nh + 0) * d + 3] = float("nan")  # a K value
+    qkv[2, (nh + nkv) * d + 5] = float("inf")  # a V value
+    angles = torch.rand(t, d // 2) * 10
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.tensor([7, 0, 31, 12, 13])
+    k_cache, v_cache = torch.full((4, 8, nkv, d), 9.0), torch.full((4, 8, nkv, d), 9.0)
+    q = kernels.rope_store_kv(qkv, nh, nkv, cos, sin, slots, k_cache, v_cache)
+    qk = apply_rope(qkv[:, : (nh + nkv) * d].view(t, nh + nkv, d), cos[:, None], sin[:, None])
+    torch.testing.assert_close(q, qk[:, :nh])
+    k = torch.nan_to_num(qk[:, nh:], 0.0, 0.0, 0.0)
+    v = torch.nan_to_num(qkv[:, (nh + nkv) * d :].view(t, nkv, d), 0.0, 0.0, 0.0)
+    torch.testing.assert_close(k_cache.view(-1, nkv, d)[slots], k)
+    torch.testing.assert_close(v_cache.view(-1, nkv, d)[slots], v)
+    untouched = torch.ones(32, dtype=torch.bool)
+    untouched[slots] = False
+    assert (k_cache.view(-1, nkv, d)[untouched] == 9.0).all()
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        kernels.rope_store_kv(qkv, nh, nkv, cos, sin, slots + 32, k_cache, v_cache)
+
+
+def test_paged_decode_attention_matches_sdpa_over_gathered_pages():
+    torch.manual_seed(0)
+    nh, nkv, d, ps = 6, 2, 32, 4
+    k_cache, v_cache = torch.randn(20, ps, nkv, d), torch.randn(20, ps, nkv, d)
+    # scattered pages, a shared one, partial last pages, lengths 1 to 13
+    tables = [[3, 17, 5, 9], [9, 0, 0, 0], [11, 2, 3, 0]]
+    lens = [13, 1, 10]
+    q = torch.randn(3, nh, d)
+    got = kernels.paged_decode_attention(
+        q, k_cache, v_cache, torch.tensor(tables), torch.tensor(lens), d**-0.5
+    )
+    for b, (table, n) in enumerate(zip(tables, lens, strict=True)):
+        k = k_cache[table].flatten(0, 1)[:n].transpose(0, 1)  # [nkv, n, d]
+        v = v_cache[table].flatten(0, 1)[:n].transpose(0, 1)
+        qb = q[b].view(nkv, nh // nkv, d)
+        want = F.scaled_dot_product_attention(qb, k, v).reshape(nh, d)
+        torch.testing.assert_close(got[b], want)
+    with pytest.raises(RuntimeError, match="outside"):
+        kernels.paged_decode_attention(
+            q, k_cache, v_cache, torch.tensor(tables) + 20, torch.tensor(lens), 1.0
+        )
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int8"])
+def test_the_engine_without_kernels_gives_the_same_tokens(monkeypatch, quant):
+    """The torch-only path (a CPU without AVX2, or no compiler) stays correct."""
+    prompts = [list(range(10, 50)), list(range(60, 75))]
+    config = EngineConfig(device="cpu", num_pages=64, quant=quant)
+    with_kernels = Engine(tiny_model_files(), config)
+    want_logits = with_kernels.prompt_logits(prompts[0])
+    want = generate(with_kernels, prompts, max_tokens=12)
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    without = Engine(tiny_model_files(), config)
+    torch.testing.assert_close(without.prompt_logits(prompts[0]), want_logits)
+    assert generate(without, prompts, max_tokens=12) == want
