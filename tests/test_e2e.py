@@ -351,3 +351,16 @@ def test_page_quota_and_rlimits_bind_a_lip(server):
         _, status = wait_program(lip, pid)
         assert status < 0 and time.monotonic() - t0 < 30  # killed at its wall-time limit
         assert next(p for p in lip.ps() if p["pid"] == pid)["state"] == "killed"
+
+
+def test_the_default_server_runs_int8_weights_its_check_passed(server):
+    """`lipctl serve` with no --quant: auto picks int8 on this CPU and says why."""
+    env = {**os.environ, "SYMPHONY_SOCKET": server}
+    cli = [sys.executable, "-m", "symphony.lipctl.cli", "status"]
+    out = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "(float32, int8 weights)" in out.stdout
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("quant "))
+    assert "auto chose int8: top-1 1.000" in line
+    with connect(server) as lip:
+        assert lip.status()["quant"] == "int8"
