@@ -7,7 +7,7 @@ with `--no-prefix-cache`: a fresh server for each form of each row, one after th
 other, never two at once. Prints a table, writes
 bench/results/programs.json and programs.png (the ratios).
 
-    python bench/programs.py [--only NAME,NAME] [--quant none|int8]
+    python bench/programs.py [--only NAME,NAME] [--quant auto|fp32|int8|w8a8]
 
 `--only` runs some rows and prints them without writing the results.
 """
