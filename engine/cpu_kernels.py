@@ -1,14 +1,15 @@
-"""The C++ CPU kernels of engine/*.cpp, compiled at first use and cached by torch.
+"""The C++ CPU kernels of engine/cpu_kernels.cpp, compiled once and cached by torch.
 
-`load()` builds them once per machine (torch's cpp_extension keeps the result under
-~/.cache/torch_extensions, keyed by the source's hash) and returns the module, or None
-where they cannot run here: no AVX2/FMA, no C++ compiler, a failed build. Each reason
-is logged once; callers keep a slower path for None.
+`load()` builds them once per machine and source version (torch's cpp_extension keeps
+the result under ~/.cache/torch_extensions, named by the source's hash) and returns the
+module, or None where they cannot run here: no AVX2/FMA, no C++ compiler, a failed
+build. Each reason is logged once; callers keep a torch path for None.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from pathlib import Path
 from types import ModuleType
@@ -17,7 +18,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("group_int8.cpp")
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 
 
 @functools.cache
@@ -27,13 +29,16 @@ def load() -> ModuleType | None:
     if capability not in ("AVX2", "AVX512"):
         log.warning("int8 kernels: this CPU lacks AVX2 (%s); using the slow path", capability)
         return None
+    # named by the source's hash: checkouts of different versions on one machine each
+    # keep their own build instead of rebuilding over each other's
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
     try:
         from torch.utils import cpp_extension
 
         return cpp_extension.load(
-            name="symphony_group_int8",
+            name=f"symphony_cpu_{digest}",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

@@ -8,7 +8,7 @@ the two fits it better. So the int8 model computes what the dequantized fp32 mod
 computes, up to fp32 rounding, from a quarter of the bytes.
 
 Activations stay fp32. Steps of a few rows (decode) stream the int8 weights through
-the AVX2 kernel of group_int8.cpp; steps of many rows (prefill) expand each weight to
+the AVX2 kernel of cpu_kernels.cpp; steps of many rows (prefill) expand each weight to
 fp32 in a reused buffer and run torch's GEMM, where compute and not bytes is the cost.
 """
 

@@ -96,7 +96,13 @@ class ProcessTable:
         """An outside program's last connection closed: it leaves the table."""
         if not proc.spawned:
             proc.state = "exited"
-            self.procs.pop(proc.pid, None)
+            self._forget(proc)
+
+    def _forget(self, proc: Proc) -> None:
+        """Remove `proc`'s row, and only its: by now its pid may name another's."""
+        pid = proc.pid
+        if self.procs.get(pid) is proc:
+            del self.procs[pid]
 
     def running_lips(self, uid: int) -> int:
         return sum(p.spawned and p.state == "running" and p.uid == uid for p in self.procs.values())
@@ -166,6 +172,12 @@ class ProcessTable:
             TOKEN_VAR: tree.token,
         }
 
+        account = Account(
+            0, limits.priority, page_quota=limits.pages, token_quota=limits.tokens, uid=cred.uid
+        )
+        proc = Proc(0, cred.uid, cred.gid, name, account, spawned=True)
+        proc.tree, proc.limits = tree, limits
+
         def before_exec(pid: int) -> None:  # the launcher waits: nothing of it runs yet
             st = read_stat(pid)
             tree.pid, tree.start_time = pid, (st.start_time if st is not None else None)
@@ -177,6 +189,15 @@ class ProcessTable:
                     Cgroups.remove(tree.cgroup)
                     tree.cgroup = None
             self.registry.add(tree)
+            # in the table before it can run: its first connection, which may come
+            # while this task still waits on the launcher, must find it (found
+            # missing, it got a row of its own, with its own quotas, whose detach
+            # later removed the LIP's row: `wait` said ESRCH)
+            proc.pid = account.pid = pid
+            self.procs[pid] = proc
+            self._by_token[tree.token] = proc
+            if tree.cgroup is not None and (relative := self.cgroups.relative(tree.cgroup)):
+                self._by_cgroup[relative] = proc
 
         try:
             child = await start_child(
@@ -188,20 +209,15 @@ class ProcessTable:
                 before_exec,
             )
         except BaseException:
+            self._forget(proc)
+            self._by_token.pop(tree.token, None)
+            if tree.cgroup is not None:
+                self._by_cgroup.pop(self.cgroups.relative(tree.cgroup) or "", None)
             tree.end()
             tree.remove()
             self.registry.remove(tree.token)
             raise
-        pid = child.popen.pid
-        account = Account(
-            pid, limits.priority, page_quota=limits.pages, token_quota=limits.tokens, uid=cred.uid
-        )
-        proc = Proc(pid, cred.uid, cred.gid, name, account, spawned=True, child=child)
-        proc.tree, proc.limits = tree, limits
-        self.procs[pid] = proc
-        self._by_token[tree.token] = proc
-        if tree.cgroup is not None and (relative := self.cgroups.relative(tree.cgroup)):
-            self._by_cgroup[relative] = proc
+        proc.child = child
         self._background = nursery
         nursery.start_soon(self._supervise, proc, limits.wall_seconds)
         return proc

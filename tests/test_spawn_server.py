@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import pytest
+import trio
 
 from symphony.lipctl import SymphonyError, connect
 from tests.conftest import make_tiny_engine
@@ -121,3 +122,48 @@ def test_a_sigkilled_servers_lips_die_and_the_next_server_ends_the_rest(tmp_path
         for server in servers:
             server.kill()
             server.wait(10)
+
+
+QUICK_APPEND = textwrap.dedent(
+    """
+    from symphony.lipctl import SymphonyError, connect
+    with connect() as lip:
+        kv = lip.kv("quick.kv", create=True)
+        kv.append(list(range(100, 108)))
+        try:
+            kv.append(list(range(100, 108)))
+            print("allowed", flush=True)
+        except SymphonyError as exc:
+            print(exc.errno, flush=True)
+        kv.unlink()
+    """
+)
+
+
+def test_a_lip_that_connects_before_its_spawn_returns_is_still_that_lip(tmp_path, monkeypatch):
+    """The LIP runs and connects while the server still waits on its launcher's status.
+
+    Before: its connection got a row of its own (no quota), and when it closed, that
+    row's removal took the LIP's row with it, so `wait` answered ESRCH.
+    """
+    from symphony.sched import spawner
+
+    launch_status = spawner._launch_status
+
+    async def slow_launch_status(*args):
+        result = await launch_status(*args)
+        await trio.sleep(3)  # the program runs, connects, appends and exits meanwhile
+        return result
+
+    monkeypatch.setattr(spawner, "_launch_status", slow_launch_status)
+    engine = make_tiny_engine(num_pages=64, page_size=4)
+    server = ServerThread(engine, str(tmp_path / "s.sock")).start()
+    try:
+        with connect(server.server.config.socket_path) as lip:
+            pid = lip.spawn(QUICK_APPEND, name="quick.py", limits={"tokens": 12})
+            assert run_to_end(lip, pid) == (b"EDQUOT\n", 0)  # its quota held from the start
+            row = next(p for p in lip.ps() if p["pid"] == pid)
+            assert row["name"] == "quick.py" and row["tokens"] == 8
+    finally:
+        server.stop()
+    assert server.error is None

@@ -1,11 +1,14 @@
-// int8 weights in groups of 32 along the input, each group with its own scale and zero
-// (w = q * scale + zero), times fp32 activations. Built at first use by
-// symphony.engine.cpu_kernels (torch's cpp_extension, -mavx2 -mfma).
-//
-// Decode reads every weight once per step, so the loop streams q (one byte a weight)
-// and turns each 8 of them into fp32 in registers: nothing is written back but y.
-// Rows of x are taken four at a time, so each weight is loaded and converted once for
-// the four.
+// The CPU engine's compiled kernels (AVX2 + FMA), built by symphony.engine.cpu_kernels
+// with torch's cpp_extension:
+// - group_int8_mm / group_int8_dequant: int8 weights in groups of 32 along the input,
+//   each group with its own scale and zero (w = q * scale + zero), times fp32
+//   activations. Decode reads every weight once per step, so the loop streams q (one
+//   byte a weight) and turns each 8 of them into fp32 in registers: nothing is written
+//   back but y. Rows of x are taken four at a time, so each weight is loaded and
+//   converted once for the four.
+// - rms_norm, rope_store_kv, paged_decode_attention: the small per-layer steps of a
+//   decode, each one call where torch's ops took several (their launches, not their
+//   arithmetic, were the cost at batch 1).
 
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -335,10 +338,13 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out;
 }
 
+// Each releases the GIL while it runs: a decode step's kernels must not stall the
+// server's trio thread (pybind11 holds the GIL through a call unless told otherwise).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the pages");
-  m.def("rope_store_kv", &rope_store_kv, "RoPE on Q and K, K and V into their cache slots");
-  m.def("rms_norm", &rms_norm, "x / rms(x) * weight, row by row");
-  m.def("group_int8_mm", &group_int8_mm, "x W^T with W in int8 groups of 32");
-  m.def("group_int8_dequant", &group_int8_dequant, "W in fp32 from its int8 groups of 32");
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("paged_decode_attention", &paged_decode_attention, no_gil, "decode attention over pages");
+  m.def("rope_store_kv", &rope_store_kv, no_gil, "RoPE on Q and K; K and V into their slots");
+  m.def("rms_norm", &rms_norm, no_gil, "x / rms(x) * weight, row by row");
+  m.def("group_int8_mm", &group_int8_mm, no_gil, "x W^T with W in int8 groups of 32");
+  m.def("group_int8_dequant", &group_int8_dequant, no_gil, "W in fp32 from its int8 groups");
 }
