@@ -18,25 +18,30 @@ from tests.conftest import make_tiny_engine
 from tests.server_helpers import ROOT, ServerThread
 from tests.spawn_helpers import alive, gone_within
 
-CHILD_OVER_QUOTA = textwrap.dedent(
+# two appends of 8 tokens under a quota of 12: prints EDQUOT where the quota holds
+APPEND_PAST_QUOTA = textwrap.dedent(
     """
-    import os
-    from symphony.lipctl import SymphonyError, connect
-    pid = os.fork()
-    if pid == 0:
-        os.setsid()  # out of the LIP's session, still in its tree
-        with connect() as lip:
-            kv = lip.kv("child.kv", create=True)
+    with connect() as lip:
+        kv = lip.kv(f"over-{os.getpid()}.kv", create=True)
+        kv.append(list(range(100, 108)))
+        try:
             kv.append(list(range(100, 108)))
-            try:
-                kv.append(list(range(100, 108)))
-                print("allowed", flush=True)
-            except SymphonyError as exc:
-                print(exc.errno, flush=True)
-            kv.unlink()
-        os._exit(0)
-    os.waitpid(pid, 0)
+            print("allowed", flush=True)
+        except SymphonyError as exc:
+            print(exc.errno, flush=True)
+        kv.unlink()
     """
+)
+IMPORTS = "import os\nfrom symphony.lipctl import SymphonyError, connect\n"
+
+CHILD_OVER_QUOTA = (
+    IMPORTS
+    + "pid = os.fork()\n"
+    + "if pid == 0:\n"
+    + "    os.setsid()  # out of the LIP's session, still in its tree\n"
+    + textwrap.indent(APPEND_PAST_QUOTA, "    ")
+    + "    os._exit(0)\n"
+    + "os.waitpid(pid, 0)\n"
 )
 
 TREE = textwrap.dedent(
@@ -124,22 +129,6 @@ def test_a_sigkilled_servers_lips_die_and_the_next_server_ends_the_rest(tmp_path
             server.wait(10)
 
 
-QUICK_APPEND = textwrap.dedent(
-    """
-    from symphony.lipctl import SymphonyError, connect
-    with connect() as lip:
-        kv = lip.kv("quick.kv", create=True)
-        kv.append(list(range(100, 108)))
-        try:
-            kv.append(list(range(100, 108)))
-            print("allowed", flush=True)
-        except SymphonyError as exc:
-            print(exc.errno, flush=True)
-        kv.unlink()
-    """
-)
-
-
 def test_a_lip_that_connects_before_its_spawn_returns_is_still_that_lip(tmp_path, monkeypatch):
     """The LIP runs and connects while the server still waits on its launcher's status.
 
@@ -160,7 +149,7 @@ def test_a_lip_that_connects_before_its_spawn_returns_is_still_that_lip(tmp_path
     server = ServerThread(engine, str(tmp_path / "s.sock")).start()
     try:
         with connect(server.server.config.socket_path) as lip:
-            pid = lip.spawn(QUICK_APPEND, name="quick.py", limits={"tokens": 12})
+            pid = lip.spawn(IMPORTS + APPEND_PAST_QUOTA, name="quick.py", limits={"tokens": 12})
             assert run_to_end(lip, pid) == (b"EDQUOT\n", 0)  # its quota held from the start
             row = next(p for p in lip.ps() if p["pid"] == pid)
             assert row["name"] == "quick.py" and row["tokens"] == 8
