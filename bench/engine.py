@@ -25,7 +25,7 @@ import torch
 from common import RESULTS, save_results  # bench/common.py
 
 from symphony.engine.batch import SeqChunk
-from symphony.engine.config import EngineConfig
+from symphony.engine.config import EngineConfig, ModelConfig
 from symphony.engine.default_model import default_model_path
 from symphony.engine.engine import Engine
 from symphony.engine.model_files import load_model_files
@@ -137,7 +137,7 @@ def bench_transformers(steps: int, repeats: int) -> dict[str, float]:
     return out
 
 
-def bench_llamacpp(steps: int, repeats: int) -> dict[str, float] | None:
+def bench_llamacpp(steps: int, repeats: int, config: ModelConfig) -> dict[str, float] | None:
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -172,8 +172,7 @@ def bench_llamacpp(steps: int, repeats: int) -> dict[str, float] | None:
     reader = GGUFReader(str(default_model_path()))
     weights = sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
     head = next(int(t.n_bytes) for t in reader.tensors if t.name == "token_embd.weight")
-    meta = load_model_files(default_model_path()).config
-    kv = kv_bytes(meta.num_layers, meta.num_kv_heads, meta.head_dim, 2, 33 + steps // 2)
+    kv = kv_bytes(config.num_layers, config.num_kv_heads, config.head_dim, 2, 33 + steps // 2)
     out["bytes_b1"] = weights + head + kv  # the tied embedding is the LM head
     return out
 
@@ -247,7 +246,10 @@ def main() -> None:
         del engine
     if "transformers" not in skip:
         results["transformers fp32"] = bench_transformers(steps, repeats)
-    if "llamacpp" not in skip and (lcpp := bench_llamacpp(steps, repeats)) is not None:
+    if (
+        "llamacpp" not in skip
+        and (lcpp := bench_llamacpp(steps, repeats, files.config)) is not None
+    ):
         results["llama.cpp Q4_1"] = lcpp
 
     for row in results.values():  # the floor: tokens/s if a step cost only its reads

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from symphony.engine import cpu_kernels
 from symphony.engine.batch import AttnMetadata
 
 log = logging.getLogger(__name__)
@@ -88,11 +88,21 @@ class SdpaAttention:
 
     name = "sdpa"
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        kernels: ModuleType | None = None,
+    ) -> None:
         self.num_kv_heads = num_kv_heads
         self.group = num_heads // num_kv_heads
         self.head_dim = head_dim
         self.page_size = page_size
+        # the compiled CPU kernels' decode attention reads the pages in place (fp32 on
+        # a CPU, head_dim a multiple of 8); None: SDPA over gathered pages
+        self._kernels = kernels if head_dim % 8 == 0 else None
 
     def prepare(self, meta: AttnMetadata) -> _SdpaPlan:
         device = meta.slot_mapping.device
@@ -207,10 +217,9 @@ class SdpaAttention:
         b, kvh, d = q.shape[0], self.num_kv_heads, self.head_dim
         pages = plan.decode_pages
         assert pages is not None and plan.decode_lens is not None
-        kernels = cpu_kernels.load() if q.is_cpu and k_cache.dtype == torch.float32 else None
-        if kernels is not None and d % 8 == 0:  # straight from the pages, no gathered copy
+        if self._kernels is not None:  # straight from the pages, no gathered copy
             table = pages.view(b, -1)
-            return kernels.paged_decode_attention(
+            return self._kernels.paged_decode_attention(
                 q, k_cache, v_cache, table, plan.decode_lens, d**-0.5
             )
         # [B * max_pages, page_size, kvh, d] -> [B, kvh, L, d]
@@ -278,9 +287,18 @@ class FlashAttention:
 
 
 def make_attention(
-    choice: str, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, device: str
+    choice: str,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    device: str,
+    kernels: ModuleType | None = None,
 ) -> AttentionBackend:
-    """Pick the attention backend: "flash", "sdpa", or "auto" (flash where it can run)."""
+    """Pick the attention backend: "flash", "sdpa", or "auto" (flash where it can run).
+
+    `kernels`: the compiled CPU kernels, for SDPA's decode on a CPU in fp32.
+    """
     flash_ok = device.startswith("cuda") and flash_attn_available() and page_size % 256 == 0
     if choice == "flash":
         if not flash_ok:
@@ -291,4 +309,4 @@ def make_attention(
         return FlashAttention(num_heads, num_kv_heads, head_dim, page_size)
     if choice == "auto" and flash_ok:
         return FlashAttention(num_heads, num_kv_heads, head_dim, page_size)
-    return SdpaAttention(num_heads, num_kv_heads, head_dim, page_size)
+    return SdpaAttention(num_heads, num_kv_heads, head_dim, page_size, kernels)

@@ -64,7 +64,11 @@ class Engine:
             info.tokenizer_json, info.chat_template, info.bos_token_id, info.eos_token_id
         )
         mc, ec = self.model_config, self.config
-        self.model = LlamaModel(mc, files.weights, ec.torch_dtype, ec.device)
+        # the compiled CPU kernels run fp32 on a CPU; None elsewhere, or where they
+        # cannot run here (torch's ops then)
+        on_cpu_fp32 = ec.device.startswith("cpu") and ec.torch_dtype == torch.float32
+        self.kernels = cpu_kernels.load() if on_cpu_fp32 else None
+        self.model = LlamaModel(mc, files.weights, ec.torch_dtype, ec.device, self.kernels)
         self.pool = PagePool(
             mc.num_layers,
             ec.num_pages,
@@ -75,7 +79,13 @@ class Engine:
             ec.device,
         )
         self.attention = make_attention(
-            ec.attention, mc.num_heads, mc.num_kv_heads, mc.head_dim, ec.page_size, ec.device
+            ec.attention,
+            mc.num_heads,
+            mc.num_kv_heads,
+            mc.head_dim,
+            ec.page_size,
+            ec.device,
+            self.kernels,
         )
         self.quant = "fp32"  # what runs: "fp32", "int8" or "w8a8"
         self.quant_check: QuantCheck | None = None  # auto's figures, where it ran
@@ -100,7 +110,7 @@ class Engine:
         if mode == "w8a8":
             ids = self.tokenizer.encode(CALIBRATION_TEXT)[: self.model_config.max_position]
             absmax = input_absmax(self.model, lambda: self.prompt_logits(ids))
-        quantize_linears(self.model, mode, absmax)
+        quantize_linears(self.model, mode, absmax, self.kernels)
         self.quant = mode
 
     def _auto_quant(self) -> None:
@@ -108,14 +118,14 @@ class Engine:
         ec = self.config
         if not ec.device.startswith("cpu") or ec.torch_dtype != torch.float32:
             return
-        if cpu_kernels.load() is None:
+        if self.kernels is None:
             log.warning("quant auto: fp32 (the int8 kernels do not run here)")
             return
         # at most CHECK_TOKENS, and no more than the pool holds: a small pool checks less
         room = min(self.model_config.max_position, self.pool.num_free * self.page_size)
         ids = self.tokenizer.encode(CHECK_TEXT)[: min(CHECK_TOKENS, room)]
         reference = self.prompt_logits(ids)
-        originals = quantize_linears(self.model, "int8")
+        originals = quantize_linears(self.model, "int8", kernels=self.kernels)
         self.quant_check = compare_logits(reference, self.prompt_logits(ids))
         if self.quant_check.passed:
             self.quant = "int8"

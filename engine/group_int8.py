@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from symphony.engine import cpu_kernels
-
 log = logging.getLogger(__name__)
 
 GROUP = 32
@@ -117,13 +115,13 @@ class GroupInt8Linear(nn.Module):
 
 
 def group_int8_layers(
-    linears: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+    linears: dict[str, tuple[torch.Tensor, torch.Tensor | None]], kernels: ModuleType | None
 ) -> dict[str, nn.Module]:
     """A GroupInt8Linear for each (weight, bias) by name, sharing one scratch buffer.
 
     Layers whose input size is not a multiple of 32 are left out (they stay fp32).
+    `kernels`: the compiled CPU kernels, or None for the (slower) torch path.
     """
-    kernels = cpu_kernels.load()
     scratch = _Scratch()
     out: dict[str, nn.Module] = {}
     for name, (weight, bias) in linears.items():

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from symphony.engine import cpu_kernels
 from symphony.engine.attention import AttentionBackend
 from symphony.engine.config import ModelConfig
 from symphony.engine.errors import LoadError
@@ -17,12 +17,14 @@ from symphony.engine.quant import Linear
 from symphony.engine.rope import apply_rope, rope_tables
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: ModuleType | None = None
+) -> torch.Tensor:
     """x / rms(x) * weight over the last dimension of x [num_tokens, hidden].
 
-    On a CPU with the compiled kernels, one call (torch's six ops cost 34 us at batch 1).
+    With the compiled CPU kernels, one call (torch's six ops cost 34 us at batch 1).
     """
-    if x.is_cpu and x.dtype == torch.float32 and (kernels := cpu_kernels.load()) is not None:
+    if kernels is not None:
         return kernels.rms_norm(x, weight, eps)
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
@@ -30,8 +32,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class DecoderLayer(nn.Module):
     """Pre-norm attention then SwiGLU MLP, each with a residual."""
 
-    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, config: ModelConfig, w: dict[str, torch.Tensor], kernels: ModuleType | None
+    ) -> None:
         super().__init__()
+        self.kernels = kernels  # the compiled CPU kernels (fp32 on a CPU), else None
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -61,15 +66,14 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         t = h.shape[0]
         nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        x = rms_norm(h, self.attn_norm, self.eps)
+        x = rms_norm(h, self.attn_norm, self.eps, self.kernels)
         qkv = self.qkv(x)
         # rope on Q and K, then this step's K/V into their pages, then attention over the
         # pages. A row gone non-finite fails its own call (the scheduler checks logits),
         # but what it writes is made finite: other sequences' attention masks its slots,
         # and a masked NaN still poisons a softmax
-        kernels = cpu_kernels.load() if qkv.is_cpu and k_cache.dtype == torch.float32 else None
-        if kernels is not None:  # the fourteen ops below in one call
-            q = kernels.rope_store_kv(qkv, nh, nkv, cos, sin, slot_mapping, k_cache, v_cache)
+        if self.kernels is not None:  # the fourteen ops below in one call
+            q = self.kernels.rope_store_kv(qkv, nh, nkv, cos, sin, slot_mapping, k_cache, v_cache)
         else:
             qk = apply_rope(
                 qkv[:, : (nh + nkv) * d].view(t, nh + nkv, d), cos[:, None], sin[:, None]
@@ -81,7 +85,7 @@ class DecoderLayer(nn.Module):
             v_cache.view(-1, nkv, d).index_copy_(0, slot_mapping, v)
         attn = attention(q, k_cache, v_cache, plan)  # [num_tokens, num_heads, head_dim]
         h = h + self.o(attn.view(t, nh * d))
-        x = rms_norm(h, self.ffn_norm, self.eps)
+        x = rms_norm(h, self.ffn_norm, self.eps, self.kernels)
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return h + self.down(F.silu(gate) * up)
 
@@ -98,9 +102,13 @@ class LlamaModel(nn.Module):
         weights: dict[str, torch.Tensor],
         dtype: torch.dtype,
         device: str,
+        kernels: ModuleType | None = None,
     ) -> None:
+        """`kernels`: the compiled CPU kernels to run norms, RoPE and the K/V store with
+        (only for fp32 on a CPU), else None for torch's ops."""
         super().__init__()
         self.config = config
+        self.kernels = kernels
         w = {name: t.to(device=device, dtype=dtype) for name, t in weights.items()}
         missing = [n for n in ("embed.weight", "norm.weight") if n not in w]
         if missing:
@@ -112,7 +120,7 @@ class LlamaModel(nn.Module):
             prefix = f"layers.{i}."
             lw = {n[len(prefix) :]: t for n, t in w.items() if n.startswith(prefix)}
             try:
-                layers.append(DecoderLayer(config, lw))
+                layers.append(DecoderLayer(config, lw, kernels))
             except KeyError as exc:
                 raise LoadError(f"model weights lack {prefix}{exc.args[0]}") from exc
         self.layers = nn.ModuleList(layers)
@@ -143,5 +151,5 @@ class LlamaModel(nn.Module):
             h = layer(h, cos, sin, slot_mapping, pool.k_cache[i], pool.v_cache[i], attention, plan)
         if logits_indices.numel() == 0:
             return h.new_empty((0, self.config.vocab_size), dtype=torch.float32)
-        h = rms_norm(h[logits_indices], self.norm, self.config.rms_norm_eps)
+        h = rms_norm(h[logits_indices], self.norm, self.config.rms_norm_eps, self.kernels)
         return self.lm_head(h).float()

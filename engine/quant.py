@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -113,12 +114,17 @@ def input_absmax(model: nn.Module, run: Callable[[], object]) -> dict[str, torch
 
 
 def quantize_linears(
-    model: nn.Module, mode: str, absmax: dict[str, torch.Tensor] | None = None
+    model: nn.Module,
+    mode: str,
+    absmax: dict[str, torch.Tensor] | None = None,
+    kernels: ModuleType | None = None,
 ) -> dict[str, nn.Module]:
     """Replace the `Linear`s of `model` in place by their `mode` ("int8" or "w8a8") form.
 
     Args:
         absmax: calibrated input ranges from `input_absmax`, for the smoothing of "w8a8".
+        kernels: the compiled CPU kernels "int8" streams its weights with (None: the
+            torch path, correct and slower).
 
     Returns:
         the replaced modules by name, for `restore_linears`.
@@ -128,7 +134,7 @@ def quantize_linears(
         n: (m.weight.data, None if m.bias is None else m.bias.data) for n, m in plain.items()
     }
     if mode == "int8":
-        new = group_int8_layers(weights)
+        new = group_int8_layers(weights, kernels)
     elif mode == "w8a8":
         new = {n: DynamicInt8Linear(w, b, (absmax or {}).get(n)) for n, (w, b) in weights.items()}
     else:
