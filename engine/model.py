@@ -48,10 +48,10 @@ class DecoderLayer(nn.Module):
         qkv_bias = None
         if config.qkv_bias:
             qkv_bias = torch.cat([w["q.bias"], w["k.bias"], w["v.bias"]])
-        self.qkv = Linear(qkv, qkv_bias)
-        self.o = Linear(w["o.weight"])
-        self.gate_up = Linear(torch.cat([w["gate.weight"], w["up.weight"]]))
-        self.down = Linear(w["down.weight"])
+        self.qkv = Linear(qkv, qkv_bias, kernels)
+        self.o = Linear(w["o.weight"], kernels=kernels)
+        self.gate_up = Linear(torch.cat([w["gate.weight"], w["up.weight"]]), kernels=kernels)
+        self.down = Linear(w["down.weight"], kernels=kernels)
 
     def forward(
         self,
@@ -127,7 +127,7 @@ class LlamaModel(nn.Module):
         head = w["embed.weight"] if config.tie_embeddings else w.get("lm_head.weight")
         if head is None:
             raise LoadError("model weights lack lm_head.weight")
-        self.lm_head = Linear(head)
+        self.lm_head = Linear(head, kernels=kernels)
         cos, sin = rope_tables(config, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -27,15 +27,29 @@ from torch import nn
 from symphony.engine.group_int8 import GroupInt8Linear, group_int8_layers
 
 SMOOTHING_ALPHA = 0.5  # how much of the activation range moves into the weights
+# Up to this many rows the compiled kernel streams fp32 weights faster than torch's
+# GEMM (2x at 1 to 16 rows on the 2-core AVX2 CPU, even at 32: bench/README.md)
+FP32_STREAM_ROWS = 16
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b), weights as given."""
+    """y = x W^T (+ b), weights as given.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    `kernels`: the compiled CPU kernels (fp32 on a CPU), whose stream computes steps of
+    a few rows (decode); torch's GEMM computes the rest, and everything without them.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        kernels: ModuleType | None = None,
+    ) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        fits = weight.dtype == torch.float32 and weight.shape[1] % 8 == 0
+        self._kernels = kernels if fits else None
 
     @property
     def nbytes(self) -> int:
@@ -43,6 +57,9 @@ class Linear(nn.Module):
         return self.weight.numel() * self.weight.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernels is not None and x.dim() == 2 and x.shape[0] <= FP32_STREAM_ROWS:
+            y = self._kernels.fp32_mm(x, self.weight)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
 

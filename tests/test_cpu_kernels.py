@@ -50,14 +50,8 @@ def test_rope_store_kv_matches_torch_and_zeroes_non_finite_values():
         kernels.rope_store_kv(qkv, nh, nkv, cos, sin, slots + 32, k_cache, v_cache)
 
 
-def test_paged_decode_attention_matches_sdpa_over_gathered_pages():
-    torch.manual_seed(0)
-    nh, nkv, d, ps = 6, 2, 32, 4
-    k_cache, v_cache = torch.randn(20, ps, nkv, d), torch.randn(20, ps, nkv, d)
-    # scattered pages, a shared one, partial last pages, lengths 1 to 13
-    tables = [[3, 17, 5, 9], [9, 0, 0, 0], [11, 2, 3, 0]]
-    lens = [13, 1, 10]
-    q = torch.randn(3, nh, d)
+def assert_attention_matches_sdpa(q, k_cache, v_cache, tables, lens):
+    nh, d, nkv = q.shape[1], q.shape[2], k_cache.shape[2]
     got = kernels.paged_decode_attention(
         q, k_cache, v_cache, torch.tensor(tables), torch.tensor(lens), d**-0.5
     )
@@ -67,10 +61,44 @@ def test_paged_decode_attention_matches_sdpa_over_gathered_pages():
         qb = q[b].view(nkv, nh // nkv, d)
         want = F.scaled_dot_product_attention(qb, k, v).reshape(nh, d)
         torch.testing.assert_close(got[b], want)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17])
+@pytest.mark.parametrize("inputs", [40, 576])  # 40: the loop's 8-wide tail
+def test_fp32_mm_matches_linear(rows, inputs):
+    x, w = torch.randn(rows, inputs), torch.randn(130, inputs)
+    torch.testing.assert_close(kernels.fp32_mm(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        kernels.fp32_mm(x[:, :-1], w[:, :-1])
+
+
+def test_paged_decode_attention_matches_sdpa_over_gathered_pages():
+    torch.manual_seed(0)
+    nh, nkv, d, ps = 6, 2, 32, 4
+    k_cache, v_cache = torch.randn(20, ps, nkv, d), torch.randn(20, ps, nkv, d)
+    # scattered pages, a shared one, partial last pages, lengths 1 to 13
+    tables = [[3, 17, 5, 9], [9, 0, 0, 0], [11, 2, 3, 0]]
+    lens = [13, 1, 10]
+    q = torch.randn(3, nh, d)
+    assert_attention_matches_sdpa(q, k_cache, v_cache, tables, lens)
     with pytest.raises(RuntimeError, match="outside"):
         kernels.paged_decode_attention(
             q, k_cache, v_cache, torch.tensor(tables) + 20, torch.tensor(lens), 1.0
         )
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 128])  # 80: a 64-wide block and a part
+def test_paged_decode_attention_over_long_contexts(head_dim):
+    """Contexts of many 8-key blocks and a tail, spread over shuffled pages."""
+    torch.manual_seed(1)
+    nh, nkv, ps = 9, 3, 16
+    k_cache, v_cache = torch.randn(64, ps, nkv, head_dim), torch.randn(64, ps, nkv, head_dim)
+    k_cache[5] *= 8  # sharp attention: one page's keys dominate
+    order = torch.randperm(64).tolist()
+    tables = [order[:32], order[32:], order[10:42]]
+    lens = [512, 8, 301]
+    q = torch.randn(3, nh, head_dim)
+    assert_attention_matches_sdpa(q, k_cache, v_cache, tables, lens)
 
 
 @pytest.mark.parametrize("quant", ["fp32", "int8"])
