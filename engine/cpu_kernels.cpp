@@ -36,6 +36,26 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// e^x in 8 lanes (Cephes' expf: x = n ln 2 + r, e^r by a degree-6 polynomial, 2^n in
+// the exponent bits); relative error ~2e-7. The softmax's exp was a libm call per score.
+inline __m256 exp8(__m256 x) {
+  // clamped to where fp32 has e^x (below -87 a denormal, above 88 an overflow of the
+  // exponent); x second, so a NaN stays NaN
+  x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                        5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i pow2n = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
+}
+
 // the 8 weights q[0..7] as fp32: q * scale + zero
 inline __m256 dequant8(const int8_t* q, __m256 scale, __m256 zero) {
   __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
@@ -239,6 +259,35 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return y;
 }
 
+// silu(gate) * up for gate_up [T, 2 I] = [gate | up]: one pass where torch's ops took
+// three (chunk, silu, multiply) and two temporaries
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.scalar_type() == torch::kFloat32 &&
+                  gate_up.size(1) % 2 == 0,
+              "gate_up must be fp32 [T, 2 I]");
+  gate_up = gate_up.contiguous();
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
+  auto y = torch::empty({T, I}, gate_up.options());
+  const float* gp = gate_up.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* g = gp + t * 2 * I;
+      const float* u = g + I;
+      float* out = yp + t * I;
+      int64_t i = 0;
+      for (; i + 8 <= I; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+      }
+      for (; i < I; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    }
+  });
+  return y;
+}
+
 namespace {
 
 // rotate-half RoPE of one head: (x1 cos - x2 sin, x2 cos + x1 sin), x1 and x2 its halves
@@ -360,24 +409,6 @@ inline void weighted_sum(float* out, const float* p, const float* const* values,
   }
 }
 
-// e^x in 8 lanes (Cephes' expf: x = n ln 2 + r, e^r by a degree-6 polynomial, 2^n in
-// the exponent bits); relative error ~2e-7. The softmax's exp was a libm call per score.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // below: 0 in fp32, not a denormal
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
-                        5.0000001201e-1f})
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i pow2n = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
-}
-
 // row[0..n) = e^(row - max(row)); returns their sum
 inline float softmax_numerators(float* row, int64_t n) {
   float top = row[0];
@@ -470,6 +501,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("paged_decode_attention", &paged_decode_attention, no_gil, "decode attention over pages");
   m.def("rope_store_kv", &rope_store_kv, no_gil, "RoPE on Q and K; K and V into their slots");
+  m.def("silu_mul", &silu_mul, no_gil, "silu(gate) * up of [gate | up]");
   m.def("rms_norm", &rms_norm, no_gil, "x / rms(x) * weight, row by row");
   m.def("group_int8_mm", &group_int8_mm, no_gil, "x W^T with W in int8 groups of 32");
   m.def("fp32_mm", &fp32_mm, no_gil, "x W^T with W fp32, streamed");

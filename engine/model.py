@@ -86,7 +86,10 @@ class DecoderLayer(nn.Module):
         attn = attention(q, k_cache, v_cache, plan)  # [num_tokens, num_heads, head_dim]
         h = h + self.o(attn.view(t, nh * d))
         x = rms_norm(h, self.ffn_norm, self.eps, self.kernels)
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gate_up = self.gate_up(x)
+        if self.kernels is not None:
+            return h + self.down(self.kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return h + self.down(F.silu(gate) * up)
 
 

@@ -26,6 +26,13 @@ def test_rms_norm(rows):
     torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), want)
 
 
+def test_silu_mul_matches_torch_and_keeps_nan():
+    gate_up = torch.randn(3, 2 * 1540) * 30  # gates far past where e^-x overflows fp32
+    gate_up[1, 7] = float("nan")
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(gate_up), F.silu(gate) * up, equal_nan=True)
+
+
 def test_rope_store_kv_matches_torch_and_zeroes_non_finite_values():
     torch.manual_seed(0)
     t, nh, nkv, d = 5, 4, 2, 16
