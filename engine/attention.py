@@ -6,6 +6,10 @@
 - `FlashAttention`: flash-attn's varlen kernel reading K/V straight from the pages
   through the block table (CUDA with flash_attn installed); causal only, so a step with
   visible ranges goes through SDPA over the same pages.
+- `TritonAttention` (engine/triton_attention.py): a Triton kernel over the block tables
+  with visible ranges too; CUDA, or the CPU under Triton's interpreter (the tests).
+
+`choose_attention` picks one and its page size.
 
 Both read K/V from the page pool, which the model has already written for this step.
 """
@@ -13,6 +17,7 @@ Both read K/V from the page pool, which the model has already written for this s
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
@@ -246,7 +251,7 @@ def flash_attn_available() -> bool:
 class FlashAttention:
     """flash-attn's varlen kernel over paged K/V (CUDA only).
 
-    flash-attn's paged KV wants pages of a multiple of 256 tokens; EngineConfig
+    flash-attn's paged KV wants pages of a multiple of 256 tokens; `choose_attention`
     refuses this backend for other page sizes. The kernel is causal only: a step in
     which any chunk has visible ranges is planned and run by an `SdpaAttention` over
     the same pages instead (same [num_pages, page_size, kv_heads, head_dim] layout);
@@ -286,27 +291,76 @@ class FlashAttention:
         return self._varlen(q, k_cache, v_cache, causal=True, **plan)
 
 
+FLASH_PAGE_SIZE = 256  # flash-attn's paged KV wants a multiple of 256 tokens a page
+PAGE_SIZE = 16  # every other backend's
+
+
+def _flash_problem(device: str, page_size: int) -> str | None:
+    if not device.startswith("cuda"):
+        return "needs CUDA"
+    if not flash_attn_available():
+        return "needs the flash_attn package"
+    if page_size and page_size % FLASH_PAGE_SIZE:
+        return f"needs a page size that is a multiple of {FLASH_PAGE_SIZE}, not {page_size}"
+    return None
+
+
+def _triton_problem(device: str, page_size: int) -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "needs the triton package (pip install '.[gpu]')"
+    if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        return "runs on CUDA, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1)"
+    from symphony.engine.triton_attention import MIN_PAGE_SIZE
+
+    if page_size and page_size < MIN_PAGE_SIZE:
+        return f"needs pages of at least {MIN_PAGE_SIZE} tokens, not {page_size}"
+    return None
+
+
+def choose_attention(choice: str, device: str, page_size: int = 0) -> tuple[str, int]:
+    """The backend ("flash", "triton" or "sdpa") and page size a `choice` runs with.
+
+    `page_size` 0 takes the backend's own (256 for flash, else 16). "auto" on CUDA takes
+    flash, else triton, else SDPA over gathered pages, and logs one line saying why it
+    fell back; on a CPU it is SDPA (with the compiled kernels' decode). A backend asked
+    for by name that cannot run raises ValueError saying why.
+    """
+    if choice in ("flash", "triton"):
+        problem = (_flash_problem if choice == "flash" else _triton_problem)(device, page_size)
+        if problem is not None:
+            raise ValueError(f"the {choice} attention backend {problem}")
+        return choice, page_size or (FLASH_PAGE_SIZE if choice == "flash" else PAGE_SIZE)
+    if choice == "sdpa" or not device.startswith("cuda"):
+        return "sdpa", page_size or PAGE_SIZE
+    flash = _flash_problem(device, page_size)
+    if flash is None:
+        return "flash", page_size or FLASH_PAGE_SIZE
+    triton = _triton_problem(device, page_size)
+    if triton is None:
+        log.warning("attention: triton (flash %s)", flash)
+        return "triton", page_size or PAGE_SIZE
+    log.warning("attention: sdpa over gathered pages (flash %s; triton %s)", flash, triton)
+    return "sdpa", page_size or PAGE_SIZE
+
+
 def make_attention(
-    choice: str,
+    name: str,
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
     page_size: int,
-    device: str,
     kernels: ModuleType | None = None,
 ) -> AttentionBackend:
-    """Pick the attention backend: "flash", "sdpa", or "auto" (flash where it can run).
+    """The backend `name` chosen by `choose_attention`, for pages of `page_size`.
 
     `kernels`: the compiled CPU kernels, for SDPA's decode on a CPU in fp32.
     """
-    flash_ok = device.startswith("cuda") and flash_attn_available() and page_size % 256 == 0
-    if choice == "flash":
-        if not flash_ok:
-            raise ValueError(
-                "the flash attention backend needs CUDA, the flash_attn package and a "
-                "page_size that is a multiple of 256"
-            )
+    if name == "flash":
         return FlashAttention(num_heads, num_kv_heads, head_dim, page_size)
-    if choice == "auto" and flash_ok:
-        return FlashAttention(num_heads, num_kv_heads, head_dim, page_size)
+    if name == "triton":  # imported only here: triton.jit reads TRITON_INTERPRET then
+        from symphony.engine.triton_attention import TritonAttention
+
+        return TritonAttention(num_heads, num_kv_heads, head_dim, page_size)
     return SdpaAttention(num_heads, num_kv_heads, head_dim, page_size, kernels)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 QUANT_MODES = ("auto", "fp32", "int8", "w8a8")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "triton")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -62,17 +63,17 @@ class EngineConfig:
 
     device: str = field(default_factory=default_device)
     dtype: str = ""  # empty: float32 on CPU, bfloat16 on CUDA
-    page_size: int = 16
+    page_size: int = 0  # tokens a KV page; 0: the attention backend's (choose_attention)
     num_pages: int = 2048
     # "auto": int8 on a CPU where its check passes, else fp32 (engine/quant_check.py);
     # "int8": int8 weight groups, fp32 activations; "w8a8": fbgemm's int8 x int8
     quant: str = "auto"
-    attention: str = "auto"  # "auto", "sdpa" or "flash"
+    attention: str = "auto"  # "auto", "sdpa", "flash" or "triton"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.page_size <= 0 or self.page_size & (self.page_size - 1):
-            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if self.page_size < 0 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two (or 0), got {self.page_size}")
         if self.num_pages < 2:
             raise ValueError(f"num_pages must be at least 2, got {self.num_pages}")
         if self.quant not in QUANT_MODES:
@@ -83,8 +84,10 @@ class EngineConfig:
             raise ValueError(f"--quant {self.quant} computes in float32, not {self.dtype}")
         if self.dtype and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.attention not in ("auto", "sdpa", "flash"):
-            raise ValueError(f"attention must be auto, sdpa or flash, got {self.attention!r}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:

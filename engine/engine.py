@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from symphony.engine import cpu_kernels
-from symphony.engine.attention import make_attention
+from symphony.engine.attention import choose_attention, make_attention
 from symphony.engine.batch import SeqChunk, build_step_input
 from symphony.engine.config import EngineConfig
 from symphony.engine.default_model import default_model_path
@@ -68,24 +68,20 @@ class Engine:
         # cannot run here (torch's ops then)
         on_cpu_fp32 = ec.device.startswith("cpu") and ec.torch_dtype == torch.float32
         self.kernels = cpu_kernels.load() if on_cpu_fp32 else None
+        # the backend first: it sets the page size (flash-attn's pages hold 256 tokens)
+        backend, self.page_size = choose_attention(ec.attention, ec.device, ec.page_size)
         self.model = LlamaModel(mc, files.weights, ec.torch_dtype, ec.device, self.kernels)
         self.pool = PagePool(
             mc.num_layers,
             ec.num_pages,
-            ec.page_size,
+            self.page_size,
             mc.num_kv_heads,
             mc.head_dim,
             ec.torch_dtype,
             ec.device,
         )
         self.attention = make_attention(
-            ec.attention,
-            mc.num_heads,
-            mc.num_kv_heads,
-            mc.head_dim,
-            ec.page_size,
-            ec.device,
-            self.kernels,
+            backend, mc.num_heads, mc.num_kv_heads, mc.head_dim, self.page_size, self.kernels
         )
         self.quant = "fp32"  # what runs: "fp32", "int8" or "w8a8"
         self.quant_check: QuantCheck | None = None  # auto's figures, where it ran
@@ -101,7 +97,7 @@ class Engine:
             self.quant,
             self.attention.name,
             ec.num_pages,
-            ec.page_size,
+            self.page_size,
         )
 
     def _quantize(self, mode: str) -> None:
@@ -151,13 +147,9 @@ class Engine:
         finally:
             self.pool.decref(pages)
 
-    @property
-    def page_size(self) -> int:
-        return self.config.page_size
-
     def pages_for(self, num_tokens: int) -> int:
         """Pages needed to hold `num_tokens` tokens."""
-        return -(-num_tokens // self.config.page_size)
+        return -(-num_tokens // self.page_size)
 
     def step(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
         """Compute every chunk's tokens, writing their K/V into the chunk's pages.
@@ -182,7 +174,7 @@ class Engine:
             low, high = min(c.positions), max(c.positions)
             if low < 0 or high >= limit:
                 raise ValueError(f"positions {low}..{high} are not all within 0..{limit - 1}")
-        step = build_step_input(chunks, self.config.page_size, self.config.device)
+        step = build_step_input(chunks, self.page_size, self.config.device)
         plan = self.attention.prepare(step.attn)
         logits = self.model(
             step.token_ids,

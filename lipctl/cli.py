@@ -43,7 +43,12 @@ def parser() -> argparse.ArgumentParser:
         help="auto: int8 on a CPU where it matches fp32 (checked at load), else fp32",
     )
     serve.add_argument("--pages", type=int, default=4096, help="KV pages in the pool")
-    serve.add_argument("--page-size", type=int, default=16)
+    serve.add_argument(
+        "--page-size",
+        type=int,
+        default=0,
+        help="tokens a KV page (default: the attention backend's, 256 for flash-attn, else 16)",
+    )
     serve.add_argument("--max-step-tokens", type=int, default=512)
     serve.add_argument("--no-prefix-cache", action="store_true")
     serve.add_argument(

@@ -168,13 +168,13 @@ class Syscalls:
 
 @syscall("hello")
 async def _hello(sys: Syscalls, call: Call, a: S.NoArgs) -> Any:
-    mc, ec = sys.engine.model_config, sys.engine.config
+    mc = sys.engine.model_config
     return {
         "protocol": PROTOCOL_VERSION,
         "model": {
             "name": mc.name,
             "vocab_size": mc.vocab_size,
-            "page_size": ec.page_size,
+            "page_size": sys.engine.page_size,
             "max_context": mc.max_position,
             "fingerprint": sys.engine.fingerprint,
         },

@@ -1,23 +1,47 @@
-"""flash-attn's paged backend agrees with SDPA over gathered pages (CUDA only)."""
+"""Which attention backend runs, with which page size; flash-attn's paged backend
+agrees with SDPA over gathered pages (CUDA only)."""
 
 from __future__ import annotations
+
+import logging
+import sys
 
 import pytest
 import torch
 
-from symphony.engine.attention import flash_attn_available, make_attention
+from symphony.engine import attention
+from symphony.engine.attention import choose_attention, flash_attn_available, make_attention
 from symphony.engine.batch import SeqChunk, build_step_input
 
-pytestmark = pytest.mark.gpu
 
-
-def test_auto_picks_sdpa_without_cuda():
-    backend = make_attention("auto", 4, 2, 16, 16, "cpu")
-    assert backend.name == "sdpa"
+def test_a_cpu_runs_sdpa_and_refuses_flash():
+    assert choose_attention("auto", "cpu") == ("sdpa", 16)
+    assert choose_attention("sdpa", "cpu", 64) == ("sdpa", 64)
     with pytest.raises(ValueError, match="flash attention backend needs CUDA"):
-        make_attention("flash", 4, 2, 16, 16, "cpu")
+        choose_attention("flash", "cpu")
 
 
+def test_auto_on_cuda_takes_the_fast_kernel_or_says_why_not(monkeypatch, caplog):
+    """flash with its 256-token pages; else triton, else SDPA: each fallback one line."""
+    caplog.set_level(logging.WARNING, logger="symphony.engine.attention")
+    monkeypatch.setattr(attention, "flash_attn_available", lambda: True)
+    assert choose_attention("auto", "cuda") == ("flash", 256)
+    assert not caplog.records
+    assert choose_attention("auto", "cuda", 16) == ("triton", 16)  # pages flash cannot read
+    assert [r.getMessage() for r in caplog.records] == [
+        "attention: triton (flash needs a page size that is a multiple of 256, not 16)"
+    ]
+    with pytest.raises(ValueError, match="multiple of 256, not 16"):
+        choose_attention("flash", "cuda", 16)
+    caplog.clear()
+    monkeypatch.setattr(attention, "flash_attn_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton fails
+    assert choose_attention("auto", "cuda") == ("sdpa", 16)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "flash needs the flash_attn package" in line and "triton needs the triton" in line
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.skipif(not flash_attn_available(), reason="needs the flash_attn package (gpu extra)")
 def test_flash_matches_sdpa_on_paged_kv():
@@ -33,8 +57,8 @@ def test_flash_matches_sdpa_on_paged_kv():
     ]
     step = build_step_input(chunks, page_size, "cuda")
     q = torch.randn(step.token_ids.numel(), heads, dim, device="cuda", dtype=torch.bfloat16)
-    sdpa = make_attention("sdpa", heads, kv_heads, dim, page_size, "cuda")
-    flash = make_attention("flash", heads, kv_heads, dim, page_size, "cuda")
+    sdpa = make_attention("sdpa", heads, kv_heads, dim, page_size)
+    flash = make_attention("flash", heads, kv_heads, dim, page_size)
     want = sdpa(q, k_cache, v_cache, sdpa.prepare(step.attn))
     got = flash(q, k_cache, v_cache, flash.prepare(step.attn))
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
