@@ -185,6 +185,10 @@ class Engine:
             self.attention,
             plan,
         )
+        if self.pool.tracks_writes:  # a GPU: reads of these pages wait for this step
+            ps = self.page_size
+            written = (c.block_table[c.start_pos // ps : -(-c.context_len // ps)] for c in chunks)
+            self.pool.mark_written({page for pages in written for page in pages})
         return logits
 
     def rotate_keys(self, slots: Sequence[int], shifts: Sequence[int]) -> None:
@@ -195,6 +199,7 @@ class Engine:
             ValueError: a shift past the model's positions.
         """
         rotate_cached_keys(self.pool, slots, shifts, self.model.rope_cos, self.model.rope_sin)
+        self.pool.mark_written({slot // self.page_size for slot in slots})
 
     def sample(
         self,

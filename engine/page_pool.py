@@ -50,6 +50,13 @@ class PagePool:
             self._rows = [
                 t.view(torch.uint8).reshape(num_pages, -1).numpy() for t in self._tensors()
             ]
+        # on a GPU, reads (a FUSE `read` of a KV file) copy on a stream of their own,
+        # after the event of the last work that wrote the page: never behind a step
+        # that runs now, unless that step writes the page
+        self._side: torch.cuda.Stream | None = None
+        self._written: dict[int, torch.cuda.Event] = {}
+        if self.k_cache[0].device.type == "cuda":
+            self._side = torch.cuda.Stream(self.k_cache[0].device)
 
     def track_changes(self) -> None:
         if self.changed is None:
@@ -87,7 +94,24 @@ class PagePool:
             index = torch.tensor(pages, dtype=torch.long, device=self.k_cache[0].device)
             for cache in (*self.k_cache, *self.v_cache):
                 cache.index_fill_(0, index, 0.0)
+            self.mark_written(pages)
         return pages
+
+    @property
+    def tracks_writes(self) -> bool:
+        """Whether reads wait for the writes `mark_written` notes (on a GPU)."""
+        return self._side is not None
+
+    def mark_written(self, pages: Iterable[int]) -> None:
+        """Note that the work queued so far writes `pages` (a step, a copy, a fill): a
+        read of one waits for it. Nothing to do off a GPU, where writes are done when
+        their call returns."""
+        if self._side is None:
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.k_cache[0].device))
+        for page in pages:
+            self._written[page] = event
 
     def incref(self, pages: Iterable[int], quiet: bool = False) -> None:
         """One more reference to each page; `quiet` keeps it out of `changed` (a
@@ -126,8 +150,17 @@ class PagePool:
         """The page's bytes as one row per tensor of `_tensors` (on the CPU, views)."""
         if self._rows is not None:
             return [row[page] for row in self._rows]
-        flat = torch.stack([t[page].reshape(-1).view(torch.uint8) for t in self._tensors()])
-        return list(flat.cpu().numpy())
+        assert self._side is not None
+        with torch.cuda.stream(self._side):
+            written = self._written.get(page)
+            if written is not None:
+                self._side.wait_event(written)
+            flat = torch.stack([t[page].reshape(-1).view(torch.uint8) for t in self._tensors()])
+            host = flat.to("cpu", non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._side)
+        done.synchronize()  # this copy and the writes it follows, nothing queued since
+        return list(host.numpy())
 
     def page_bytes(self, page: int, filled: int | None = None) -> bytes:
         """The page's K then V of layer 0, K then V of layer 1, ..., every slot; with
@@ -151,12 +184,14 @@ class PagePool:
             return
         for t, part in zip(self._tensors(), parts, strict=True):
             t[page].view(-1).view(torch.uint8).copy_(torch.from_numpy(part.copy()))
+        self.mark_written([page])
 
     def copy_page(self, src: int, dst: int, num_tokens: int | None = None) -> None:
         """Copy the K/V of the first `num_tokens` slots (all by default) of `src` into `dst`."""
         n = self.page_size if num_tokens is None else num_tokens
         for cache in (*self.k_cache, *self.v_cache):
             cache[dst, :n].copy_(cache[src, :n])
+        self.mark_written([dst])
 
     def copy_slots(self, src: list[int], dst: list[int]) -> None:
         """Copy the K/V of flat slots `src` (page * page_size + offset) into `dst`, in
@@ -169,6 +204,7 @@ class PagePool:
         for cache in (*self.k_cache, *self.v_cache):
             flat = cache.view(-1, *cache.shape[2:])
             flat.index_copy_(0, b, flat.index_select(0, a))
+        self.mark_written({slot // self.page_size for slot in dst})
 
     def max_abs_diff(self, pages_a: list[int], pages_b: list[int], num_tokens: int) -> float:
         """The largest |a - b| over the K/V of the first `num_tokens` slots of two page

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -82,3 +84,24 @@ def test_a_reused_page_holds_nothing_of_its_last_user(tiny_engine):
     engine.step([SeqChunk([1], 0, short, num_logits=0), SeqChunk(list(range(1, 11)), 0, long, 0)])
     logits = engine.step([SeqChunk([2], 1, short), SeqChunk([3], 10, long)])
     assert bool(torch.isfinite(logits).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gpu_page_read_waits_for_its_writer_and_nothing_else():
+    """A page written before a long-running kernel reads back at once; one written
+    after it reads back what was written, once the kernel is done."""
+    pool = PagePool(2, 8, 16, 2, 64, torch.bfloat16, "cuda")
+    early, late = pool.allocate(2)
+    pool.k_cache[0][early].fill_(1.0)
+    pool.mark_written([early])
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time queued on the compute stream
+    pool.k_cache[0][late].fill_(2.0)
+    pool.mark_written([late])
+    t0 = time.perf_counter()
+    data = pool.page_bytes(early)
+    assert time.perf_counter() - t0 < 0.2  # not behind the queued kernel
+    one, two = (torch.tensor([v], dtype=torch.bfloat16).view(torch.uint8) for v in (1.0, 2.0))
+    assert data[:2] == one.numpy().tobytes()
+    assert pool.page_bytes(late)[:2] == two.numpy().tobytes()
