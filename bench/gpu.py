@@ -67,8 +67,8 @@ def main() -> int:
         print("bench/gpu.py: no CUDA device here (--dry-run runs on the CPU)", file=sys.stderr)
         return 2
     shape = Shape.dry() if args.dry_run else Shape.full()
-    backends = []
-    for name in args.backends.split(","):
+    backends = []  # sdpa first: the reference every other backend is checked against
+    for name in ["sdpa", *(b for b in args.backends.split(",") if b != "sdpa")]:
         try:
             backends.append(choose_attention(name, device)[0])
         except ValueError as exc:

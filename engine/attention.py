@@ -11,7 +11,7 @@
 
 `choose_attention` picks one and its page size.
 
-Both read K/V from the page pool, which the model has already written for this step.
+Each reads K/V from the page pool, which the model has already written for this step.
 """
 
 from __future__ import annotations

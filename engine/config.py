@@ -64,11 +64,12 @@ class EngineConfig:
     device: str = field(default_factory=default_device)
     dtype: str = ""  # empty: float32 on CPU, bfloat16 on CUDA
     page_size: int = 0  # tokens a KV page; 0: the attention backend's (choose_attention)
-    num_pages: int = 2048
+    num_pages: int = 2048  # with page_size 0: pages of 16 tokens' worth, whatever the size
     # "auto": int8 on a CPU where its check passes, else fp32 (engine/quant_check.py);
     # "int8": int8 weight groups, fp32 activations; "w8a8": fbgemm's int8 x int8
     quant: str = "auto"
     attention: str = "auto"  # "auto", "sdpa", "flash" or "triton"
+    cuda_graphs: bool = False  # replay decode steps as CUDA graphs (engine/cuda_graphs.py)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,6 +85,8 @@ class EngineConfig:
             raise ValueError(f"--quant {self.quant} computes in float32, not {self.dtype}")
         if self.dtype and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.cuda_graphs and not self.device.startswith("cuda"):
+            raise ValueError("cuda graphs need a CUDA device")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}"

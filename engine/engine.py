@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from symphony.engine import cpu_kernels
-from symphony.engine.attention import choose_attention, make_attention
+from symphony.engine.attention import PAGE_SIZE, choose_attention, make_attention
 from symphony.engine.batch import SeqChunk, build_step_input
 from symphony.engine.config import EngineConfig
+from symphony.engine.cuda_graphs import DecodeGraphs
 from symphony.engine.default_model import default_model_path
 from symphony.engine.model import LlamaModel
 from symphony.engine.model_files import ModelFiles, load_model_files
@@ -70,10 +71,15 @@ class Engine:
         self.kernels = cpu_kernels.load() if on_cpu_fp32 else None
         # the backend first: it sets the page size (flash-attn's pages hold 256 tokens)
         backend, self.page_size = choose_attention(ec.attention, ec.device, ec.page_size)
+        # num_pages counts pages of 16 tokens when the backend chose the size: the same
+        # tokens of KV (and memory) whichever page size it chose
+        num_pages = ec.num_pages
+        if not ec.page_size and self.page_size != PAGE_SIZE:
+            num_pages = max(2, ec.num_pages * PAGE_SIZE // self.page_size)
         self.model = LlamaModel(mc, files.weights, ec.torch_dtype, ec.device, self.kernels)
         self.pool = PagePool(
             mc.num_layers,
-            ec.num_pages,
+            num_pages,
             self.page_size,
             mc.num_kv_heads,
             mc.head_dim,
@@ -83,12 +89,15 @@ class Engine:
         self.attention = make_attention(
             backend, mc.num_heads, mc.num_kv_heads, mc.head_dim, self.page_size, self.kernels
         )
+        self.graphs: DecodeGraphs | None = None  # --cuda-graphs: decode steps replayed
         self.quant = "fp32"  # what runs: "fp32", "int8" or "w8a8"
         self.quant_check: QuantCheck | None = None  # auto's figures, where it ran
         if ec.quant == "auto":
             self._auto_quant()
         elif ec.quant != "fp32":
             self._quantize(ec.quant)
+        if ec.cuda_graphs:  # recorded from the final (quantized or not) layers
+            self.graphs = DecodeGraphs(self.model, self.pool, self.attention, mc.max_position)
         log.info(
             "engine: %s on %s (%s, quant %s, attention %s), %d pages of %d tokens",
             mc.name,
@@ -96,7 +105,7 @@ class Engine:
             ec.torch_dtype,
             self.quant,
             self.attention.name,
-            ec.num_pages,
+            num_pages,
             self.page_size,
         )
 
@@ -174,22 +183,27 @@ class Engine:
             low, high = min(c.positions), max(c.positions)
             if low < 0 or high >= limit:
                 raise ValueError(f"positions {low}..{high} are not all within 0..{limit - 1}")
-        step = build_step_input(chunks, self.page_size, self.config.device)
-        plan = self.attention.prepare(step.attn)
-        logits = self.model(
-            step.token_ids,
-            step.positions,
-            step.attn.slot_mapping,
-            step.logits_indices,
-            self.pool,
-            self.attention,
-            plan,
-        )
-        if self.pool.tracks_writes:  # a GPU: reads of these pages wait for this step
-            ps = self.page_size
-            written = (c.block_table[c.start_pos // ps : -(-c.context_len // ps)] for c in chunks)
-            self.pool.mark_written({page for pages in written for page in pages})
-        return logits
+        try:
+            if self.graphs is not None and self.graphs.fits(chunks):
+                return self.graphs.run(chunks)
+            step = build_step_input(chunks, self.page_size, self.config.device)
+            plan = self.attention.prepare(step.attn)
+            return self.model(
+                step.token_ids,
+                step.positions,
+                step.attn.slot_mapping,
+                step.logits_indices,
+                self.pool,
+                self.attention,
+                plan,
+            )
+        finally:
+            if self.pool.tracks_writes:  # a GPU: reads of these pages wait for this step
+                ps = self.page_size
+                written = (
+                    c.block_table[c.start_pos // ps : -(-c.context_len // ps)] for c in chunks
+                )
+                self.pool.mark_written({page for pages in written for page in pages})
 
     def rotate_keys(self, slots: Sequence[int], shifts: Sequence[int]) -> None:
         """Move the cached keys in flat `slots` of the pool from their position p to

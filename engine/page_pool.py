@@ -34,6 +34,7 @@ class PagePool:
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.refcounts = [0] * num_pages
+        self.reserved: set[int] = set()  # pages the engine keeps for itself (`reserve`)
         self.generation = [0] * num_pages  # how many times each page was handed out
         self.bytes_per_page = 2 * num_layers * self.k_cache[0][0].numel() * dtype.itemsize
         # pop() from the end hands out low page numbers first
@@ -97,6 +98,13 @@ class PagePool:
             self.mark_written(pages)
         return pages
 
+    def reserve(self) -> int:
+        """A page held by the engine itself for good (the CUDA graphs' padding rows
+        write there), counted as one reference by the store's invariants."""
+        (page,) = self.allocate(1)
+        self.reserved.add(page)
+        return page
+
     @property
     def tracks_writes(self) -> bool:
         """Whether reads wait for the writes `mark_written` notes (on a GPU)."""
@@ -150,7 +158,9 @@ class PagePool:
         """The page's bytes as one row per tensor of `_tensors` (on the CPU, views)."""
         if self._rows is not None:
             return [row[page] for row in self._rows]
-        assert self._side is not None
+        if self._side is None:  # another device: a plain copy
+            flat = torch.stack([t[page].reshape(-1).view(torch.uint8) for t in self._tensors()])
+            return list(flat.cpu().numpy())
         with torch.cuda.stream(self._side):
             written = self._written.get(page)
             if written is not None:

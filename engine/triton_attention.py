@@ -8,9 +8,10 @@ before the K/V were stored.
 
 One program computes BLOCK_M query rows of one sequence against one KV head, the rows
 being (token, query head of the KV head's group) pairs: a decode token's whole group is
-one block, so grouped-query heads read each page once. Keys go a page at a time with an
-online softmax. It runs on CUDA, and on CPU tensors under Triton's interpreter
-(TRITON_INTERPRET=1, set before this module is imported), which is how CI tests it.
+one block, so grouped-query heads read each page once. Keys go a page (at most 64 slots
+of one) at a time with an online softmax. It runs on CUDA, and on CPU tensors under
+Triton's interpreter (TRITON_INTERPRET=1, set before this module is imported), which is
+how CI tests it.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import triton.language as tl
 from symphony.engine.attention import visible_mask
 from symphony.engine.batch import AttnMetadata
 
-BLOCK_M = 16  # query rows a program; tl.dot wants 16 or more on a GPU
-MIN_PAGE_SIZE = 16  # a page is one key block of tl.dot
+BLOCK_M = 16  # query rows a program
+MIN_PAGE_SIZE = 16  # keys go in blocks of min(page, 64): tl.dot wants 16 or more
+MAX_KEY_BLOCK = 64  # a bigger page (flash-attn's 256) is read in blocks of this
 
 
 @triton.jit
@@ -51,8 +53,10 @@ def _paged_attention(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # keys a block: PAGE, or a part of it
     BLOCK_M: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,  # "ieee" for fp32 (tf32 would stray from SDPA), else "tf32"
 ):
     seq = tl.program_id(0)
     block = tl.program_id(1)
@@ -80,10 +84,10 @@ def _paged_attention(
         end = tl.minimum(context, context - q_len + (block * BLOCK_M + BLOCK_M - 1) // GROUP + 1)
         if HAS_MASK:
             end = context
-        for first in range(0, end, PAGE):
-            page = tl.load(tables_ptr + seq * stride_table + first // PAGE)
-            slot = tl.arange(0, PAGE)
-            keys = first + slot
+        for first in range(0, end, BLOCK_N):
+            page = tl.load(tables_ptr + seq * stride_table + first // PAGE).to(tl.int64)
+            slot = first % PAGE + tl.arange(0, BLOCK_N)
+            keys = first + tl.arange(0, BLOCK_N)
             key_ok = keys < context
             kv_offsets = (
                 page * stride_kp + slot[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
@@ -91,7 +95,7 @@ def _paged_attention(
             kv_mask = key_ok[:, None] & d_ok[None, :]
             k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
-            scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
             seen = (keys[None, :] <= own_slot[:, None]) & key_ok[None, :]
             if HAS_MASK:
                 ranged = mask_row >= 0
@@ -108,7 +112,8 @@ def _paged_attention(
             p = tl.exp(scores - shift[:, None])
             rescale = tl.exp(top - shift)
             total = total * rescale + tl.sum(p, 1)
-            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            acc = acc * rescale[:, None] + pv.to(tl.float32)
             top = new_top
         out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
         out_offsets = (
@@ -204,9 +209,11 @@ class TritonAttention:
             self.head_dim**-0.5,
             GROUP=self.group,
             HEAD_DIM=self.head_dim,
-            BLOCK_D=triton.next_power_of_2(self.head_dim),
+            BLOCK_D=max(16, triton.next_power_of_2(self.head_dim)),
             PAGE=self.page_size,
+            BLOCK_N=min(self.page_size, MAX_KEY_BLOCK),
             BLOCK_M=BLOCK_M,
             HAS_MASK=has_mask,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         )
         return out

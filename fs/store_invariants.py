@@ -39,6 +39,8 @@ def check_store(store: KVStore) -> None:  # the store's own: it reads its privat
             expected[page] += 1
     for page, count in store._held.items():
         expected[page] += count
+    for page in store.pool.reserved:
+        expected[page] += 1
     if store.index is not None:
         store.index.check_invariants()
         for page in range(store.pool.num_pages):

@@ -42,12 +42,22 @@ def parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: int8 on a CPU where it matches fp32 (checked at load), else fp32",
     )
+    serve.add_argument(
+        "--attention",
+        choices=("auto", "sdpa", "flash", "triton"),  # engine.config.ATTENTION_BACKENDS
+        default="auto",
+        help="auto: flash-attn on CUDA, else triton, else sdpa (each fallback logged)",
+    )
+    serve.add_argument(
+        "--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs (CUDA)"
+    )
     serve.add_argument("--pages", type=int, default=4096, help="KV pages in the pool")
     serve.add_argument(
         "--page-size",
         type=int,
         default=0,
-        help="tokens a KV page (default: the attention backend's, 256 for flash-attn, else 16)",
+        help="tokens a KV page (default: the attention backend's, 256 for flash-attn, else "
+        "16; --pages then counts 16-token pages, so the pool holds as many tokens)",
     )
     serve.add_argument("--max-step-tokens", type=int, default=512)
     serve.add_argument("--no-prefix-cache", action="store_true")
@@ -226,7 +236,11 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     try:
         engine_config = EngineConfig(
-            num_pages=args.pages, page_size=args.page_size, quant=args.quant
+            num_pages=args.pages,
+            page_size=args.page_size,
+            quant=args.quant,
+            attention=args.attention,
+            cuda_graphs=args.cuda_graphs,
         )
         engine = Engine(args.model, engine_config)
         server = Server(engine, config)

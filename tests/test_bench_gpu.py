@@ -9,10 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
 pytest.importorskip("triton", reason="triton is not installed (pip install '.[gpu]')")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a GPU runs bench/gpu.py itself, not its dry run"
+)
 
 
 def test_dry_run_checks_and_times_every_backend_beside_its_floor(tmp_path):

@@ -62,3 +62,18 @@ def test_flash_matches_sdpa_on_paged_kv():
     want = sdpa(q, k_cache, v_cache, sdpa.prepare(step.attn))
     got = flash(q, k_cache, v_cache, flash.prepare(step.attn))
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_a_backends_bigger_pages_keep_the_pools_tokens(monkeypatch):
+    """--pages counts 16-token pages when the backend chose the size (flash's 256)."""
+    from symphony.engine import engine as engine_module
+    from symphony.engine.config import EngineConfig
+    from symphony.engine.engine import Engine
+    from tests.tiny import tiny_model_files
+
+    monkeypatch.setattr(engine_module, "choose_attention", lambda *args: ("sdpa", 64))
+    chosen = Engine(tiny_model_files(), EngineConfig("cpu", num_pages=128, quant="fp32"))
+    assert (chosen.page_size, chosen.pool.num_pages) == (64, 32)
+    monkeypatch.setattr(engine_module, "choose_attention", lambda *args: ("sdpa", args[2]))
+    given = Engine(tiny_model_files(), EngineConfig("cpu", page_size=64, num_pages=128))
+    assert (given.page_size, given.pool.num_pages) == (64, 128)  # a size asked for: as said

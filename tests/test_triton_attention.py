@@ -1,15 +1,13 @@
-"""The Triton paged-attention backend, run by Triton's interpreter on CPU tensors,
-against SDPA over gathered pages (the reference backend)."""
+"""The Triton paged-attention backend against SDPA over gathered pages (the reference
+backend): on the GPU where there is one, else on the CPU in Triton's interpreter."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
-# before the kernel module is imported: triton.jit reads it when it decorates
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.triton_device import DEVICE, TOLERANCE  # first: it sets TRITON_INTERPRET
+
 pytest.importorskip("triton", reason="triton is not installed (pip install '.[gpu]')")
 
 from symphony.engine.attention import SdpaAttention
@@ -24,19 +22,19 @@ PAGE = 16
 HEADS, KV_HEADS = 6, 2
 
 
-def both_backends(chunks, head_dim=32, pages=40, seed=0):
+def both_backends(chunks, head_dim=32, pages=40, page=PAGE):
     """(triton's, sdpa's) attention [tokens, heads, head_dim] of random Q, K and V."""
-    torch.manual_seed(seed)
-    step = build_step_input(chunks, PAGE, "cpu")
+    torch.manual_seed(0)
+    step = build_step_input(chunks, page, DEVICE)
     tokens = step.token_ids.shape[0]
-    q = torch.randn(tokens, HEADS, head_dim)
-    k_cache = torch.randn(pages, PAGE, KV_HEADS, head_dim)
-    v_cache = torch.randn(pages, PAGE, KV_HEADS, head_dim)
+    q = torch.randn(tokens, HEADS, head_dim, device=DEVICE)
+    k_cache = torch.randn(pages, page, KV_HEADS, head_dim, device=DEVICE)
+    v_cache = torch.randn(pages, page, KV_HEADS, head_dim, device=DEVICE)
     k_cache[7] *= 6  # one page's keys sharp: attention far from uniform
     results = []
     for backend in (
-        TritonAttention(HEADS, KV_HEADS, head_dim, PAGE),
-        SdpaAttention(HEADS, KV_HEADS, head_dim, PAGE),
+        TritonAttention(HEADS, KV_HEADS, head_dim, page),
+        SdpaAttention(HEADS, KV_HEADS, head_dim, page),
     ):
         results.append(backend(q, k_cache, v_cache, backend.prepare(step.attn)))
     return results
@@ -56,7 +54,7 @@ def test_decode_over_scattered_shared_and_partial_pages(head_dim):
         chunk(1, 95, [39, 0, 5, 11, 7, 21]),  # six pages in no order, the last full
     ]
     got, want = both_backends(chunks, head_dim)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, **TOLERANCE)
 
 
 def test_prefill_chunks_with_history_beside_decode():
@@ -67,7 +65,16 @@ def test_prefill_chunks_with_history_beside_decode():
         chunk(3, 13, [30]),
     ]
     got, want = both_backends(chunks)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, **TOLERANCE)
+
+
+def test_pages_of_256_are_read_in_blocks_of_64():
+    """flash-attn's page size, on the triton backend (auto's fallback keeps it)."""
+    chunks = [chunk(1, 300, [7, 2]), chunk(70, 130, [3]), chunk(1, 0, [5])]
+    hide = [[0, 10, 200, 201 + j] for j in range(3)]
+    chunks.append(chunk(3, 200, [1], visible=hide))
+    got, want = both_backends(chunks, pages=8, page=256)
+    torch.testing.assert_close(got, want, **TOLERANCE)
 
 
 def test_visible_ranges_and_explicit_positions():
@@ -82,14 +89,14 @@ def test_visible_ranges_and_explicit_positions():
         chunk(1, 30, [12, 13]),
     ]
     got, want = both_backends(chunks)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, **TOLERANCE)
 
 
 def test_the_engine_on_triton_gives_sdpas_tokens_and_logits():
     """The whole model: prompts, a masked chunk with positions, greedy decode."""
     files = tiny_model_files()
     engines = [
-        Engine(files, EngineConfig(device="cpu", num_pages=64, quant="fp32", attention=a))
+        Engine(files, EngineConfig(DEVICE, "float32", num_pages=64, quant="fp32", attention=a))
         for a in ("triton", "sdpa")
     ]
     assert [e.attention.name for e in engines] == ["triton", "sdpa"]
