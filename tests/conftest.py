@@ -9,6 +9,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# before anything imports triton: triton.language's own functions are decorated for the
+# interpreter, or not, when it is first imported
+import tests.triton_device  # noqa: F401
 from symphony.engine.config import EngineConfig
 from symphony.engine.engine import Engine
 from tests.mount_helpers import mounted_server

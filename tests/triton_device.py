@@ -1,6 +1,6 @@
 """Where the Triton tests run: the GPU where there is one, else the CPU under Triton's
-interpreter. Imported before any module that imports the kernel: triton.jit reads
-TRITON_INTERPRET when it decorates."""
+interpreter. conftest.py imports it before anything imports triton: triton.jit reads
+TRITON_INTERPRET when it decorates, triton.language's own functions included."""
 
 from __future__ import annotations
 
