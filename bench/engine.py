@@ -71,32 +71,47 @@ def kv_bytes(layers: int, kv_heads: int, head_dim: int, element: int, context: i
     return 2 * layers * kv_heads * head_dim * element * context
 
 
-def bench_symphony(engine: Engine, steps: int, repeats: int) -> dict[str, float]:
-    ids = prompt_ids(engine.tokenizer.encode, PROMPT_LEN)
+def bench_symphony(
+    engine: Engine,
+    steps: int,
+    repeats: int,
+    batches: tuple[int, ...] = BATCHES,
+    prompt_len: int = 32,
+    prefill_len: int = PROMPT_LEN,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
+    """Prefill tokens/s of one `prefill_len` prompt, and per batch B aggregate decode
+    tokens/s (B prompts of `prompt_len`, `steps` greedy steps) with the bytes a step reads.
+    `sync` waits for the device (a GPU's queued work) before each clock reading."""
+    ids = prompt_ids(engine.tokenizer.encode, prefill_len)
     pool = engine.pool
 
     def prefill() -> None:
         pages = pool.allocate(engine.pages_for(len(ids)))
         engine.step([SeqChunk(ids, 0, pages)])
         pool.decref(pages)
+        sync()
 
     prefill()  # warm-up
-    out = {"prefill": PROMPT_LEN / median_time(prefill, repeats)}
-    for batch in BATCHES:
-        prompts = [prompt_ids(engine.tokenizer.encode, 32, offset=i) for i in range(batch)]
-        tables = [pool.allocate(engine.pages_for(32 + steps + 1)) for _ in prompts]
+    out = {"prefill": prefill_len / median_time(prefill, repeats)}
+    mc = engine.model_config
+    element = pool.k_cache[0].element_size()
+    kv = kv_bytes(mc.num_layers, mc.num_kv_heads, mc.head_dim, element, prompt_len + 1 + steps // 2)
+    for batch in batches:
+        prompts = [prompt_ids(engine.tokenizer.encode, prompt_len, offset=i) for i in range(batch)]
+        tables = [pool.allocate(engine.pages_for(prompt_len + steps + 1)) for _ in prompts]
         for p, t in zip(prompts, tables, strict=True):
             engine.step([SeqChunk(p, 0, t)])
         last = [p[-1] for p in prompts]
-        engine.step([SeqChunk([tok], 32, t) for tok, t in zip(last, tables, strict=True)])
+        engine.step([SeqChunk([tok], prompt_len, t) for tok, t in zip(last, tables, strict=True)])
+        sync()
         t0 = time.perf_counter()
         for i in range(steps):
-            chunks = [SeqChunk([tok], 33 + i, t) for tok, t in zip(last, tables, strict=True)]
-            logits = engine.step(chunks)
-            last = logits.argmax(-1).tolist()
+            pos = prompt_len + 1 + i
+            chunks = [SeqChunk([tok], pos, t) for tok, t in zip(last, tables, strict=True)]
+            last = engine.step(chunks).argmax(-1).tolist()
+        sync()
         out[f"decode_b{batch}"] = batch * steps / (time.perf_counter() - t0)
-        mc = engine.model_config
-        kv = kv_bytes(mc.num_layers, mc.num_kv_heads, mc.head_dim, 4, 33 + steps // 2)
         out[f"bytes_b{batch}"] = linear_bytes(engine.model) + batch * kv
         for t in tables:
             pool.decref(t)

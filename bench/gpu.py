@@ -57,7 +57,8 @@ def main() -> int:
     args = parse_args()
     if args.dry_run:  # before triton is imported: triton.jit reads it when it decorates
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    sys.path[:0] = [str(REPO), str(REPO / "bench")]
+    # bench/ first: its engine.py, not the repository's engine/ folder, is `engine` here
+    sys.path[:0] = [str(REPO / "bench"), str(REPO)]
     import torch
 
     from symphony.engine.attention import choose_attention
@@ -164,54 +165,24 @@ def measure(files: Any, backend: str, device: str, shape: Shape, rate: float):
     """(figures, check logits) of one model on one backend."""
     import torch
 
+    from engine import bench_symphony  # bench/engine.py: the same timing as the CPU's
     from symphony.engine.attention import choose_attention
-    from symphony.engine.batch import SeqChunk
     from symphony.engine.config import EngineConfig
     from symphony.engine.engine import Engine
-    from symphony.engine.quant import linear_bytes
 
     page_size = choose_attention(backend, device)[1]
-    context = shape.prompt + shape.steps + 1
     # the largest batch's contexts, or the check's three and the prefill, with room over
-    per_seq = -(-max(context, 100) // page_size)
+    per_seq = -(-max(shape.prompt + shape.steps + 1, 100) // page_size)
     num_pages = (max(shape.batches) + 3) * per_seq + shape.prefill // page_size + 8
     config = EngineConfig(device=device, num_pages=num_pages, quant="fp32", attention=backend)
     engine = Engine(files, config)
-    pool, vocab = engine.pool, min(files.config.vocab_size, 256)
-    row: dict[str, Any] = {"page_size": engine.page_size}
     logits = check_logits(engine)
-
-    ids = [(7 * i) % vocab for i in range(shape.prefill)]
-    pages = pool.allocate(engine.pages_for(len(ids)))
-    engine.step([SeqChunk(ids, 0, pages, 1)])  # warm-up (and Triton's compile)
-    sync(device)
-    t0 = time.perf_counter()
-    engine.step([SeqChunk(ids, 0, pages, 1)])
-    sync(device)
-    row["prefill"] = len(ids) / (time.perf_counter() - t0)
-    pool.decref(pages)
-
-    mc = files.config
-    element = torch.tensor([], dtype=config.torch_dtype).element_size()
-    kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * element
-    weights = linear_bytes(engine.model)
+    row: dict[str, Any] = {"page_size": engine.page_size}
+    row |= bench_symphony(
+        engine, shape.steps, 1, shape.batches, shape.prompt, shape.prefill, lambda: sync(device)
+    )
     for b in shape.batches:
-        tables = [pool.allocate(engine.pages_for(context)) for _ in range(b)]
-        prompts = [[(3 * i + s) % vocab for i in range(shape.prompt)] for s in range(b)]
-        engine.step([SeqChunk(p, 0, t) for p, t in zip(prompts, tables, strict=True)])
-        last = [p[-1] for p in prompts]
-        sync(device)
-        t0 = time.perf_counter()
-        for i in range(shape.steps):
-            pos = shape.prompt + i
-            chunks = [SeqChunk([tok], pos, t) for tok, t in zip(last, tables, strict=True)]
-            last = engine.step(chunks).argmax(-1).tolist()
-        sync(device)
-        row[f"decode_b{b}"] = b * shape.steps / (time.perf_counter() - t0)
-        step_bytes = weights + b * kv_per_token * (shape.prompt + shape.steps // 2)
-        row[f"floor_b{b}"] = b * rate / step_bytes
-        for t in tables:
-            pool.decref(t)
+        row[f"floor_b{b}"] = b * rate / row[f"bytes_b{b}"]
     del engine
     if device == "cuda":
         torch.cuda.empty_cache()

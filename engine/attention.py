@@ -279,6 +279,24 @@ class FlashAttention:
             "block_table": meta.block_table,
         }
 
+    def graph_plan(
+        self,
+        tables: torch.Tensor,
+        starts: torch.Tensor,
+        context_lens: torch.Tensor,
+        cu_keys: torch.Tensor,
+        max_context: int,
+    ) -> dict[str, Any]:
+        """A decode plan over buffers a CUDA graph reads (engine/cuda_graphs.py): the
+        key bound fixed at the largest context."""
+        return {
+            "cu_seqlens_q": starts,
+            "cu_seqlens_k": cu_keys,
+            "max_seqlen_q": 1,
+            "max_seqlen_k": max_context,
+            "block_table": tables,
+        }
+
     def __call__(
         self,
         q: torch.Tensor,

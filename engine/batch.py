@@ -124,11 +124,7 @@ def build_step_input(chunks: Sequence[SeqChunk], page_size: int, device: str) ->
         n = chunk.num_tokens
         if n == 0:
             raise ValueError("a chunk has no tokens")
-        table = list(chunk.block_table)
-        if len(table) * page_size < chunk.context_len:
-            raise ValueError(
-                f"block table of {len(table)} pages cannot hold {chunk.context_len} tokens"
-            )
+        table = checked_table(chunk, page_size)
         start = len(token_ids)
         query_starts.append(start)
         query_lens.append(n)
@@ -175,6 +171,16 @@ def build_step_input(chunks: Sequence[SeqChunk], page_size: int, device: str) ->
         attn=attn,
         logits_indices=tensor(logits_rows),
     )
+
+
+def checked_table(chunk: SeqChunk, page_size: int) -> list[int]:
+    """The chunk's block table, refused if too short for its context."""
+    table = list(chunk.block_table)
+    if len(table) * page_size < chunk.context_len:
+        raise ValueError(
+            f"block table of {len(table)} pages cannot hold {chunk.context_len} tokens"
+        )
+    return table
 
 
 def _checked_rows(chunk: SeqChunk) -> list[int]:

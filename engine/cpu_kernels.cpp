@@ -108,6 +108,28 @@ inline void dot4(const float* x, int64_t K, const int8_t* q, const float* scales
   y[3 * N] = hsum(_mm256_add_ps(a3, b3));
 }
 
+// y [M, N] = x [M, K] against each of N weight rows: the rows of x four at a time
+// (each weight loaded once for the four), then one at a time; the channels split
+// between the threads. four(x, n, y) and one(x, n, y) write y[.., n] (rows N apart).
+template <typename Four, typename One>
+torch::Tensor rows_by_channels(torch::Tensor x, int64_t K, int64_t N, Four four, One one) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) == K,
+              "x must be fp32 [M, in]");
+  x = x.contiguous();
+  const int64_t M = x.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) four(xp + m * K, n, yp + m * N + n);
+      for (; m < M; ++m) one(xp + m * K, n, yp + m * N + n);
+    }
+  });
+  return y;
+}
+
 void check(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& zeros) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kInt8 && q.is_contiguous(),
               "q must be a contiguous int8 matrix");
@@ -126,27 +148,18 @@ void check(const torch::Tensor& q, const torch::Tensor& scales, const torch::Ten
 torch::Tensor group_int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
                             torch::Tensor zeros) {
   check(q, scales, zeros);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) == q.size(1),
-              "x must be fp32 [M, in]");
-  x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), groups = K / kGroup;
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
+  const int64_t K = q.size(1), N = q.size(0), groups = K / kGroup;
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   const float* zp = zeros.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* qn = qp + n * K;
-      const float* sn = sp + n * groups;
-      const float* zn = zp + n * groups;
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) dot4(xp + m * K, K, qn, sn, zn, groups, yp + m * N + n, N);
-      for (; m < M; ++m) yp[m * N + n] = dot1(xp + m * K, qn, sn, zn, groups);
-    }
-  });
-  return y;
+  return rows_by_channels(
+      x, K, N,
+      [&](const float* xr, int64_t n, float* y) {
+        dot4(xr, K, qp + n * K, sp + n * groups, zp + n * groups, groups, y, N);
+      },
+      [&](const float* xr, int64_t n, float* y) {
+        *y = dot1(xr, qp + n * K, sp + n * groups, zp + n * groups, groups);
+      });
 }
 
 namespace {
@@ -180,22 +193,12 @@ torch::Tensor fp32_mm(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.is_contiguous() &&
                   w.size(1) % 8 == 0,
               "w must be a contiguous fp32 matrix with an input size a multiple of 8");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) == w.size(1),
-              "x must be fp32 [M, in]");
-  x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
+  const int64_t K = w.size(1), N = w.size(0);
   const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) dot_fp32<4>(xp + m * K, K, wp + n * K, yp + m * N + n, N);
-      for (; m < M; ++m) dot_fp32<1>(xp + m * K, K, wp + n * K, yp + m * N + n, N);
-    }
-  });
-  return y;
+  return rows_by_channels(
+      x, K, N,
+      [&](const float* xr, int64_t n, float* y) { dot_fp32<4>(xr, K, wp + n * K, y, N); },
+      [&](const float* xr, int64_t n, float* y) { dot_fp32<1>(xr, K, wp + n * K, y, N); });
 }
 
 // W [N, K] in fp32 into `w` (a reused buffer: a fresh one costs its page faults), for
@@ -342,7 +345,7 @@ torch::Tensor rope_store_kv(torch::Tensor qkv, int64_t num_heads, int64_t num_kv
   TORCH_CHECK(d <= 1024, "head_dim above 1024");
   const int64_t width = (nh + 2 * nkv) * d;
   at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-    float rotated[1024];  // one head; head_dim is checked below
+    float rotated[1024];  // one head; head_dim is checked above
     for (int64_t t = t0; t < t1; ++t) {
       const float* row = xp + t * width;
       const float* c = cp + t * half;
@@ -398,7 +401,7 @@ inline void weighted_sum(float* out, const float* p, const float* const* values,
     for (int64_t t = 0; t < n; ++t) {
       const __m256 w = _mm256_set1_ps(p[t]);
       const float* v = values[t] + e0;
-      if (width == 8) {
+      if (width == 8) {  // spelled out: a constant count keeps the 8 in registers
         for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), a[i]);
       } else {
         for (int i = 0; i < width; ++i) a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), a[i]);

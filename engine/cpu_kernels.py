@@ -27,7 +27,7 @@ def load() -> ModuleType | None:
     """The compiled kernels, or None (with one logged line saying why)."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX2", "AVX512"):
-        log.warning("int8 kernels: this CPU lacks AVX2 (%s); using the slow path", capability)
+        log.warning("CPU kernels: this CPU lacks AVX2 (%s); torch's ops run instead", capability)
         return None
     # named by the source's hash: checkouts of different versions on one machine each
     # keep their own build instead of rebuilding over each other's
@@ -44,10 +44,10 @@ def load() -> ModuleType | None:
         )
     except Exception as exc:  # a compiler missing or failing: any error, one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.warning("int8 kernels: build failed (%s); using the slow path", first)
+        log.warning("CPU kernels: build failed (%s); torch's ops run instead", first)
         return None
 
 
 if __name__ == "__main__":  # `make install` builds them ahead of the first server
     logging.basicConfig(format="%(message)s")
-    print("int8 CPU kernels:", "built" if load() is not None else "not available (see above)")
+    print("CPU kernels:", "built" if load() is not None else "not available (see above)")

@@ -9,7 +9,8 @@ Inputs go through static buffers the graph reads: token ids, positions, slots, b
 tables (every row as wide as the model's whole context) and context lengths.
 
 Only a backend whose decode reads the block tables on the device can be recorded: the
-triton or flash backends; SDPA gathers pages into tensors sized by the step. Every
+triton or flash backends, whose `graph_plan` makes their plan over the static buffers;
+SDPA gathers pages into tensors sized by the step. Every
 bucket is recorded when the engine starts, before the server runs.
 
 `capture` does the recording: `capture_cuda` on a GPU; tests on a CPU pass
@@ -19,13 +20,14 @@ everything but the recording itself (buffers, padding, plans) is tested without 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
 
-from symphony.engine.batch import SeqChunk
+from symphony.engine.batch import SeqChunk, checked_table
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ class DecodeGraphs:
         capture: Callable[[Callable[[], None], Any], Replayable] = capture_cuda,
         buckets: Sequence[int] = BUCKETS,
     ) -> None:
-        if attention.name not in ("triton", "flash"):
+        if not hasattr(attention, "graph_plan"):  # SDPA's gathers are sized by the step
             raise ValueError(
                 f"cuda graphs need the triton or flash attention backend, not {attention.name}"
             )
@@ -118,10 +120,10 @@ class DecodeGraphs:
         # every bucket recorded now, before the server runs: a recording later would
         # stall serving for a compile and a device-wide synchronize
         self._buckets = {size: self._record(size) for size in sorted(buckets)}
+        self._largest = max(self._buckets)
 
     def fits(self, chunks: Sequence[SeqChunk]) -> bool:
-        largest = max(self._buckets)
-        return 0 < len(chunks) <= largest and all(is_plain_decode(c) for c in chunks)
+        return 0 < len(chunks) <= self._largest and all(is_plain_decode(c) for c in chunks)
 
     def run(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
         """Logits [len(chunks), vocab] (fp32) of a step that `fits`."""
@@ -135,7 +137,13 @@ class DecodeGraphs:
     def _record(self, size: int) -> _Bucket:
         bucket = _Bucket(size, self._max_pages, self._device)
         self._fill(bucket, [])  # all padding while recording
-        plan = self._plan(bucket)
+        plan = self._attention.graph_plan(
+            bucket.tables,
+            bucket.starts,
+            bucket.context_lens,
+            bucket.cu_keys,
+            self._max_pages * self._page_size,
+        )
 
         def forward() -> None:
             bucket.logits = self._model(
@@ -152,49 +160,21 @@ class DecodeGraphs:
         log.info("cuda graphs: decode of %d sequences recorded", size)
         return bucket
 
-    def _plan(self, bucket: _Bucket) -> Any:
-        """The backend's plan over the bucket's static buffers (read on the device)."""
-        if self._attention.name == "triton":
-            from symphony.engine.triton_attention import TritonPlan
-
-            return TritonPlan(
-                tables=bucket.tables,
-                starts=bucket.starts,
-                context_lens=bucket.context_lens,
-                max_query_len=1,
-                mask=None,
-                mask_rows=None,
-            )
-        return {  # flash-attn's varlen call: bounds fixed at the largest
-            "cu_seqlens_q": bucket.starts,
-            "cu_seqlens_k": bucket.cu_keys,
-            "max_seqlen_q": 1,
-            "max_seqlen_k": self._max_pages * self._page_size,
-            "block_table": bucket.tables,
-        }
-
     def _fill(self, bucket: _Bucket, chunks: Sequence[SeqChunk]) -> None:
         """Copy the step's inputs into the bucket's buffers, padding past len(chunks)."""
         ps, n = self._page_size, bucket.size
         pad = n - len(chunks)
-        for c in chunks:
-            if len(c.block_table) * ps < c.context_len:
-                raise ValueError(
-                    f"block table of {len(c.block_table)} pages cannot hold {c.context_len} tokens"
-                )
+        tables = torch.zeros(n, self._max_pages, dtype=torch.int32)
+        for i, c in enumerate(chunks):
+            used = -(-c.context_len // ps)
+            tables[i, :used] = torch.tensor(checked_table(c, ps)[:used], dtype=torch.int32)
+        tables[len(chunks) :, 0] = self._scratch
         ids = [c.token_ids[0] for c in chunks] + [0] * pad
         positions = [c.positions[0] if c.positions else c.start_pos for c in chunks] + [0] * pad
         slots = [c.block_table[c.start_pos // ps] * ps + c.start_pos % ps for c in chunks]
         slots += [self._scratch * ps] * pad
-        tables = torch.zeros(n, self._max_pages, dtype=torch.int32)
-        for i, c in enumerate(chunks):
-            used = -(-c.context_len // ps)
-            tables[i, :used] = torch.tensor(list(c.block_table[:used]), dtype=torch.int32)
-        tables[len(chunks) :, 0] = self._scratch
         lens = [c.context_len for c in chunks] + [1] * pad
-        cu = [0]
-        for length in lens:
-            cu.append(cu[-1] + length)
+        cu = list(itertools.accumulate(lens, initial=0))
         for buffer, values in (
             (bucket.token_ids, ids),
             (bucket.positions, positions),

@@ -67,8 +67,8 @@ class Engine:
         mc, ec = self.model_config, self.config
         # the compiled CPU kernels run fp32 on a CPU; None elsewhere, or where they
         # cannot run here (torch's ops then)
-        on_cpu_fp32 = ec.device.startswith("cpu") and ec.torch_dtype == torch.float32
-        self.kernels = cpu_kernels.load() if on_cpu_fp32 else None
+        self._on_cpu_fp32 = ec.device.startswith("cpu") and ec.torch_dtype == torch.float32
+        self.kernels = cpu_kernels.load() if self._on_cpu_fp32 else None
         # the backend first: it sets the page size (flash-attn's pages hold 256 tokens)
         backend, self.page_size = choose_attention(ec.attention, ec.device, ec.page_size)
         # num_pages counts pages of 16 tokens when the backend chose the size: the same
@@ -120,8 +120,7 @@ class Engine:
 
     def _auto_quant(self) -> None:
         """int8 if the kernels run here and the int8 model passes its check, else fp32."""
-        ec = self.config
-        if not ec.device.startswith("cpu") or ec.torch_dtype != torch.float32:
+        if not self._on_cpu_fp32:
             return
         if self.kernels is None:
             log.warning("quant auto: fp32 (the int8 kernels do not run here)")
@@ -197,13 +196,13 @@ class Engine:
                 self.attention,
                 plan,
             )
-        finally:
-            if self.pool.tracks_writes:  # a GPU: reads of these pages wait for this step
-                ps = self.page_size
-                written = (
-                    c.block_table[c.start_pos // ps : -(-c.context_len // ps)] for c in chunks
-                )
-                self.pool.mark_written({page for pages in written for page in pages})
+        finally:  # on a GPU, reads of these pages wait for this step (a CPU skips it)
+            ps = self.page_size
+            self.pool.mark_written(
+                page
+                for c in chunks
+                for page in c.block_table[c.start_pos // ps : -(-c.context_len // ps)]
+            )
 
     def rotate_keys(self, slots: Sequence[int], shifts: Sequence[int]) -> None:
         """Move the cached keys in flat `slots` of the pool from their position p to
@@ -213,7 +212,7 @@ class Engine:
             ValueError: a shift past the model's positions.
         """
         rotate_cached_keys(self.pool, slots, shifts, self.model.rope_cos, self.model.rope_sin)
-        self.pool.mark_written({slot // self.page_size for slot in slots})
+        self.pool.mark_written(slot // self.page_size for slot in slots)
 
     def sample(
         self,

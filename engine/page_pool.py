@@ -105,15 +105,11 @@ class PagePool:
         self.reserved.add(page)
         return page
 
-    @property
-    def tracks_writes(self) -> bool:
-        """Whether reads wait for the writes `mark_written` notes (on a GPU)."""
-        return self._side is not None
-
     def mark_written(self, pages: Iterable[int]) -> None:
         """Note that the work queued so far writes `pages` (a step, a copy, a fill): a
         read of one waits for it. Nothing to do off a GPU, where writes are done when
-        their call returns."""
+        their call returns: `pages` is not even iterated there, so a caller passes a
+        generator and pays nothing on a CPU."""
         if self._side is None:
             return
         event = torch.cuda.Event()
@@ -158,15 +154,17 @@ class PagePool:
         """The page's bytes as one row per tensor of `_tensors` (on the CPU, views)."""
         if self._rows is not None:
             return [row[page] for row in self._rows]
+
+        def stacked() -> torch.Tensor:
+            return torch.stack([t[page].reshape(-1).view(torch.uint8) for t in self._tensors()])
+
         if self._side is None:  # another device: a plain copy
-            flat = torch.stack([t[page].reshape(-1).view(torch.uint8) for t in self._tensors()])
-            return list(flat.cpu().numpy())
+            return list(stacked().cpu().numpy())
         with torch.cuda.stream(self._side):
             written = self._written.get(page)
             if written is not None:
                 self._side.wait_event(written)
-            flat = torch.stack([t[page].reshape(-1).view(torch.uint8) for t in self._tensors()])
-            host = flat.to("cpu", non_blocking=True)
+            host = stacked().to("cpu", non_blocking=True)
             done = torch.cuda.Event()
             done.record(self._side)
         done.synchronize()  # this copy and the writes it follows, nothing queued since
@@ -214,7 +212,7 @@ class PagePool:
         for cache in (*self.k_cache, *self.v_cache):
             flat = cache.view(-1, *cache.shape[2:])
             flat.index_copy_(0, b, flat.index_select(0, a))
-        self.mark_written({slot // self.page_size for slot in dst})
+        self.mark_written(slot // self.page_size for slot in dst)
 
     def max_abs_diff(self, pages_a: list[int], pages_b: list[int], num_tokens: int) -> float:
         """The largest |a - b| over the K/V of the first `num_tokens` slots of two page

@@ -179,6 +179,17 @@ class TritonAttention:
             mask_rows=mask_rows,
         )
 
+    def graph_plan(
+        self,
+        tables: torch.Tensor,
+        starts: torch.Tensor,
+        context_lens: torch.Tensor,
+        cu_keys: torch.Tensor,
+        max_context: int,
+    ) -> TritonPlan:
+        """A decode plan over buffers a CUDA graph reads (engine/cuda_graphs.py)."""
+        return TritonPlan(tables, starts, context_lens, 1, mask=None, mask_rows=None)
+
     def __call__(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: TritonPlan
     ) -> torch.Tensor:
