@@ -4,11 +4,11 @@
 //   each group with its own scale and zero (w = q * scale + zero), times fp32
 //   activations. Decode reads every weight once per step, so the loop streams q (one
 //   byte a weight) and turns each 8 of them into fp32 in registers: nothing is written
-//   back but y. Rows of x are taken four at a time, so each weight is loaded and
-//   converted once for the four.
-// - rms_norm, rope_store_kv, paged_decode_attention: the small per-layer steps of a
-//   decode, each one call where torch's ops took several (their launches, not their
-//   arithmetic, were the cost at batch 1).
+//   back but y. Rows of x are taken four at a time (the last 1 to 3 together), so
+//   each weight is loaded and converted once for the rows of a pass.
+// - rms_norm, rope_store_kv, paged_attention: the small per-layer steps of a decode
+//   (or of a short chunk), each one call where torch's ops took several (their
+//   launches, not their arithmetic, were the cost at batch 1).
 
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -80,11 +80,14 @@ inline float dot1(const float* x, const int8_t* q, const float* scales, const fl
   return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 
-// y[r, n] for four rows of x (K apart) and one channel: each weight converted once
-inline void dot4(const float* x, int64_t K, const int8_t* q, const float* scales,
-                 const float* zeros, int64_t groups, float* y, int64_t N) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+// y[r, n] for R rows of x (K apart) and one channel, R = 2..4: each weight converted
+// once for the R rows, two chains a row (a step of 2 or 3 rows, a Jacobi window or a
+// short verify, took 1 row's pass per row: 2 or 3 conversions of every weight)
+template <int R>
+inline void dot_rows(const float* x, int64_t K, const int8_t* q, const float* scales,
+                     const float* zeros, int64_t groups, float* y, int64_t N) {
+  __m256 a[R], b[R];
+  for (int r = 0; r < R; ++r) a[r] = b[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const __m256 s = _mm256_set1_ps(scales[g]), z = _mm256_set1_ps(zeros[g]);
     const int8_t* qg = q + g * kGroup;
@@ -92,27 +95,20 @@ inline void dot4(const float* x, int64_t K, const int8_t* q, const float* scales
     prefetch(qg);
     for (int j = 0; j < 32; j += 16) {
       const __m256 w0 = dequant8(qg + j, s, z), w1 = dequant8(qg + j + 8, s, z);
-      a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg + j), a0);
-      b0 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + j + 8), b0);
-      a1 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg + K + j), a1);
-      b1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + K + j + 8), b1);
-      a2 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg + 2 * K + j), a2);
-      b2 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + 2 * K + j + 8), b2);
-      a3 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg + 3 * K + j), a3);
-      b3 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + 3 * K + j + 8), b3);
+      for (int r = 0; r < R; ++r) {
+        a[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg + r * K + j), a[r]);
+        b[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + r * K + j + 8), b[r]);
+      }
     }
   }
-  y[0] = hsum(_mm256_add_ps(a0, b0));
-  y[N] = hsum(_mm256_add_ps(a1, b1));
-  y[2 * N] = hsum(_mm256_add_ps(a2, b2));
-  y[3 * N] = hsum(_mm256_add_ps(a3, b3));
+  for (int r = 0; r < R; ++r) y[r * N] = hsum(_mm256_add_ps(a[r], b[r]));
 }
 
-// y [M, N] = x [M, K] against each of N weight rows: the rows of x four at a time
-// (each weight loaded once for the four), then one at a time; the channels split
-// between the threads. four(x, n, y) and one(x, n, y) write y[.., n] (rows N apart).
-template <typename Four, typename One>
-torch::Tensor rows_by_channels(torch::Tensor x, int64_t K, int64_t N, Four four, One one) {
+// y [M, N] = x [M, K] against each of N weight rows: the rows of x four at a time, then
+// the last 1 to 3 together (each weight loaded once for the rows of a pass); the
+// channels split between the threads. rows(x, n, y, R) writes y[0..R, n] (rows N apart).
+template <typename Rows>
+torch::Tensor rows_by_channels(torch::Tensor x, int64_t K, int64_t N, Rows rows) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) == K,
               "x must be fp32 [M, in]");
   x = x.contiguous();
@@ -121,11 +117,9 @@ torch::Tensor rows_by_channels(torch::Tensor x, int64_t K, int64_t N, Four four,
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) four(xp + m * K, n, yp + m * N + n);
-      for (; m < M; ++m) one(xp + m * K, n, yp + m * N + n);
-    }
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; m += 4)
+        rows(xp + m * K, n, yp + m * N + n, static_cast<int>(std::min<int64_t>(4, M - m)));
   });
   return y;
 }
@@ -152,14 +146,16 @@ torch::Tensor group_int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scal
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   const float* zp = zeros.data_ptr<float>();
-  return rows_by_channels(
-      x, K, N,
-      [&](const float* xr, int64_t n, float* y) {
-        dot4(xr, K, qp + n * K, sp + n * groups, zp + n * groups, groups, y, N);
-      },
-      [&](const float* xr, int64_t n, float* y) {
-        *y = dot1(xr, qp + n * K, sp + n * groups, zp + n * groups, groups);
-      });
+  return rows_by_channels(x, K, N, [&](const float* xr, int64_t n, float* y, int rows) {
+    const int8_t* qn = qp + n * K;
+    const float *sn = sp + n * groups, *zn = zp + n * groups;
+    switch (rows) {
+      case 4: return dot_rows<4>(xr, K, qn, sn, zn, groups, y, N);
+      case 3: return dot_rows<3>(xr, K, qn, sn, zn, groups, y, N);
+      case 2: return dot_rows<2>(xr, K, qn, sn, zn, groups, y, N);
+      default: *y = dot1(xr, qn, sn, zn, groups);
+    }
+  });
 }
 
 namespace {
@@ -195,10 +191,14 @@ torch::Tensor fp32_mm(torch::Tensor x, torch::Tensor w) {
               "w must be a contiguous fp32 matrix with an input size a multiple of 8");
   const int64_t K = w.size(1), N = w.size(0);
   const float* wp = w.data_ptr<float>();
-  return rows_by_channels(
-      x, K, N,
-      [&](const float* xr, int64_t n, float* y) { dot_fp32<4>(xr, K, wp + n * K, y, N); },
-      [&](const float* xr, int64_t n, float* y) { dot_fp32<1>(xr, K, wp + n * K, y, N); });
+  return rows_by_channels(x, K, N, [&](const float* xr, int64_t n, float* y, int rows) {
+    switch (rows) {
+      case 4: return dot_fp32<4>(xr, K, wp + n * K, y, N);
+      case 3: return dot_fp32<3>(xr, K, wp + n * K, y, N);
+      case 2: return dot_fp32<2>(xr, K, wp + n * K, y, N);
+      default: return dot_fp32<1>(xr, K, wp + n * K, y, N);
+    }
+  });
 }
 
 // W [N, K] in fp32 into `w` (a reused buffer: a fresh one costs its page faults), for
@@ -431,36 +431,49 @@ inline float softmax_numerators(float* row, int64_t n) {
 
 }  // namespace
 
-// Decode attention straight from the pages: q [B, heads, d], one query per sequence,
-// seeing its first context_lens[b] slots through block_tables [B, max_pages]; the
-// caches [pages, page_size, kv_heads, d]. No gathered copy of K and V (SDPA over
-// gathered pages copied every key and value of every layer each step).
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor context_lens,
-                                     double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32, "q must be fp32 [B, heads, d]");
+// Attention straight from the pages for steps of few queries a sequence (decodes, and
+// the short chunks of a verify or a Jacobi window): q [T, heads, d] holds sequence s's
+// rows at row_starts[s]..row_starts[s + 1], and row t sees the first lens[t] slots of
+// its sequence's block_tables row [S, max_pages]; the caches are [pages, page_size,
+// kv_heads, d]. No gathered copy of K and V (SDPA over gathered pages copied every key
+// and value of every layer each step, and its masked math cost more than the keys).
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                              torch::Tensor block_tables, torch::Tensor row_starts,
+                              torch::Tensor lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32, "q must be fp32 [T, heads, d]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.scalar_type() == torch::kFloat32 &&
                   k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
                   v_cache.scalar_type() == torch::kFloat32 && v_cache.is_contiguous(),
               "the caches must be contiguous fp32 [pages, page_size, kv_heads, d]");
-  const int64_t B = q.size(0), nh = q.size(1), d = q.size(2);
+  const int64_t T = q.size(0), nh = q.size(1), d = q.size(2);
   const int64_t pages = k_cache.size(0), ps = k_cache.size(1), nkv = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == d && d % 8 == 0 && nh % nkv == 0, "head shapes disagree");
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B &&
-                  block_tables.scalar_type() == torch::kLong,
-              "block_tables must be long [B, max_pages]");
-  TORCH_CHECK(context_lens.numel() == B && context_lens.scalar_type() == torch::kLong,
-              "context_lens must be long [B]");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == torch::kLong,
+              "block_tables must be long [S, max_pages]");
+  const int64_t S = block_tables.size(0);
+  TORCH_CHECK(row_starts.numel() == S + 1 && row_starts.scalar_type() == torch::kLong,
+              "row_starts must be long [S + 1]");
+  TORCH_CHECK(lens.numel() == T && lens.scalar_type() == torch::kLong, "lens must be long [T]");
   q = q.contiguous();
   block_tables = block_tables.contiguous();
-  context_lens = context_lens.contiguous();
+  row_starts = row_starts.contiguous();
+  lens = lens.contiguous();
   const int64_t max_pages = block_tables.size(1), group = nh / nkv;
   const int64_t* bt = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = context_lens.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(lens[b] >= 1 && lens[b] <= max_pages * ps, "context length outside its table");
-    for (int64_t j = 0; j < (lens[b] + ps - 1) / ps; ++j)
-      TORCH_CHECK(bt[b * max_pages + j] >= 0 && bt[b * max_pages + j] < pages, "page outside the pool");
+  const int64_t* starts = row_starts.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  TORCH_CHECK(starts[0] == 0 && starts[S] == T, "row_starts must run from 0 to the rows");
+  std::vector<int64_t> seq(T);  // each row's sequence
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(starts[s] <= starts[s + 1], "row_starts must not decrease");
+    int64_t longest = 0;
+    for (int64_t t = starts[s]; t < starts[s + 1]; ++t) {
+      TORCH_CHECK(lp[t] >= 1 && lp[t] <= max_pages * ps, "context length outside its table");
+      seq[t] = s;
+      longest = std::max(longest, lp[t]);
+    }
+    for (int64_t j = 0; j < (longest + ps - 1) / ps; ++j)
+      TORCH_CHECK(bt[s * max_pages + j] >= 0 && bt[s * max_pages + j] < pages, "page outside the pool");
   }
   auto out = torch::empty_like(q);
   const float* qp = q.data_ptr<float>();
@@ -468,12 +481,12 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   const float* vp = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, B * nkv, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, T * nkv, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores;
     std::vector<const float*> keys, values;  // slot t's K and V of this head
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / nkv, h = i % nkv, L = lens[b];
-      const int64_t* table = bt + b * max_pages;
+      const int64_t row = i / nkv, h = i % nkv, L = lp[row];
+      const int64_t* table = bt + seq[row] * max_pages;
       keys.resize(L);
       values.resize(L);
       for (int64_t t = 0; t < L; ++t) {
@@ -483,14 +496,14 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
       }
       scores.resize(L);
       for (int64_t g = 0; g < group; ++g) {
-        const float* qg = qp + (b * nh + h * group + g) * d;
+        const float* qg = qp + (row * nh + h * group + g) * d;
         int64_t t = 0;
         for (; t + 8 <= L; t += 8)
           _mm256_storeu_ps(scores.data() + t,
                            _mm256_mul_ps(dot8(qg, keys.data() + t, d), _mm256_set1_ps(sc)));
         for (; t < L; ++t) scores[t] = dot(qg, keys[t], d) * sc;
         const float total = softmax_numerators(scores.data(), L);
-        weighted_sum(op + (b * nh + h * group + g) * d, scores.data(), values.data(), L, d,
+        weighted_sum(op + (row * nh + h * group + g) * d, scores.data(), values.data(), L, d,
                      1.0f / total);
       }
     }
@@ -502,7 +515,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 // server's trio thread (pybind11 holds the GIL through a call unless told otherwise).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
-  m.def("paged_decode_attention", &paged_decode_attention, no_gil, "decode attention over pages");
+  m.def("paged_attention", &paged_attention, no_gil, "attention over pages, few queries a sequence");
   m.def("rope_store_kv", &rope_store_kv, no_gil, "RoPE on Q and K; K and V into their slots");
   m.def("silu_mul", &silu_mul, no_gil, "silu(gate) * up of [gate | up]");
   m.def("rms_norm", &rms_norm, no_gil, "x / rms(x) * weight, row by row");

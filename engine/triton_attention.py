@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from symphony.engine.attention import visible_mask
 from symphony.engine.batch import AttnMetadata
+from symphony.engine.sdpa_attention import visible_mask
 
 BLOCK_M = 16  # query rows a program
 MIN_PAGE_SIZE = 16  # keys go in blocks of min(page, 64): tl.dot wants 16 or more

@@ -96,7 +96,7 @@ def test_decoding_forks_of_one_prefix_together_matches_each_alone(tiny_engine):
     tables = [[*shared, *pool.allocate(1)] for _ in range(5)]
     chunks = [SeqChunk([40 + i], len(prefix), t) for i, t in enumerate(tables)]
     plan = tiny_engine.attention.prepare(build_step_input(chunks, 4, "cpu").attn)
-    assert plan.shared_pages is not None  # the shared-pages path is the one under test
+    assert plan.decode is not None and plan.decode.shared_pages is not None  # under test
     together = tiny_engine.step(chunks)
     alone = torch.cat([tiny_engine.step([c]) for c in chunks])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from symphony.engine import cpu_kernels
+from symphony.engine.batch import SeqChunk, build_step_input
 from symphony.engine.config import EngineConfig
 from symphony.engine.engine import Engine
 from symphony.engine.generate import generate
@@ -57,20 +58,24 @@ def test_rope_store_kv_matches_torch_and_zeroes_non_finite_values():
         kernels.rope_store_kv(qkv, nh, nkv, cos, sin, slots + 32, k_cache, v_cache)
 
 
-def assert_attention_matches_sdpa(q, k_cache, v_cache, tables, lens):
+def assert_attention_matches_sdpa(q, k_cache, v_cache, tables, lens, starts=None):
+    """Row t of sequence s (rows starts[s]..starts[s + 1], one each by default) against
+    the first lens[t] slots of tables[s], as SDPA over those slots gathered."""
     nh, d, nkv = q.shape[1], q.shape[2], k_cache.shape[2]
-    got = kernels.paged_decode_attention(
-        q, k_cache, v_cache, torch.tensor(tables), torch.tensor(lens), d**-0.5
+    starts = list(range(len(tables) + 1)) if starts is None else starts
+    got = kernels.paged_attention(
+        q, k_cache, v_cache, torch.tensor(tables), torch.tensor(starts), torch.tensor(lens), d**-0.5
     )
-    for b, (table, n) in enumerate(zip(tables, lens, strict=True)):
-        k = k_cache[table].flatten(0, 1)[:n].transpose(0, 1)  # [nkv, n, d]
-        v = v_cache[table].flatten(0, 1)[:n].transpose(0, 1)
-        qb = q[b].view(nkv, nh // nkv, d)
-        want = F.scaled_dot_product_attention(qb, k, v).reshape(nh, d)
-        torch.testing.assert_close(got[b], want)
+    for s, table in enumerate(tables):
+        for t in range(starts[s], starts[s + 1]):
+            k = k_cache[table].flatten(0, 1)[: lens[t]].transpose(0, 1)  # [nkv, n, d]
+            v = v_cache[table].flatten(0, 1)[: lens[t]].transpose(0, 1)
+            qt = q[t].view(nkv, nh // nkv, d)
+            want = F.scaled_dot_product_attention(qt, k, v).reshape(nh, d)
+            torch.testing.assert_close(got[t], want)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 16, 17])
 @pytest.mark.parametrize("inputs", [40, 576])  # 40: the loop's 8-wide tail
 def test_fp32_mm_matches_linear(rows, inputs):
     x, w = torch.randn(rows, inputs), torch.randn(130, inputs)
@@ -79,7 +84,7 @@ def test_fp32_mm_matches_linear(rows, inputs):
         kernels.fp32_mm(x[:, :-1], w[:, :-1])
 
 
-def test_paged_decode_attention_matches_sdpa_over_gathered_pages():
+def test_paged_attention_matches_sdpa_over_gathered_pages():
     torch.manual_seed(0)
     nh, nkv, d, ps = 6, 2, 32, 4
     k_cache, v_cache = torch.randn(20, ps, nkv, d), torch.randn(20, ps, nkv, d)
@@ -88,14 +93,35 @@ def test_paged_decode_attention_matches_sdpa_over_gathered_pages():
     lens = [13, 1, 10]
     q = torch.randn(3, nh, d)
     assert_attention_matches_sdpa(q, k_cache, v_cache, tables, lens)
+    starts, bad = torch.tensor([0, 1, 2, 3]), torch.tensor(tables) + 20
     with pytest.raises(RuntimeError, match="outside"):
-        kernels.paged_decode_attention(
-            q, k_cache, v_cache, torch.tensor(tables) + 20, torch.tensor(lens), 1.0
+        kernels.paged_attention(q, k_cache, v_cache, bad, starts, torch.tensor(lens), 1.0)
+    with pytest.raises(RuntimeError, match="from 0 to the rows"):
+        kernels.paged_attention(
+            q, k_cache, v_cache, torch.tensor(tables), starts - 1, torch.tensor(lens), 1.0
+        )
+
+
+def test_paged_attention_of_chunks_is_causal_within_each():
+    """Several query rows a sequence (a verify, a Jacobi window): row j of a chunk of n
+    after c cached slots sees c + j + 1 of them, and a row past its table is refused."""
+    torch.manual_seed(2)
+    nh, nkv, d, ps = 9, 3, 64, 16
+    k_cache, v_cache = torch.randn(24, ps, nkv, d), torch.randn(24, ps, nkv, d)
+    tables = [[4, 19, 7], [2, 0, 0], [8, 9, 10]]
+    starts = [0, 5, 6, 9]  # a 5-token chunk, a decode, a 3-token chunk
+    lens = [36, 37, 38, 39, 40, 12, 1, 2, 3]
+    q = torch.randn(9, nh, d)
+    assert_attention_matches_sdpa(q, k_cache, v_cache, tables, lens, starts)
+    too_long = torch.tensor([*lens[:-1], 49])
+    with pytest.raises(RuntimeError, match="outside its table"):
+        kernels.paged_attention(
+            q, k_cache, v_cache, torch.tensor(tables), torch.tensor(starts), too_long, 1.0
         )
 
 
 @pytest.mark.parametrize("head_dim", [64, 80, 128])  # 80: a 64-wide block and a part
-def test_paged_decode_attention_over_long_contexts(head_dim):
+def test_paged_attention_over_long_contexts(head_dim):
     """Contexts of many 8-key blocks and a tail, spread over shuffled pages."""
     torch.manual_seed(1)
     nh, nkv, ps = 9, 3, 16
@@ -106,6 +132,40 @@ def test_paged_decode_attention_over_long_contexts(head_dim):
     lens = [512, 8, 301]
     q = torch.randn(3, nh, head_dim)
     assert_attention_matches_sdpa(q, k_cache, v_cache, tables, lens)
+
+
+def test_short_chunks_in_the_kernel_give_what_sdpa_gives(monkeypatch):
+    """A verify's draft or a Jacobi window (a few tokens after a cached prefix, beside
+    a decode and a long chunk) through the kernel: the logits of SDPA over gathered
+    pages, every row."""
+    engine = Engine(tiny_model_files(), EngineConfig(device="cpu", num_pages=64, quant="fp32"))
+    pool = engine.pool
+
+    def run() -> torch.Tensor:
+        tables = [pool.allocate(engine.pages_for(n)) for n in (40, 30, 60)]
+        engine.step([SeqChunk(list(range(10, 45)), 0, tables[0], 0)])
+        engine.step([SeqChunk(list(range(60, 89)), 0, tables[1], 0)])
+        logits = engine.step(
+            [
+                SeqChunk([5, 9, 11, 3, 7], 35, tables[0], 5),  # a short chunk: the kernel
+                SeqChunk([8], 29, tables[1]),  # a decode
+                SeqChunk(list(range(100, 140)), 0, tables[2], 3),  # a long one: SDPA
+            ]
+        )
+        for table in tables:
+            pool.decref(table)
+        return logits
+
+    assert (
+        engine.attention.prepare(
+            build_step_input([SeqChunk([5, 9], 3, [0])], engine.page_size, "cpu").attn
+        ).kernel
+        is not None
+    )  # the path under test
+    with_kernel = run()
+    monkeypatch.setattr(engine.attention, "_kernels", None)
+    torch.testing.assert_close(with_kernel, run(), rtol=1e-4, atol=1e-4)
+    assert pool.num_used == 0
 
 
 @pytest.mark.parametrize("quant", ["fp32", "int8"])
