@@ -1,14 +1,8 @@
-// The CPU engine's compiled kernels (AVX2 + FMA), built by symphony.engine.cpu_kernels
-// with torch's cpp_extension:
-// - group_int8_mm / group_int8_dequant: int8 weights in groups of 32 along the input,
-//   each group with its own scale and zero (w = q * scale + zero), times fp32
-//   activations. Decode reads every weight once per step, so the loop streams q (one
-//   byte a weight) and turns each 8 of them into fp32 in registers: nothing is written
-//   back but y. Rows of x are taken four at a time (the last 1 to 3 together), so
-//   each weight is loaded and converted once for the rows of a pass.
-// - rms_norm, rope_store_kv, paged_attention: the small per-layer steps of a decode
-//   (or of a short chunk), each one call where torch's ops took several (their
-//   launches, not their arithmetic, were the cost at batch 1).
+// The CPU engine's small compiled kernels (AVX2 + FMA), built by
+// symphony.engine.cpu_kernels with torch's cpp_extension together with cpu_matmul.cpp
+// (the matmuls): rms_norm, silu_mul, rope_store_kv, paged_attention, the per-layer
+// steps of a decode (or of a short chunk), each one call where torch's ops took several
+// (their launches, not their arithmetic, were the cost at batch 1).
 
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -17,24 +11,11 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "cpu_simd.h"
+
+using namespace symphony;
+
 namespace {
-
-constexpr int64_t kGroup = 32;
-// How far ahead of the weight being read the kernels ask for the cache line: one
-// row's stream alone left the memory idle between rows (1,024 bytes measured best on
-// the 2-core Zen 3: the model's linears went from 13.4 to 16.4 G weights/s)
-constexpr int64_t kPrefetchBytes = 1024;
-
-inline void prefetch(const int8_t* q) {
-  _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchBytes), _MM_HINT_T0);
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // e^x in 8 lanes (Cephes' expf: x = n ln 2 + r, e^r by a degree-6 polynomial, 2^n in
 // the exponent bits); relative error ~2e-7. The softmax's exp was a libm call per score.
@@ -56,173 +37,14 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
 }
 
-// the 8 weights q[0..7] as fp32: q * scale + zero
-inline __m256 dequant8(const int8_t* q, __m256 scale, __m256 zero) {
-  __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), scale, zero);
-}
-
-// y[0, n] for one row of x and one output channel n: four accumulators, so four
-// independent FMA chains (plain locals: gcc kept an accumulator array on the stack)
-inline float dot1(const float* x, const int8_t* q, const float* scales, const float* zeros,
-                  int64_t groups) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m256 s = _mm256_set1_ps(scales[g]), z = _mm256_set1_ps(zeros[g]);
-    const int8_t* qg = q + g * kGroup;
-    const float* xg = x + g * kGroup;
-    prefetch(qg);
-    a0 = _mm256_fmadd_ps(dequant8(qg, s, z), _mm256_loadu_ps(xg), a0);
-    a1 = _mm256_fmadd_ps(dequant8(qg + 8, s, z), _mm256_loadu_ps(xg + 8), a1);
-    a2 = _mm256_fmadd_ps(dequant8(qg + 16, s, z), _mm256_loadu_ps(xg + 16), a2);
-    a3 = _mm256_fmadd_ps(dequant8(qg + 24, s, z), _mm256_loadu_ps(xg + 24), a3);
-  }
-  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-}
-
-// y[r, n] for R rows of x (K apart) and one channel, R = 2..4: each weight converted
-// once for the R rows, two chains a row (a step of 2 or 3 rows, a Jacobi window or a
-// short verify, took 1 row's pass per row: 2 or 3 conversions of every weight)
-template <int R>
-inline void dot_rows(const float* x, int64_t K, const int8_t* q, const float* scales,
-                     const float* zeros, int64_t groups, float* y, int64_t N) {
-  __m256 a[R], b[R];
-  for (int r = 0; r < R; ++r) a[r] = b[r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m256 s = _mm256_set1_ps(scales[g]), z = _mm256_set1_ps(zeros[g]);
-    const int8_t* qg = q + g * kGroup;
-    const float* xg = x + g * kGroup;
-    prefetch(qg);
-    for (int j = 0; j < 32; j += 16) {
-      const __m256 w0 = dequant8(qg + j, s, z), w1 = dequant8(qg + j + 8, s, z);
-      for (int r = 0; r < R; ++r) {
-        a[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg + r * K + j), a[r]);
-        b[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + r * K + j + 8), b[r]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) y[r * N] = hsum(_mm256_add_ps(a[r], b[r]));
-}
-
-// y [M, N] = x [M, K] against each of N weight rows: the rows of x four at a time, then
-// the last 1 to 3 together (each weight loaded once for the rows of a pass); the
-// channels split between the threads. rows(x, n, y, R) writes y[0..R, n] (rows N apart).
-template <typename Rows>
-torch::Tensor rows_by_channels(torch::Tensor x, int64_t K, int64_t N, Rows rows) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) == K,
-              "x must be fp32 [M, in]");
-  x = x.contiguous();
-  const int64_t M = x.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t m = 0; m < M; m += 4)
-        rows(xp + m * K, n, yp + m * N + n, static_cast<int>(std::min<int64_t>(4, M - m)));
-  });
-  return y;
-}
-
-void check(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& zeros) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kInt8 && q.is_contiguous(),
-              "q must be a contiguous int8 matrix");
-  TORCH_CHECK(q.size(1) % kGroup == 0, "the input size must be a multiple of 32");
-  const int64_t groups = q.size(1) / kGroup;
-  for (const auto* t : {&scales, &zeros}) {
-    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() &&
-                    t->dim() == 2 && t->size(0) == q.size(0) && t->size(1) == groups,
-                "scales and zeros must be contiguous fp32 [out, in / 32]");
-  }
-}
-
 }  // namespace
 
-// x [M, K] fp32 -> y [M, N] = x W^T, W [N, K] given as q, scales and zeros
+// cpu_matmul.cpp
 torch::Tensor group_int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
-                            torch::Tensor zeros) {
-  check(q, scales, zeros);
-  const int64_t K = q.size(1), N = q.size(0), groups = K / kGroup;
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
-  const float* zp = zeros.data_ptr<float>();
-  return rows_by_channels(x, K, N, [&](const float* xr, int64_t n, float* y, int rows) {
-    const int8_t* qn = qp + n * K;
-    const float *sn = sp + n * groups, *zn = zp + n * groups;
-    switch (rows) {
-      case 4: return dot_rows<4>(xr, K, qn, sn, zn, groups, y, N);
-      case 3: return dot_rows<3>(xr, K, qn, sn, zn, groups, y, N);
-      case 2: return dot_rows<2>(xr, K, qn, sn, zn, groups, y, N);
-      default: *y = dot1(xr, qn, sn, zn, groups);
-    }
-  });
-}
-
-namespace {
-
-// y[r, n] for R rows of x (K apart) and one fp32 weight row w: 2 R chains, each weight
-// vector loaded once for the R rows
-template <int R>
-inline void dot_fp32(const float* x, int64_t K, const float* w, float* y, int64_t N) {
-  __m256 a[R], b[R];
-  for (int r = 0; r < R; ++r) a[r] = b[r] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetchBytes, _MM_HINT_T0);
-    const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
-    for (int r = 0; r < R; ++r) {
-      a[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * K + k), a[r]);
-      b[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * K + k + 8), b[r]);
-    }
-  }
-  for (; k < K; k += 8)
-    for (int r = 0; r < R; ++r)
-      a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + r * K + k), a[r]);
-  for (int r = 0; r < R; ++r) y[r * N] = hsum(_mm256_add_ps(a[r], b[r]));
-}
-
-}  // namespace
-
-// x [M, K] fp32 -> y [M, N] = x W^T for W [N, K] fp32, K % 8 == 0: the decode stream
-// (torch's GEMM reached 8.9 GB/s on one row here, this 15-17)
-torch::Tensor fp32_mm(torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.is_contiguous() &&
-                  w.size(1) % 8 == 0,
-              "w must be a contiguous fp32 matrix with an input size a multiple of 8");
-  const int64_t K = w.size(1), N = w.size(0);
-  const float* wp = w.data_ptr<float>();
-  return rows_by_channels(x, K, N, [&](const float* xr, int64_t n, float* y, int rows) {
-    switch (rows) {
-      case 4: return dot_fp32<4>(xr, K, wp + n * K, y, N);
-      case 3: return dot_fp32<3>(xr, K, wp + n * K, y, N);
-      case 2: return dot_fp32<2>(xr, K, wp + n * K, y, N);
-      default: return dot_fp32<1>(xr, K, wp + n * K, y, N);
-    }
-  });
-}
-
-// W [N, K] in fp32 into `w` (a reused buffer: a fresh one costs its page faults), for
-// steps with many rows, where a GEMM on fp32 weights beats the stream
+                            torch::Tensor zeros, int64_t n);
 torch::Tensor group_int8_dequant(torch::Tensor q, torch::Tensor scales, torch::Tensor zeros,
-                                 torch::Tensor w) {
-  check(q, scales, zeros);
-  const int64_t N = q.size(0), K = q.size(1), groups = K / kGroup;
-  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.numel() >= N * K,
-              "w must be a contiguous fp32 buffer of at least out * in elements");
-  w = w.view(-1).narrow(0, 0, N * K).view({N, K});
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
-  const float* zp = zeros.data_ptr<float>();
-  float* wp = w.data_ptr<float>();
-  at::parallel_for(0, N * groups, 64, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const __m256 scale = _mm256_set1_ps(sp[i]), zero = _mm256_set1_ps(zp[i]);
-      for (int j = 0; j < 4; ++j)
-        _mm256_storeu_ps(wp + i * kGroup + 8 * j, dequant8(qp + i * kGroup + 8 * j, scale, zero));
-    }
-  });
-  return w;
-}
+                                 int64_t n, torch::Tensor w);
+torch::Tensor fp32_mm(torch::Tensor x, torch::Tensor w);
 
 // x / rms(x) * weight over each row of x [T, H]: one pass where torch's ops take six
 // launches (at batch 1 their overhead, not the arithmetic, was the cost: 34 us a call)
@@ -519,7 +341,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_store_kv", &rope_store_kv, no_gil, "RoPE on Q and K; K and V into their slots");
   m.def("silu_mul", &silu_mul, no_gil, "silu(gate) * up of [gate | up]");
   m.def("rms_norm", &rms_norm, no_gil, "x / rms(x) * weight, row by row");
-  m.def("group_int8_mm", &group_int8_mm, no_gil, "x W^T with W in int8 groups of 32");
+  m.def("group_int8_mm", &group_int8_mm, no_gil, "x W^T with W in int8 groups of 32, packed by 3 channels");
   m.def("fp32_mm", &fp32_mm, no_gil, "x W^T with W fp32, streamed");
-  m.def("group_int8_dequant", &group_int8_dequant, no_gil, "W in fp32 from its int8 groups");
+  m.def("group_int8_dequant", &group_int8_dequant, no_gil, "W in fp32 from its packed int8 groups");
 }

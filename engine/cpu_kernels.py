@@ -1,4 +1,5 @@
-"""The C++ CPU kernels of engine/cpu_kernels.cpp, compiled once and cached by torch.
+"""The C++ CPU kernels of engine/cpu_kernels.cpp and cpu_matmul.cpp, compiled once and
+cached by torch.
 
 `load()` builds them once per machine and source version (torch's cpp_extension keeps
 the result under ~/.cache/torch_extensions, named by the source's hash) and returns the
@@ -18,7 +19,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "cpu_kernels.cpp", HERE / "cpu_matmul.cpp"]
+HEADERS = [HERE / "cpu_simd.h"]
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 
 
@@ -31,13 +34,14 @@ def load() -> ModuleType | None:
         return None
     # named by the source's hash: checkouts of different versions on one machine each
     # keep their own build instead of rebuilding over each other's
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    code = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    digest = hashlib.sha256(code + " ".join(CFLAGS).encode()).hexdigest()[:12]
     try:
         from torch.utils import cpp_extension
 
         return cpp_extension.load(
             name=f"symphony_cpu_{digest}",
-            sources=[str(SOURCE)],
+            sources=[str(path) for path in SOURCES],
             extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],
             verbose=False,

@@ -7,9 +7,11 @@ first, symmetric (scale max|w| / 127) for the second; each group takes whichever
 the two fits it better. So the int8 model computes what the dequantized fp32 model
 computes, up to fp32 rounding, from a quarter of the bytes.
 
-Activations stay fp32. Steps of a few rows (decode) stream the int8 weights through
-the AVX2 kernel of cpu_kernels.cpp; steps of many rows (prefill) expand each weight to
-fp32 in a reused buffer and run torch's GEMM, where compute and not bytes is the cost.
+Activations stay fp32. Steps of up to STREAM_ROWS rows (decodes, batches, short
+chunks) go through the AVX2 kernel of cpu_matmul.cpp, which reads the weights packed by
+blocks of 3 channels (`pack_blocks`); steps of more rows (prefill) expand each weight
+to fp32 in a reused buffer and run torch's GEMM, where compute and not bytes is the
+cost.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 GROUP = 32
-# Above this many rows a step's matmul is compute-bound: fp32 GEMM on expanded weights
-# beats the streaming kernel (measured on the 2-core AVX2 CPU, bench/README.md).
-STREAM_ROWS = 48
+# Up to this many rows the compiled kernel computes a step from the int8 weights
+# (streamed below 12 rows, in fp32 tiles of 3 channels from 12); above it torch's fp32
+# GEMM on expanded weights wins, its cache blocking beating the tiles' rereads of x
+# (2-core Zen 3: the tiles 1.6x at 32 rows, 0.75x at 512 on the down projection)
+STREAM_ROWS = 64
 
 
 def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,6 +55,25 @@ def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     scales = torch.where(sym, scale_s, scale_a).contiguous()
     zeros = torch.where(sym, torch.zeros_like(zero_a), zero_a).contiguous()
     return q.contiguous(), scales, zeros
+
+
+BLOCK = 3  # channels the kernel packs side by side (cpu_matmul.cpp)
+
+
+def pack_blocks(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_groups`' output in the kernel's layout: q [N/3, K/8, 3, 8] with each 8
+    inputs of 3 channels side by side, scales and zeros [N/3, K/32, 3]; N is padded to a
+    multiple of 3 with zero channels (the kernel writes only the first N)."""
+    n, k = q.shape
+    pad = -n % BLOCK
+    q = F.pad(q, (0, 0, 0, pad))
+    scales, zeros = F.pad(scales, (0, 0, 0, pad)), F.pad(zeros, (0, 0, 0, pad))
+    blocks = (n + pad) // BLOCK
+    packed = q.view(blocks, BLOCK, k // 8, 8).permute(0, 2, 1, 3).contiguous()
+    per_group = [t.view(blocks, BLOCK, -1).transpose(1, 2).contiguous() for t in (scales, zeros)]
+    return packed, per_group[0], per_group[1]
 
 
 def dequantize_groups(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -88,6 +111,9 @@ class GroupInt8Linear(nn.Module):
     ) -> None:
         super().__init__()
         q, scales, zeros = quantize_groups(weight)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        if kernels is not None:  # in the kernel's layout
+            q, scales, zeros = pack_blocks(q, scales, zeros)
         self.register_buffer("q", q)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
@@ -105,11 +131,10 @@ class GroupInt8Linear(nn.Module):
         if k is None:  # no compiled kernels here: correct, and slower than fp32
             y = F.linear(x, dequantize_groups(self.q, self.scales, self.zeros))
         elif x.shape[0] <= STREAM_ROWS:
-            y = k.group_int8_mm(x, self.q, self.scales, self.zeros)
+            y = k.group_int8_mm(x, self.q, self.scales, self.zeros, self.out_features)
         else:
-            w = k.group_int8_dequant(
-                self.q, self.scales, self.zeros, self._scratch.take(self.q.numel())
-            )
+            scratch = self._scratch.take(self.q.numel())
+            w = k.group_int8_dequant(self.q, self.scales, self.zeros, self.out_features, scratch)
             y = F.linear(x, w)
         return y if self.bias is None else y + self.bias
 

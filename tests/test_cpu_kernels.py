@@ -11,6 +11,7 @@ from symphony.engine.batch import SeqChunk, build_step_input
 from symphony.engine.config import EngineConfig
 from symphony.engine.engine import Engine
 from symphony.engine.generate import generate
+from symphony.engine.group_int8 import pack_blocks, quantize_groups
 from symphony.engine.rope import apply_rope
 from tests.tiny import tiny_model_files
 
@@ -75,7 +76,7 @@ def assert_attention_matches_sdpa(q, k_cache, v_cache, tables, lens, starts=None
             torch.testing.assert_close(got[t], want)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 16, 17])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 17, 64])
 @pytest.mark.parametrize("inputs", [40, 576])  # 40: the loop's 8-wide tail
 def test_fp32_mm_matches_linear(rows, inputs):
     x, w = torch.randn(rows, inputs), torch.randn(130, inputs)
@@ -180,3 +181,21 @@ def test_the_engine_without_kernels_gives_the_same_tokens(monkeypatch, quant):
     without = Engine(tiny_model_files(), config)
     torch.testing.assert_close(without.prompt_logits(prompts[0]), want_logits)
     assert generate(without, prompts, max_tokens=12) == want
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_a_row_gets_the_same_bits_whatever_rows_are_beside_it(weights):
+    """A decode alone or in a batch of up to 64, a chunk whole or split by a prefix-cache
+    hit: every row through the kernels sums in one order (bitwise the same); 131
+    channels leave a part block."""
+    torch.manual_seed(3)
+    w = torch.randn(131, 1568)  # 1568: a tail of 8 past the 16-input blocks
+    if weights == "fp32":
+        mm = lambda x: kernels.fp32_mm(x, w)  # noqa: E731
+    else:
+        q, scales, zeros = pack_blocks(*quantize_groups(w))
+        mm = lambda x: kernels.group_int8_mm(x, q, scales, zeros, 131)  # noqa: E731
+    x = torch.randn(64, 1568)
+    alone = torch.cat([mm(x[i : i + 1]) for i in range(64)])
+    for rows in (2, 3, 4, 5, 8, 11, 12, 13, 64):
+        assert torch.equal(mm(x[:rows]), alone[:rows]), rows
