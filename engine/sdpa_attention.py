@@ -21,10 +21,11 @@ import torch.nn.functional as F
 
 from symphony.engine.batch import AttnMetadata
 
-# A chunk of at most this many query tokens goes to the CPU kernel: its rows cost about
-# what SDPA's masked math cost a row, without the gather (bench: 3 tokens over 200 keys,
-# 0.27 ms a layer through SDPA)
-KERNEL_ROWS = 16
+# A chunk of at most this many query tokens goes to the CPU kernel: below it the rows
+# cost less there than SDPA's gather and masked math (2-core Zen 3, a whole int8 step:
+# 17 tokens after 300, 90 -> 74 ms; after 2,000, 164 -> 147 ms; 33 tokens after 2,000
+# cost more in the kernel, 229 -> 262 ms)
+KERNEL_ROWS = 24
 
 
 def visible_mask(ranges: list[list[int] | None], start_pos: int, context_len: int) -> torch.Tensor:
