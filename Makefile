@@ -2,7 +2,7 @@
 PY      := .venv/bin/python
 PIP     := $(PY) -m pip
 STAMP   := .venv/.symphony-installed
-# g++, ninja and the Python headers build the CPU kernels (engine/cpu_kernels.cpp)
+# g++, ninja and the Python headers build the CPU kernels (engine/cpu_*.cpp)
 APT_PKGS := fuse3 libfuse3-dev pkg-config attr g++ ninja-build python3-dev
 # one version everywhere: the local CPU build here, the registry's CUDA build on a GPU machine
 TORCH   := torch==2.13.0

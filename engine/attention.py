@@ -145,7 +145,8 @@ def choose_attention(choice: str, device: str, page_size: int = 0) -> tuple[str,
 
     `page_size` 0 takes the backend's own (256 for flash, else 16). "auto" on CUDA takes
     flash, else triton, else SDPA over gathered pages, and logs one line saying why it
-    fell back; on a CPU it is SDPA (with the compiled kernels' decode). A backend asked
+    fell back; on a CPU it is SDPA (with the compiled kernels' attention for decodes and
+    short chunks). A backend asked
     for by name that cannot run raises ValueError saying why.
     """
     if choice in ("flash", "triton"):
@@ -176,7 +177,7 @@ def make_attention(
 ) -> AttentionBackend:
     """The backend `name` chosen by `choose_attention`, for pages of `page_size`.
 
-    `kernels`: the compiled CPU kernels, for SDPA's decode on a CPU in fp32.
+    `kernels`: the compiled CPU kernels, for SDPA's decodes and short chunks on a CPU.
     """
     if name == "flash":
         return FlashAttention(num_heads, num_kv_heads, head_dim, page_size)

@@ -269,7 +269,10 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
               "the caches must be contiguous fp32 [pages, page_size, kv_heads, d]");
   const int64_t T = q.size(0), nh = q.size(1), d = q.size(2);
   const int64_t pages = k_cache.size(0), ps = k_cache.size(1), nkv = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == d && d % 8 == 0 && nh % nkv == 0, "head shapes disagree");
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+              "the CPU kernel takes CPU tensors");
+  TORCH_CHECK(nkv > 0 && ps > 0 && k_cache.size(3) == d && d % 8 == 0 && nh % nkv == 0,
+              "head shapes disagree");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == torch::kLong,
               "block_tables must be long [S, max_pages]");
   const int64_t S = block_tables.size(0);
@@ -285,9 +288,10 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   const int64_t* starts = row_starts.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   TORCH_CHECK(starts[0] == 0 && starts[S] == T, "row_starts must run from 0 to the rows");
+  for (int64_t s = 0; s < S; ++s)  // all of them before any is used as a bound
+    TORCH_CHECK(starts[s] <= starts[s + 1], "row_starts must not decrease");
   std::vector<int64_t> seq(T);  // each row's sequence
   for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK(starts[s] <= starts[s + 1], "row_starts must not decrease");
     int64_t longest = 0;
     for (int64_t t = starts[s]; t < starts[s + 1]; ++t) {
       TORCH_CHECK(lp[t] >= 1 && lp[t] <= max_pages * ps, "context length outside its table");

@@ -7,9 +7,9 @@
 // multiple of 3 with zero channels). So one sequential stream feeds 3 independent
 // accumulators: reading 3 channels' rows side by side from 3 places ran at 8-10 GB/s
 // where one stream ran at 14-15. Every path sums y[m, n] in one order, one chain over
-// the inputs 8 at a time, then across lanes, so a row's result does not depend on the
-// rows beside it (a decode alone or in a batch, a chunk whole or after a prefix-cache
-// hit, give the same bits):
+// the inputs 8 at a time, then across lanes, so a row's result does not depend on how
+// many rows the call has (the old kernel's passes of 4 rows summed otherwise than its
+// single rows):
 // - up to kTileMinRows - 1 rows, straight from the stream, each weight converted once
 //   for the rows of a pass;
 // - from kTileMinRows, each block's weights converted once into fp32 and the rows taken
@@ -132,13 +132,13 @@ struct Packed {
 Packed check_packed(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& zeros,
                     int64_t n) {
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == torch::kInt8 && q.is_contiguous() &&
-                  q.size(2) == kBlock && q.size(3) == 8,
+                  q.size(2) == kBlock && q.size(3) == 8 && q.device().is_cpu(),
               "q must be contiguous int8 [out / 3, in / 8, 3, 8] (engine/group_int8.py packs it)");
   const int64_t blocks = q.size(0), K = q.size(1) * 8;
   TORCH_CHECK(K % kGroup == 0, "the input size must be a multiple of 32");
   for (const auto* t : {&scales, &zeros}) {
     TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->dim() == 3 &&
-                    t->size(0) == blocks && t->size(1) == K / kGroup && t->size(2) == kBlock,
+                    t->device().is_cpu() && t->size(0) == blocks && t->size(1) == K / kGroup && t->size(2) == kBlock,
                 "scales and zeros must be contiguous fp32 [out / 3, in / 32, 3]");
   }
   TORCH_CHECK(n > (blocks - 1) * kBlock && n <= blocks * kBlock, "out does not fit the blocks");
@@ -167,8 +167,9 @@ inline void dot_fp32(const float* x, int64_t K, const float* w, float* y, int64_
 }
 
 torch::Tensor rows_of(torch::Tensor x, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) == K,
-              "x must be fp32 [M, in]");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) == K &&
+                  x.device().is_cpu(),
+              "x must be fp32 [M, in] on the CPU");
   return x.contiguous();
 }
 
@@ -212,7 +213,7 @@ torch::Tensor group_int8_dequant(torch::Tensor q, torch::Tensor scales, torch::T
                                  int64_t n, torch::Tensor w) {
   const Packed p = check_packed(q, scales, zeros, n);
   const int64_t K = p.K, N = p.N, groups = K / kGroup;
-  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous() &&
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.device().is_cpu() &&
                   w.numel() >= p.blocks * kBlock * K,
               "w must be a contiguous fp32 buffer of at least out (padded to 3) * in elements");
   float* wp = w.data_ptr<float>();
@@ -228,7 +229,7 @@ torch::Tensor group_int8_dequant(torch::Tensor q, torch::Tensor scales, torch::T
 // (torch's GEMM reached 8.9 GB/s on one row here, this 15-17)
 torch::Tensor fp32_mm(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.is_contiguous() &&
-                  w.size(1) % 8 == 0,
+                  w.size(1) % 8 == 0 && w.device().is_cpu(),
               "w must be a contiguous fp32 matrix with an input size a multiple of 8");
   const int64_t K = w.size(1), N = w.size(0);
   x = rows_of(x, K);

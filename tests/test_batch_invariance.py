@@ -103,3 +103,32 @@ def test_decoding_forks_of_one_prefix_together_matches_each_alone(tiny_engine):
     pool.decref(shared)
     pool.decref([t[-1] for t in tables])
     assert pool.num_used == 0
+
+
+def test_a_step_of_forks_a_short_chunk_and_a_long_one_matches_each_alone(tiny_engine):
+    """Every path of the CPU attention in one step (forks' decodes over their shared
+    pages, a short chunk in the kernel, a long chunk through SDPA), each row as its
+    sequence alone gives it."""
+    pool = tiny_engine.pool
+    prefix = list(range(3, 31))  # 7 full pages of 4
+    shared = pool.allocate(7)
+    tiny_engine.step([SeqChunk(prefix, 0, shared, 0)])
+    forks = [[*shared, *pool.allocate(1)] for _ in range(4)]
+    short, long = pool.allocate(tiny_engine.pages_for(12)), pool.allocate(tiny_engine.pages_for(40))
+    tiny_engine.step([SeqChunk(list(range(40, 49)), 0, short, 0)])
+    chunks = [SeqChunk([40 + i], len(prefix), t) for i, t in enumerate(forks)]
+    chunks += [SeqChunk([7, 8, 9], 9, short, 3), SeqChunk(list(range(60, 100)), 0, long, 2)]
+    plan = tiny_engine.attention.prepare(build_step_input(chunks, 4, "cpu").attn)
+    if tiny_engine.attention._kernels is not None:  # the three paths under test
+        assert plan.kernel is not None and plan.kernel.rows is not None
+    assert plan.decode is not None and plan.decode.shared_pages is not None and plan.prefills
+    together = tiny_engine.step(chunks)
+    # alone: the forks re-decode their (rewritten, same) slots; the chunks over copies
+    alone = [tiny_engine.step([c]) for c in chunks[:4]]
+    short2, long2 = pool.allocate(len(short)), pool.allocate(len(long))
+    tiny_engine.step([SeqChunk(list(range(40, 49)), 0, short2, 0)])
+    alone.append(tiny_engine.step([SeqChunk([7, 8, 9], 9, short2, 3)]))
+    alone.append(tiny_engine.step([SeqChunk(list(range(60, 100)), 0, long2, 2)]))
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-4, atol=1e-4)
+    pool.decref(shared + [t[-1] for t in forks] + short + long + short2 + long2)
+    assert pool.num_used == 0

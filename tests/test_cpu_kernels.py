@@ -101,6 +101,17 @@ def test_paged_attention_matches_sdpa_over_gathered_pages():
         kernels.paged_attention(
             q, k_cache, v_cache, torch.tensor(tables), starts - 1, torch.tensor(lens), 1.0
         )
+    # a decreasing pair is refused before it bounds a loop (rows 0..5 of 3 would overrun)
+    with pytest.raises(RuntimeError, match="must not decrease"):
+        kernels.paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            torch.tensor(tables),
+            torch.tensor([0, 5, 2, 3]),
+            torch.tensor(lens),
+            1.0,
+        )
 
 
 def test_paged_attention_of_chunks_is_causal_within_each():
@@ -183,19 +194,20 @@ def test_the_engine_without_kernels_gives_the_same_tokens(monkeypatch, quant):
     assert generate(without, prompts, max_tokens=12) == want
 
 
+@pytest.mark.parametrize("channels", [130, 131])  # a part block of 1 and of 2 channels
 @pytest.mark.parametrize("weights", ["fp32", "int8"])
-def test_a_row_gets_the_same_bits_whatever_rows_are_beside_it(weights):
-    """A decode alone or in a batch of up to 64, a chunk whole or split by a prefix-cache
-    hit: every row through the kernels sums in one order (bitwise the same); 131
-    channels leave a part block."""
+def test_a_row_gets_the_same_bits_whatever_rows_are_beside_it(weights, channels):
+    """The matmul kernels sum every row in one order, however many rows a call has (a
+    decode alone or in a batch of up to 64, a chunk whole or after a prefix-cache hit):
+    bitwise the same, through the stream and the tiles with their row tails."""
     torch.manual_seed(3)
-    w = torch.randn(131, 1568)  # 1568: a tail of 8 past the 16-input blocks
+    w = torch.randn(channels, 1568)  # 1568: a tail of 8 past the 16-input blocks
     if weights == "fp32":
         mm = lambda x: kernels.fp32_mm(x, w)  # noqa: E731
     else:
         q, scales, zeros = pack_blocks(*quantize_groups(w))
-        mm = lambda x: kernels.group_int8_mm(x, q, scales, zeros, 131)  # noqa: E731
+        mm = lambda x: kernels.group_int8_mm(x, q, scales, zeros, channels)  # noqa: E731
     x = torch.randn(64, 1568)
     alone = torch.cat([mm(x[i : i + 1]) for i in range(64)])
-    for rows in (2, 3, 4, 5, 8, 11, 12, 13, 64):
+    for rows in (2, 3, 4, 5, 8, 11, 12, 13, 14, 15, 63, 64):
         assert torch.equal(mm(x[:rows]), alone[:rows]), rows
