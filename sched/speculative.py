@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from symphony.engine.sampling import SamplingParams, constrain, filtered_probs
+from symphony.engine.sampling import SamplingParams, constrain, draw, filtered_probs
 from symphony.sched import args as A
 
 
@@ -78,9 +78,9 @@ def accept(
         residual = torch.clamp(p - q, min=0.0)
         total = float(residual.sum())
         choice = residual / total if total > 0 else p
-        return i, int(torch.multinomial(choice, 1, generator=generator))
+        return i, draw(choice, generator)
     bonus = filtered_probs(rows[-1], params)
-    return len(draft), int(torch.multinomial(bonus, 1, generator=generator))
+    return len(draft), draw(bonus, generator)
 
 
 def _dense(probs: Mapping[int, float], like: torch.Tensor) -> torch.Tensor:

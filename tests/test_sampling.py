@@ -13,6 +13,9 @@ from symphony.engine.sampling import (
     make_generator,
     sample,
 )
+from symphony.engine.sampling import (
+    draw as draw_one,
+)
 
 VOCAB = 50
 
@@ -117,3 +120,19 @@ def test_seeded_generation_reproduces_on_the_engine(tiny_engine):
     assert first == again
     # the first sequence alone draws the same tokens as in the batch of two
     assert generate(tiny_engine, [prompt], max_tokens=12, params=params)[0] == first[0]
+
+
+def test_draw_follows_the_distribution_and_never_picks_a_zero():
+    probs = torch.zeros(1000)
+    probs[[3, 500, 998]] = torch.tensor([0.5, 0.3, 0.2])
+    generator = torch.Generator().manual_seed(7)
+    counts = torch.bincount(
+        torch.tensor([draw_one(probs, generator) for _ in range(20000)]), minlength=1000
+    )
+    assert set(counts.nonzero().flatten().tolist()) == {3, 500, 998}
+    # within 5 standard deviations of each expected count
+    for token, p in ((3, 0.5), (500, 0.3), (998, 0.2)):
+        assert abs(int(counts[token]) - 20000 * p) < 5 * (20000 * p * (1 - p)) ** 0.5
+    # unnormalized mass works the same; one token with all of it is always drawn
+    assert draw_one(probs * 7, torch.Generator().manual_seed(1)) in {3, 500, 998}
+    assert draw_one(torch.eye(50)[49]) == 49
