@@ -212,15 +212,23 @@ inline float dot(const float* a, const float* b, int64_t n) {  // n % 8 == 0
   return hsum(acc);
 }
 
-// out[0..d) = scale * sum_t p[t] values[t][0..d), 64 columns at a time held in
-// registers across the keys (eight independent chains)
-inline void weighted_sum(float* out, const float* p, const float* const* values, int64_t n,
-                         int64_t d, float scale) {
+// Slots of V a query head's weighted sum takes before the next head of its group takes
+// the same ones, still in L1 (32 x d floats): a KV head's 3 query heads had read the
+// whole context's K and V three times over from L2 and L3
+constexpr int64_t kValueSlots = 32;
+
+// out[0..d) += sum_{t0 <= t < t1} p[t] values[t][0..d), 64 columns at a time held in
+// registers across the slots (eight independent chains); `first` starts from 0, and
+// `last` stores scale times the sum. Taken block after block it adds in the order one
+// pass would, so the result does not depend on the blocks.
+inline void weighted_block(float* out, const float* p, const float* const* values, int64_t t0,
+                           int64_t t1, int64_t d, float scale, bool first, bool last) {
   for (int64_t e0 = 0; e0 < d; e0 += 64) {
     const int64_t width = std::min<int64_t>(64, d - e0) / 8;
     __m256 a[8];
-    for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
-    for (int64_t t = 0; t < n; ++t) {
+    for (int i = 0; i < 8; ++i)
+      a[i] = first || i >= width ? _mm256_setzero_ps() : _mm256_loadu_ps(out + e0 + 8 * i);
+    for (int64_t t = t0; t < t1; ++t) {
       const __m256 w = _mm256_set1_ps(p[t]);
       const float* v = values[t] + e0;
       if (width == 8) {  // spelled out: a constant count keeps the 8 in registers
@@ -230,7 +238,8 @@ inline void weighted_sum(float* out, const float* p, const float* const* values,
       }
     }
     const __m256 s = _mm256_set1_ps(scale);
-    for (int i = 0; i < width; ++i) _mm256_storeu_ps(out + e0 + 8 * i, _mm256_mul_ps(s, a[i]));
+    for (int i = 0; i < width; ++i)
+      _mm256_storeu_ps(out + e0 + 8 * i, last ? _mm256_mul_ps(s, a[i]) : a[i]);
   }
 }
 
@@ -308,7 +317,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, T * nkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores;
+    std::vector<float> scores, totals;
     std::vector<const float*> keys, values;  // slot t's K and V of this head
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t row = i / nkv, h = i % nkv, L = lp[row];
@@ -320,17 +329,24 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
         keys[t] = kp + offset;
         values[t] = vp + offset;
       }
-      scores.resize(L);
-      for (int64_t g = 0; g < group; ++g) {
-        const float* qg = qp + (row * nh + h * group + g) * d;
-        int64_t t = 0;
-        for (; t + 8 <= L; t += 8)
-          _mm256_storeu_ps(scores.data() + t,
-                           _mm256_mul_ps(dot8(qg, keys.data() + t, d), _mm256_set1_ps(sc)));
-        for (; t < L; ++t) scores[t] = dot(qg, keys[t], d) * sc;
-        const float total = softmax_numerators(scores.data(), L);
-        weighted_sum(op + (row * nh + h * group + g) * d, scores.data(), values.data(), L, d,
-                     1.0f / total);
+      // the group's query heads against each 8 keys in turn, while those are in L1
+      scores.resize(group * L);
+      const float* qh = qp + (row * nh + h * group) * d;
+      int64_t t = 0;
+      for (; t + 8 <= L; t += 8)
+        for (int64_t g = 0; g < group; ++g)
+          _mm256_storeu_ps(scores.data() + g * L + t,
+                           _mm256_mul_ps(dot8(qh + g * d, keys.data() + t, d), _mm256_set1_ps(sc)));
+      for (; t < L; ++t)
+        for (int64_t g = 0; g < group; ++g) scores[g * L + t] = dot(qh + g * d, keys[t], d) * sc;
+      totals.resize(group);
+      for (int64_t g = 0; g < group; ++g) totals[g] = softmax_numerators(scores.data() + g * L, L);
+      float* oh = op + (row * nh + h * group) * d;
+      for (int64_t t0 = 0; t0 < L; t0 += kValueSlots) {
+        const int64_t t1 = std::min(L, t0 + kValueSlots);
+        for (int64_t g = 0; g < group; ++g)
+          weighted_block(oh + g * d, scores.data() + g * L, values.data(), t0, t1, d,
+                         1.0f / totals[g], t0 == 0, t1 == L);
       }
     }
   });
