@@ -111,7 +111,7 @@ class GroupInt8Linear(nn.Module):
     ) -> None:
         super().__init__()
         q, scales, zeros = quantize_groups(weight)
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.out_features = weight.shape[0]
         if kernels is not None:  # in the kernel's layout
             q, scales, zeros = pack_blocks(q, scales, zeros)
         self.register_buffer("q", q)

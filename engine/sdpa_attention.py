@@ -85,7 +85,6 @@ class _DecodePlan:
 
 @dataclass
 class SdpaPlan:
-    num_tokens: int
     kernel: _KernelPlan | None = None
     decode: _DecodePlan | None = None
     prefills: list[_PrefillPlan] = field(default_factory=list)
@@ -113,7 +112,7 @@ class SdpaAttention:
         self._kernels = kernels if head_dim % 8 == 0 else None
 
     def prepare(self, meta: AttnMetadata) -> SdpaPlan:
-        plan = SdpaPlan(num_tokens=int(meta.slot_mapping.shape[0]))
+        plan = SdpaPlan()
         device = meta.slot_mapping.device
         decodes = list(meta.decode_seq_ids)
         if len(decodes) > 1:  # forks of one prefix: their shared pages once, by SDPA
@@ -149,7 +148,8 @@ class SdpaAttention:
         width = max(-(-meta.context_lens[i] // self.page_size) for i in ids)
         tables = [meta.block_tables[i][:width] for i in ids]
         tables = [t + [0] * (width - len(t)) for t in tables]  # past a row's length: unread
-        in_order = rows == list(range(int(meta.slot_mapping.shape[0])))
+        # the rows go by sequence, each's in order: all of the step's means in order
+        in_order = len(rows) == int(meta.slot_mapping.shape[0])
 
         def long(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
