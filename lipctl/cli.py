@@ -205,6 +205,7 @@ def serve(args: argparse.Namespace) -> int:
     from symphony.engine.engine import Engine
     from symphony.engine.errors import EngineError
     from symphony.fs.errors import StoreError
+    from symphony.sched.engine_thread import EngineThread
     from symphony.sched.mount import clean_stale_mount
     from symphony.sched.server import Server, ServerConfig
 
@@ -242,8 +243,10 @@ def serve(args: argparse.Namespace) -> int:
             attention=args.attention,
             cuda_graphs=args.cuda_graphs,
         )
-        engine = Engine(args.model, engine_config)
-        server = Server(engine, config)
+        # loaded where it will compute: on the engine thread (sched/engine_thread.py)
+        engine_thread = EngineThread()
+        engine = engine_thread.call(Engine, args.model, engine_config)
+        server = Server(engine, config, engine_thread)
     except (EngineError, StoreError, ValueError, OSError) as exc:
         print(f"lipctl serve: {exc}", file=sys.stderr)
         return 1

@@ -2,8 +2,8 @@
 
 Each step takes decode tokens and prefill chunks up to a token budget, programs with
 the least attained service first within priority classes (program-level fairness, as
-in Autellix's PLAS). The engine runs in one worker thread behind a CapacityLimiter(1);
-the next step starts as soon as the last one returns and work waits.
+in Autellix's PLAS). The engine runs on the engine thread (sched/engine_thread.py); the
+next step starts as soon as the last one returns and work waits.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from symphony.fs.appends import AppendPlan
 from symphony.fs.errors import StoreError
 from symphony.fs.store import KVStore
 from symphony.sched import constrained as grammar_steps
+from symphony.sched.engine_thread import EngineThread
 from symphony.sched.outputs import OutputSpec
 from symphony.sched.step import compute_step
 from symphony.sched.tasks import Task
@@ -47,7 +48,9 @@ class Scheduler:
         self.store = store
         self.max_step_tokens = max_step_tokens
         self.max_step_seqs = max_step_seqs
-        self.limiter = trio.CapacityLimiter(1)  # the engine thread: one step at a time
+        # where the engine computes, best the one that loaded it (the server sets it);
+        # None: one of the scheduler's own while it runs
+        self.engine_thread: EngineThread | None = None
         self.masker = grammar_steps.Masker()  # grammars' masks, while the engine computes
         self._waiting: list[Task] = []
         self._wake = trio.Event()
@@ -125,7 +128,17 @@ class Scheduler:
         return len(self._waiting)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        own = self.engine_thread is None
+        thread = self.engine_thread = self.engine_thread or EngineThread()
+        try:
+            task_status.started()
+            await self._loop(thread)
+        finally:
+            if own:
+                thread.close()
+                self.engine_thread = None
+
+    async def _loop(self, thread: EngineThread) -> None:
         while True:
             if self._reap_cancelled():
                 self._changed_files()
@@ -140,9 +153,7 @@ class Scheduler:
                 task.in_flight = True
             t0 = time.perf_counter()
             try:
-                outputs = await trio.to_thread.run_sync(
-                    compute_step, self.engine, self.masker, tasks, chunks, limiter=self.limiter
-                )
+                outputs = await thread.run(compute_step, self.engine, self.masker, tasks, chunks)
             except Exception:  # a failed step fails its tasks, never the server
                 log.exception("engine step failed")
                 for task in tasks:

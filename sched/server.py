@@ -26,6 +26,7 @@ from symphony.fs.persistence import StateDir
 from symphony.fs.store import KVStore
 from symphony.sched.admission import Admission, InFlight
 from symphony.sched.calls import Call, Syscalls
+from symphony.sched.engine_thread import EngineThread
 from symphony.sched.limits import Limits
 from symphony.sched.mount import Mount
 from symphony.sched.processes import Proc, ProcessCaps, ProcessTable
@@ -116,8 +117,13 @@ def peer_cred(sock: trio.socket.SocketType) -> tuple[int, Cred]:
 class Server:
     """Engine, store, scheduler, process table and the socket, in one trio run."""
 
-    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+    def __init__(
+        self, engine: Engine, config: ServerConfig, engine_thread: EngineThread | None = None
+    ) -> None:
+        """`engine_thread`: the thread that loaded `engine`, where it computes best
+        (sched/engine_thread.py); None: one of the server's own while it serves."""
         self.engine = engine
+        self._engine_thread = engine_thread
         self.config = config
         mc = engine.model_config
         self.store = KVStore(
@@ -150,6 +156,18 @@ class Server:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; spawned programs are killed and the socket removed after."""
+        # the trio thread's own torch work (a kv_drop's copies) keeps to one core: a team
+        # of OpenMP workers of its own would slow every step (sched/engine_thread.py)
+        thread = self.scheduler.engine_thread = self._engine_thread or EngineThread()
+        try:
+            with thread.alone_in_parallel():
+                await self._serve(task_status)
+        finally:
+            if thread is not self._engine_thread:
+                thread.close()
+                self.scheduler.engine_thread = None
+
+    async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         listener = await self._listen()
         try:
             async with trio.open_nursery() as nursery:

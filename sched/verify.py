@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import trio
 
 from symphony.engine.engine import Engine
 from symphony.fs.nodes import COMPUTED, KVFile
@@ -59,9 +58,9 @@ async def verify_file(
             scheduler.cancel(task)
         if task.error is not None:
             raise task.error
-        diff = await trio.to_thread.run_sync(
-            engine.pool.max_abs_diff, pages, scratch.pages, num_tokens, limiter=scheduler.limiter
-        )
+        thread = scheduler.engine_thread
+        assert thread is not None  # the scheduler runs: the task above was computed
+        diff = await thread.run(engine.pool.max_abs_diff, pages, scratch.pages, num_tokens)
         match = diff <= report["tolerance"]
         if match and may_adopt and file.origin != COMPUTED:
             store.adopt_pages(file, scratch)

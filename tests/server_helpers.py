@@ -12,6 +12,7 @@ from symphony.engine.engine import Engine
 from symphony.fs.nodes import Cred
 from symphony.lipctl.launch import start_server, stop_server
 from symphony.sched.calls import Call
+from symphony.sched.engine_thread import EngineThread
 from symphony.sched.server import Server, ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,8 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 class ServerThread:
     """A server on its own trio run in a thread; `stop()` cancels it and joins."""
 
-    def __init__(self, engine: Engine, socket_path: str, **config: object) -> None:
-        self.server = Server(engine, ServerConfig(socket_path=socket_path, **config))  # type: ignore[arg-type]
+    def __init__(
+        self,
+        engine: Engine,
+        socket_path: str,
+        engine_thread: EngineThread | None = None,
+        **config: object,
+    ) -> None:
+        self.server = Server(engine, ServerConfig(socket_path=socket_path, **config), engine_thread)  # type: ignore[arg-type]
         self._ready = threading.Event()
         self._token: trio.lowlevel.TrioToken | None = None
         self._scope: trio.CancelScope | None = None
