@@ -273,6 +273,9 @@ def main() -> None:
             f"n=8: {sym['n8_separate']['seconds'] / sym['n8_one_request']['seconds']:.2f}x "
             "8 separate requests (target >= 3x)"
         )
+        if "llama.cpp" in results:
+            llama = results["llama.cpp"]["n8_separate"]["seconds"]
+            print(f"n=8: {llama / sym['n8_one_request']['seconds']:.2f}x llama.cpp's 8 requests")
     plot(results)
     name = "openai" if options.only is None else f"openai-{options.only}"
     print(save_results(name, results, quick=options.quick))
