@@ -6,7 +6,9 @@
 
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <unordered_map>
 #include <vector>
 #include <immintrin.h>
 #include <torch/extension.h>
@@ -260,6 +262,67 @@ inline float softmax_numerators(float* row, int64_t n) {
   return total;
 }
 
+// ptrs[t] for from <= t < to: where slot t's K (or V) of KV head h is in `cache`
+// [pages, page_size, kv_heads, d], a page at a time (a division a slot had cost a
+// decode over 1,024 slots about a tenth of its attention)
+inline void slot_pointers(const float* cache, const int64_t* table, int64_t from, int64_t to,
+                          int64_t ps, int64_t nkv, int64_t h, int64_t d, const float** ptrs) {
+  for (int64_t t = from; t < to;) {
+    const int64_t page = t / ps, offset = t - page * ps, n = std::min(to - t, ps - offset);
+    const float* base = cache + ((table[page] * ps + offset) * nkv + h) * d;
+    for (int64_t i = 0; i < n; ++i) ptrs[t + i] = base + i * nkv * d;
+    t += n;
+  }
+}
+
+// Rows taken together against their shared slots: a task holds at most this many
+constexpr int64_t kTaskRows = 4;
+
+// Rows that read the same first slots: the rows of one sequence (a chunk), and those of
+// sequences whose tables begin with the same pages (forks of one prefix). `shared`
+// slots are in every row's context and the same pages for all.
+struct RowGroup {
+  int64_t shared;
+  std::vector<int64_t> rows;
+};
+
+// Sequences join the group of the first one that began with the same page, when they
+// share at least half of its common pages (so that a stranger with one page in common
+// does not cut the others' sharing short); the rest start groups of their own.
+std::vector<RowGroup> row_groups(const int64_t* bt, int64_t max_pages, const int64_t* starts,
+                                 const int64_t* lens, int64_t S, int64_t ps) {
+  std::vector<RowGroup> groups;
+  std::vector<int64_t> leader, common;  // per group: its first sequence, its common pages
+  std::unordered_map<int64_t, int64_t> by_first_page;
+  for (int64_t s = 0; s < S; ++s) {
+    if (starts[s] == starts[s + 1]) continue;
+    int64_t shortest = lens[starts[s]];
+    for (int64_t t = starts[s]; t < starts[s + 1]; ++t) shortest = std::min(shortest, lens[t]);
+    const int64_t used = (shortest + ps - 1) / ps;  // pages every row of s reads
+    const int64_t* table = bt + s * max_pages;
+    int64_t g = -1, same = 0;
+    const auto found = by_first_page.find(table[0]);
+    if (found != by_first_page.end()) {
+      const int64_t* other = bt + leader[found->second] * max_pages;
+      const int64_t most = std::min(used, common[found->second]);
+      while (same < most && other[same] == table[same]) ++same;
+      if (2 * same >= common[found->second]) g = found->second;
+    }
+    if (g < 0) {
+      g = static_cast<int64_t>(groups.size());
+      groups.push_back({shortest, {}});
+      leader.push_back(s);
+      common.push_back(used);
+      by_first_page.emplace(table[0], g);
+    } else {
+      common[g] = same;
+    }
+    groups[g].shared = std::min({groups[g].shared, shortest, common[g] * ps});
+    for (int64_t t = starts[s]; t < starts[s + 1]; ++t) groups[g].rows.push_back(t);
+  }
+  return groups;
+}
+
 }  // namespace
 
 // Attention straight from the pages for steps of few queries a sequence (decodes, and
@@ -310,44 +373,84 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
     for (int64_t j = 0; j < (longest + ps - 1) / ps; ++j)
       TORCH_CHECK(bt[s * max_pages + j] >= 0 && bt[s * max_pages + j] < pages, "page outside the pool");
   }
+  const std::vector<RowGroup> groups = row_groups(bt, max_pages, starts, lp, S, ps);
+  std::vector<std::array<int64_t, 3>> tasks;  // (group, kv head, first row in the group)
+  for (int64_t g = 0; g < static_cast<int64_t>(groups.size()); ++g)
+    for (int64_t h = 0; h < nkv; ++h)
+      for (int64_t r = 0; r < static_cast<int64_t>(groups[g].rows.size()); r += kTaskRows)
+        tasks.push_back({g, h, r});
   auto out = torch::empty_like(q);
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, T * nkv, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores, totals;
-    std::vector<const float*> keys, values;  // slot t's K and V of this head
+    std::vector<const float*> keys, values;  // [row][slot]: slot t's K and V of this head
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t row = i / nkv, h = i % nkv, L = lp[row];
-      const int64_t* table = bt + seq[row] * max_pages;
-      keys.resize(L);
-      values.resize(L);
-      for (int64_t t = 0; t < L; ++t) {
-        const int64_t offset = ((table[t / ps] * ps + t % ps) * nkv + h) * d;
-        keys[t] = kp + offset;
-        values[t] = vp + offset;
+      const RowGroup& grp = groups[tasks[i][0]];
+      const int64_t h = tasks[i][1], r0 = tasks[i][2];
+      const int64_t n = std::min<int64_t>(kTaskRows, grp.rows.size() - r0);
+      const int64_t* rows = grp.rows.data() + r0;
+      int64_t stride = 0;  // the longest row's slots
+      for (int64_t r = 0; r < n; ++r) stride = std::max(stride, lp[rows[r]]);
+      // the first row's every slot; the others' past the shared 8-key blocks (the
+      // shared slots are the same pages for every row)
+      const int64_t shared8 = grp.shared / 8 * 8;
+      keys.resize(n * stride);
+      values.resize(n * stride);
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t* table = bt + seq[rows[r]] * max_pages;
+        const int64_t from = r == 0 ? 0 : shared8, to = lp[rows[r]];
+        slot_pointers(kp, table, from, to, ps, nkv, h, d, keys.data() + r * stride);
+        slot_pointers(vp, table, from, to, ps, nkv, h, d, values.data() + r * stride);
       }
-      // the group's query heads against each 8 keys in turn, while those are in L1
-      scores.resize(group * L);
-      const float* qh = qp + (row * nh + h * group) * d;
-      int64_t t = 0;
-      for (; t + 8 <= L; t += 8)
-        for (int64_t g = 0; g < group; ++g)
-          _mm256_storeu_ps(scores.data() + g * L + t,
-                           _mm256_mul_ps(dot8(qh + g * d, keys.data() + t, d), _mm256_set1_ps(sc)));
-      for (; t < L; ++t)
-        for (int64_t g = 0; g < group; ++g) scores[g * L + t] = dot(qh + g * d, keys[t], d) * sc;
-      totals.resize(group);
-      for (int64_t g = 0; g < group; ++g) totals[g] = softmax_numerators(scores.data() + g * L, L);
-      float* oh = op + (row * nh + h * group) * d;
-      for (int64_t t0 = 0; t0 < L; t0 += kValueSlots) {
-        const int64_t t1 = std::min(L, t0 + kValueSlots);
-        for (int64_t g = 0; g < group; ++g)
-          weighted_block(oh + g * d, scores.data() + g * L, values.data(), t0, t1, d,
-                         1.0f / totals[g], t0 == 0, t1 == L);
+      // scores[(r * group + g) * stride + t]: query head g of row r against slot t,
+      // 8 keys at a time from slot 0 as for a row alone (a key's score does not depend
+      // on the rows beside it); the shared slots' 8 keys once for all the rows, in L1
+      scores.resize(n * group * stride);
+      const __m256 vsc = _mm256_set1_ps(sc);
+      for (int64_t t = 0; t < shared8; t += 8)
+        for (int64_t r = 0; r < n; ++r) {
+          const float* qh = qp + (rows[r] * nh + h * group) * d;
+          for (int64_t g = 0; g < group; ++g)
+            _mm256_storeu_ps(scores.data() + (r * group + g) * stride + t,
+                             _mm256_mul_ps(dot8(qh + g * d, keys.data() + t, d), vsc));
+        }
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t L = lp[rows[r]];
+        const float* qh = qp + (rows[r] * nh + h * group) * d;
+        const float* const* rk = keys.data() + r * stride;
+        int64_t t = shared8;
+        for (; t + 8 <= L; t += 8)
+          for (int64_t g = 0; g < group; ++g)
+            _mm256_storeu_ps(scores.data() + (r * group + g) * stride + t,
+                             _mm256_mul_ps(dot8(qh + g * d, rk + t, d), vsc));
+        for (; t < L; ++t)
+          for (int64_t g = 0; g < group; ++g)
+            scores[(r * group + g) * stride + t] = dot(qh + g * d, rk[t], d) * sc;
       }
+      totals.resize(n * group);
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t g = 0; g < group; ++g)
+          totals[r * group + g] =
+              softmax_numerators(scores.data() + (r * group + g) * stride, lp[rows[r]]);
+      // weighted sums: the shared slots' values 32 at a time for every row while in L1,
+      // then each row's own; block after block they add as one pass would
+      const auto weigh = [&](int64_t r, const float* const* vals, int64_t t0, int64_t t1) {
+        const int64_t L = lp[rows[r]];
+        float* oh = op + (rows[r] * nh + h * group) * d;
+        for (int64_t g = 0; g < group; ++g)
+          weighted_block(oh + g * d, scores.data() + (r * group + g) * stride, vals, t0, t1, d,
+                         1.0f / totals[r * group + g], t0 == 0, t1 == L);
+      };
+      for (int64_t t0 = 0; t0 < grp.shared; t0 += kValueSlots)
+        for (int64_t r = 0; r < n; ++r)
+          weigh(r, values.data(), t0, std::min(grp.shared, t0 + kValueSlots));
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t t0 = grp.shared; t0 < lp[rows[r]]; t0 += kValueSlots)
+          weigh(r, values.data() + r * stride, t0, std::min(lp[rows[r]], t0 + kValueSlots));
     }
   });
   return out;

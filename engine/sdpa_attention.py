@@ -4,11 +4,12 @@ kernels: the backend that always runs.
 A step's sequences go three ways:
 - with the compiled CPU kernels (engine/cpu_kernels.cpp), every sequence of at most
   `KERNEL_ROWS` unmasked query tokens (decodes, a verify's draft, a Jacobi window) in
-  one `paged_attention` call that reads K/V in place, row by row;
-- decode tokens that mostly share their pages (forks of one prefix) in one SDPA call
-  over each distinct page once;
+  one `paged_attention` call that reads K/V in place; the rows that share their first
+  pages (a chunk's, forks of one prefix) read those keys and values once together;
+- without the kernels, decode tokens that mostly share their pages (forks of one
+  prefix) in one SDPA call over each distinct page once;
 - the rest (long chunks, chunks with explicit visible ranges; without kernels every
-  decode too) by SDPA over K/V gathered from the pages, with a boolean mask.
+  other decode too) by SDPA over K/V gathered from the pages, with a boolean mask.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class SdpaAttention:
         plan = SdpaPlan()
         device = meta.slot_mapping.device
         decodes = list(meta.decode_seq_ids)
-        if len(decodes) > 1:  # forks of one prefix: their shared pages once, by SDPA
+        if len(decodes) > 1 and self._kernels is None:  # forks: shared pages once, by SDPA
             plan.decode = self._plan_shared(meta, decodes, device)
             if plan.decode is not None:
                 decodes = []

@@ -87,8 +87,15 @@ def test_step_refuses_a_block_table_too_short(tiny_engine):
     tiny_engine.pool.decref(pages)
 
 
-def test_decoding_forks_of_one_prefix_together_matches_each_alone(tiny_engine):
-    """Forks share their prefix pages; their joint decode step reads each page once."""
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "sdpa"])
+def test_decoding_forks_of_one_prefix_together_matches_each_alone(tiny_engine, kernel):
+    """Forks share their prefix pages; their joint decode step reads each page once: in
+    the CPU kernel, where each row's result is bitwise its own alone, or without it by
+    SDPA over the distinct pages."""
+    if not kernel:
+        tiny_engine.attention._kernels = None
+    elif tiny_engine.attention._kernels is None:
+        pytest.skip("the CPU kernels do not run here")
     pool = tiny_engine.pool
     prefix = list(range(3, 31))  # 7 full pages of 4
     shared = pool.allocate(7)
@@ -96,19 +103,28 @@ def test_decoding_forks_of_one_prefix_together_matches_each_alone(tiny_engine):
     tables = [[*shared, *pool.allocate(1)] for _ in range(5)]
     chunks = [SeqChunk([40 + i], len(prefix), t) for i, t in enumerate(tables)]
     plan = tiny_engine.attention.prepare(build_step_input(chunks, 4, "cpu").attn)
-    assert plan.decode is not None and plan.decode.shared_pages is not None  # under test
     together = tiny_engine.step(chunks)
     alone = torch.cat([tiny_engine.step([c]) for c in chunks])
-    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
+    if kernel:  # the path under test
+        assert plan.kernel is not None and plan.decode is None
+        assert torch.equal(together, alone)
+    else:
+        assert plan.decode is not None and plan.decode.shared_pages is not None
+        torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
     pool.decref(shared)
     pool.decref([t[-1] for t in tables])
     assert pool.num_used == 0
 
 
-def test_a_step_of_forks_a_short_chunk_and_a_long_one_matches_each_alone(tiny_engine):
-    """Every path of the CPU attention in one step (forks' decodes over their shared
-    pages, a short chunk in the kernel, a long chunk through SDPA), each row as its
-    sequence alone gives it."""
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "sdpa"])
+def test_a_step_of_forks_a_short_chunk_and_a_long_one_matches_each_alone(tiny_engine, kernel):
+    """Every path of the CPU attention in one step (forks' decodes and a short chunk in
+    the kernel, or the forks over their shared pages by SDPA without it; a long chunk
+    through SDPA), each row as its sequence alone gives it."""
+    if not kernel:
+        tiny_engine.attention._kernels = None
+    elif tiny_engine.attention._kernels is None:
+        pytest.skip("the CPU kernels do not run here")
     pool = tiny_engine.pool
     prefix = list(range(3, 31))  # 7 full pages of 4
     shared = pool.allocate(7)
@@ -119,9 +135,11 @@ def test_a_step_of_forks_a_short_chunk_and_a_long_one_matches_each_alone(tiny_en
     chunks = [SeqChunk([40 + i], len(prefix), t) for i, t in enumerate(forks)]
     chunks += [SeqChunk([7, 8, 9], 9, short, 3), SeqChunk(list(range(60, 100)), 0, long, 2)]
     plan = tiny_engine.attention.prepare(build_step_input(chunks, 4, "cpu").attn)
-    if tiny_engine.attention._kernels is not None:  # the three paths under test
+    if tiny_engine.attention._kernels is not None:  # the paths under test
         assert plan.kernel is not None and plan.kernel.rows is not None
-    assert plan.decode is not None and plan.decode.shared_pages is not None and plan.prefills
+    else:
+        assert plan.decode is not None and plan.decode.shared_pages is not None
+    assert plan.prefills
     together = tiny_engine.step(chunks)
     # alone: the forks re-decode their (rewritten, same) slots; the chunks over copies
     alone = [tiny_engine.step([c]) for c in chunks[:4]]

@@ -132,6 +132,44 @@ def test_paged_attention_of_chunks_is_causal_within_each():
         )
 
 
+def test_rows_sharing_pages_are_computed_as_each_alone():
+    """Forks of one prefix, a sequence sharing only its first page with them, a chunk
+    and a decode of their own: read together against the shared pages (each 8 keys once
+    for the rows), every row is bitwise what it is in a call of its own, and SDPA's."""
+    torch.manual_seed(3)
+    nh, nkv, d, ps = 9, 3, 64, 16
+    k_cache, v_cache = torch.randn(40, ps, nkv, d), torch.randn(40, ps, nkv, d)
+    prefix = [5, 11, 2, 30, 7]  # 5 pages, then each fork's own
+    tables = [
+        [*prefix, 20, 0],  # forks, 75..90 slots: shared 75 (not a multiple of 8)
+        [*prefix, 21, 22],
+        [*prefix, 23, 0],
+        [5, 1, 3, 4, 0, 0, 0],  # shares the first page only: a group of its own
+        [*prefix, 24, 25],  # a 6-token chunk after 90 slots on the prefix
+        [33, 34, 0, 0, 0, 0, 0],  # a decode alone
+        [*prefix, 26, 0],
+    ]
+    starts = [0, 1, 2, 3, 4, 10, 11, 12]
+    lens = [75, 90, 81, 50, 91, 92, 93, 94, 95, 96, 20, 88]
+    q = torch.randn(len(lens), nh, d)
+    assert_attention_matches_sdpa(q, k_cache, v_cache, tables, lens, starts)
+    together = kernels.paged_attention(
+        q, k_cache, v_cache, torch.tensor(tables), torch.tensor(starts), torch.tensor(lens), 0.125
+    )
+    for s, table in enumerate(tables):
+        for t in range(starts[s], starts[s + 1]):
+            alone = kernels.paged_attention(
+                q[t : t + 1],
+                k_cache,
+                v_cache,
+                torch.tensor([table]),
+                torch.tensor([0, 1]),
+                torch.tensor([lens[t]]),
+                0.125,
+            )
+            assert torch.equal(together[t], alone[0]), f"row {t}"
+
+
 @pytest.mark.parametrize("head_dim", [64, 80, 128])  # 80: a 64-wide block and a part
 def test_paged_attention_over_long_contexts(head_dim):
     """Contexts of many 8-key blocks and a tail, spread over shuffled pages."""
