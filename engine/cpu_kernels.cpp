@@ -8,7 +8,8 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <unordered_map>
+#include <limits>
+#include <utility>
 #include <vector>
 #include <immintrin.h>
 #include <torch/extension.h>
@@ -286,44 +287,108 @@ struct RowGroup {
   std::vector<int64_t> rows;
 };
 
-// Sequences join the group of the first one that began with the same page, when they
-// share at least half of its common pages (so that a stranger with one page in common
-// does not cut the others' sharing short); the rest start groups of their own.
+// Sequences that begin with the same page, the longest first, join the group of the
+// first one they share at least half of its pages with (so that a stranger with one
+// page in common, or a chain of shorter ones, does not cut the others' sharing short);
+// the rest start groups of their own. The grouping changes no bit of the result.
 std::vector<RowGroup> row_groups(const int64_t* bt, int64_t max_pages, const int64_t* starts,
                                  const int64_t* lens, int64_t S, int64_t ps) {
-  std::vector<RowGroup> groups;
-  std::vector<int64_t> leader, common;  // per group: its first sequence, its common pages
-  std::unordered_map<int64_t, int64_t> by_first_page;
+  struct Seq {
+    int64_t s, shortest, used;  // its rows' fewest slots, the pages all of them read
+  };
+  std::vector<Seq> seqs;
   for (int64_t s = 0; s < S; ++s) {
     if (starts[s] == starts[s + 1]) continue;
     int64_t shortest = lens[starts[s]];
     for (int64_t t = starts[s]; t < starts[s + 1]; ++t) shortest = std::min(shortest, lens[t]);
-    const int64_t used = (shortest + ps - 1) / ps;  // pages every row of s reads
-    const int64_t* table = bt + s * max_pages;
+    seqs.push_back({s, shortest, (shortest + ps - 1) / ps});
+  }
+  std::stable_sort(seqs.begin(), seqs.end(), [&](const Seq& a, const Seq& b) {
+    const int64_t pa = bt[a.s * max_pages], pb = bt[b.s * max_pages];
+    return pa != pb ? pa < pb : a.used > b.used;
+  });
+  std::vector<RowGroup> groups;
+  std::vector<int64_t> leader, reach, common;  // per group: its first sequence, that one's
+                                               // pages, and the pages all members share
+  for (const Seq& one : seqs) {
+    const int64_t* table = bt + one.s * max_pages;
     int64_t g = -1, same = 0;
-    const auto found = by_first_page.find(table[0]);
-    if (found != by_first_page.end()) {
-      const int64_t* other = bt + leader[found->second] * max_pages;
-      const int64_t most = std::min(used, common[found->second]);
-      while (same < most && other[same] == table[same]) ++same;
-      if (2 * same >= common[found->second]) g = found->second;
+    // this first page's groups are the last ones made (sorted by first page)
+    for (int64_t c = static_cast<int64_t>(groups.size()) - 1;
+         c >= 0 && bt[leader[c] * max_pages] == table[0] && g < 0; --c) {
+      const int64_t* other = bt + leader[c] * max_pages;
+      const int64_t most = std::min(one.used, common[c]);
+      int64_t n = 0;
+      while (n < most && other[n] == table[n]) ++n;
+      if (2 * n >= reach[c]) g = c, same = n;
     }
     if (g < 0) {
       g = static_cast<int64_t>(groups.size());
-      groups.push_back({shortest, {}});
-      leader.push_back(s);
-      common.push_back(used);
-      by_first_page.emplace(table[0], g);
+      groups.push_back({one.shortest, {}});
+      leader.push_back(one.s);
+      reach.push_back(one.used);
+      common.push_back(one.used);
     } else {
       common[g] = same;
     }
-    groups[g].shared = std::min({groups[g].shared, shortest, common[g] * ps});
-    for (int64_t t = starts[s]; t < starts[s + 1]; ++t) groups[g].rows.push_back(t);
+    groups[g].shared = std::min({groups[g].shared, one.shortest, common[g] * ps});
+    for (int64_t t = starts[one.s]; t < starts[one.s + 1]; ++t) groups[g].rows.push_back(t);
   }
   return groups;
 }
 
+// The rows' tables, checked before any is read: row_starts from 0 to T in order, each
+// row's length within its table, each page it reads within the pool. Each row's sequence.
+std::vector<int64_t> checked_rows(const torch::Tensor& block_tables, const torch::Tensor& row_starts,
+                                  const torch::Tensor& lens, int64_t T, int64_t pages, int64_t ps) {
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == torch::kLong &&
+                  block_tables.is_contiguous(),
+              "block_tables must be long [S, max_pages]");
+  const int64_t S = block_tables.size(0), max_pages = block_tables.size(1);
+  TORCH_CHECK(row_starts.numel() == S + 1 && row_starts.scalar_type() == torch::kLong &&
+                  row_starts.is_contiguous(),
+              "row_starts must be long [S + 1]");
+  TORCH_CHECK(lens.numel() == T && lens.scalar_type() == torch::kLong && lens.is_contiguous(),
+              "lens must be long [T]");
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int64_t* starts = row_starts.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  TORCH_CHECK(starts[0] == 0 && starts[S] == T, "row_starts must run from 0 to the rows");
+  for (int64_t s = 0; s < S; ++s)  // all of them before any is used as a bound
+    TORCH_CHECK(starts[s] <= starts[s + 1], "row_starts must not decrease");
+  std::vector<int64_t> seq(T);
+  for (int64_t s = 0; s < S; ++s) {
+    int64_t longest = 0;
+    for (int64_t t = starts[s]; t < starts[s + 1]; ++t) {
+      TORCH_CHECK(lp[t] >= 1 && lp[t] <= max_pages * ps, "context length outside its table");
+      seq[t] = s;
+      longest = std::max(longest, lp[t]);
+    }
+    for (int64_t j = 0; j < (longest + ps - 1) / ps; ++j)
+      TORCH_CHECK(bt[s * max_pages + j] >= 0 && bt[s * max_pages + j] < pages, "page outside the pool");
+  }
+  return seq;
+}
+
 }  // namespace
+
+// How paged_attention groups the rows (for tests): (shared slots, rows) per group
+std::vector<std::pair<int64_t, std::vector<int64_t>>> attention_groups(
+    torch::Tensor block_tables, torch::Tensor row_starts, torch::Tensor lens, int64_t page_size) {
+  TORCH_CHECK(page_size > 0, "page_size must be positive");
+  block_tables = block_tables.contiguous();
+  row_starts = row_starts.contiguous();
+  lens = lens.contiguous();
+  checked_rows(block_tables, row_starts, lens, lens.numel(), std::numeric_limits<int64_t>::max(),
+               page_size);
+  std::vector<std::pair<int64_t, std::vector<int64_t>>> out;
+  for (const RowGroup& g :
+       row_groups(block_tables.data_ptr<int64_t>(), block_tables.size(1),
+                  row_starts.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), block_tables.size(0),
+                  page_size))
+    out.emplace_back(g.shared, g.rows);
+  return out;
+}
 
 // Attention straight from the pages for steps of few queries a sequence (decodes, and
 // the short chunks of a verify or a Jacobi window): q [T, heads, d] holds sequence s's
@@ -345,34 +410,15 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
               "the CPU kernel takes CPU tensors");
   TORCH_CHECK(nkv > 0 && ps > 0 && k_cache.size(3) == d && d % 8 == 0 && nh % nkv == 0,
               "head shapes disagree");
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == torch::kLong,
-              "block_tables must be long [S, max_pages]");
-  const int64_t S = block_tables.size(0);
-  TORCH_CHECK(row_starts.numel() == S + 1 && row_starts.scalar_type() == torch::kLong,
-              "row_starts must be long [S + 1]");
-  TORCH_CHECK(lens.numel() == T && lens.scalar_type() == torch::kLong, "lens must be long [T]");
-  q = q.contiguous();
   block_tables = block_tables.contiguous();
   row_starts = row_starts.contiguous();
   lens = lens.contiguous();
-  const int64_t max_pages = block_tables.size(1), group = nh / nkv;
+  q = q.contiguous();
+  const std::vector<int64_t> seq = checked_rows(block_tables, row_starts, lens, T, pages, ps);
+  const int64_t S = block_tables.size(0), max_pages = block_tables.size(1), group = nh / nkv;
   const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* starts = row_starts.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
-  TORCH_CHECK(starts[0] == 0 && starts[S] == T, "row_starts must run from 0 to the rows");
-  for (int64_t s = 0; s < S; ++s)  // all of them before any is used as a bound
-    TORCH_CHECK(starts[s] <= starts[s + 1], "row_starts must not decrease");
-  std::vector<int64_t> seq(T);  // each row's sequence
-  for (int64_t s = 0; s < S; ++s) {
-    int64_t longest = 0;
-    for (int64_t t = starts[s]; t < starts[s + 1]; ++t) {
-      TORCH_CHECK(lp[t] >= 1 && lp[t] <= max_pages * ps, "context length outside its table");
-      seq[t] = s;
-      longest = std::max(longest, lp[t]);
-    }
-    for (int64_t j = 0; j < (longest + ps - 1) / ps; ++j)
-      TORCH_CHECK(bt[s * max_pages + j] >= 0 && bt[s * max_pages + j] < pages, "page outside the pool");
-  }
   const std::vector<RowGroup> groups = row_groups(bt, max_pages, starts, lp, S, ps);
   std::vector<std::array<int64_t, 3>> tasks;  // (group, kv head, first row in the group)
   for (int64_t g = 0; g < static_cast<int64_t>(groups.size()); ++g)
@@ -461,6 +507,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("paged_attention", &paged_attention, no_gil, "attention over pages, few queries a sequence");
+  m.def("attention_groups", &attention_groups, "how paged_attention groups its rows (tests)");
   m.def("rope_store_kv", &rope_store_kv, no_gil, "RoPE on Q and K; K and V into their slots");
   m.def("silu_mul", &silu_mul, no_gil, "silu(gate) * up of [gate | up]");
   m.def("rms_norm", &rms_norm, no_gil, "x / rms(x) * weight, row by row");

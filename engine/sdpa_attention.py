@@ -5,7 +5,8 @@ A step's sequences go three ways:
 - with the compiled CPU kernels (engine/cpu_kernels.cpp), every sequence of at most
   `KERNEL_ROWS` unmasked query tokens (decodes, a verify's draft, a Jacobi window) in
   one `paged_attention` call that reads K/V in place; the rows that share their first
-  pages (a chunk's, forks of one prefix) read those keys and values once together;
+  pages (a chunk's, forks of one prefix) read those keys and values together, once for
+  every 4 rows;
 - without the kernels, decode tokens that mostly share their pages (forks of one
   prefix) in one SDPA call over each distinct page once;
 - the rest (long chunks, chunks with explicit visible ranges; without kernels every

@@ -269,10 +269,10 @@ class Grammar:
     def allowed(self) -> torch.Tensor:
         """[vocab] bool: the tokens the grammar takes next (computed without the GIL)."""
         with self._lock:
-            if self._stopped():
-                mask = torch.zeros(self.vocab_size, dtype=torch.bool)
-                mask[sorted(self.stops)] = True
-                return mask
+            if self._stopped():  # numpy's: no torch op in parallel off the engine thread
+                stops = np.zeros(self.vocab_size, dtype=np.bool_)
+                stops[sorted(self.stops)] = True
+                return torch.from_numpy(stops)
             bitmask = self._matcher.compute_bitmask()
         # little-endian words of 32 bits, token i at bit i % 32 of word i // 32
         bits = np.unpackbits(np.frombuffer(bitmask, dtype=np.uint8), bitorder="little")

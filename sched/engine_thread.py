@@ -71,8 +71,9 @@ class EngineThread:
         return future.result()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """From trio: `fn(*args)` on the engine thread. Cancelling waits for it to end
-        (a step half done cannot be left), as `trio.to_thread.run_sync` does."""
+        """From trio: `fn(*args)` on the engine thread, after the jobs queued before it.
+        Cancelling waits for it to end all the same (a step half done cannot be left):
+        the cancellation lands at the caller's next checkpoint."""
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
         result: list[outcome.Outcome[T]] = []
@@ -93,9 +94,9 @@ class EngineThread:
         no team of OpenMP workers beside the engine thread's. Blocks until the engine
         thread is free: enter it before steps run."""
         before = torch.get_num_threads()
-        torch.set_num_threads(1)  # this thread's count, and the process's default
-        self.call(torch.set_num_threads, self.num_threads)  # the default as it was
         try:
+            torch.set_num_threads(1)  # this thread's count, and the process's default
+            self.call(torch.set_num_threads, self.num_threads)  # the default: the engine's
             yield
         finally:
             torch.set_num_threads(before)

@@ -135,7 +135,7 @@ def test_paged_attention_of_chunks_is_causal_within_each():
 def test_rows_sharing_pages_are_computed_as_each_alone():
     """Forks of one prefix, a sequence sharing only its first page with them, a chunk
     and a decode of their own: read together against the shared pages (each 8 keys once
-    for the rows), every row is bitwise what it is in a call of its own, and SDPA's."""
+    for up to 4 rows), every row is bitwise what it is in a call of its own, and SDPA's."""
     torch.manual_seed(3)
     nh, nkv, d, ps = 9, 3, 64, 16
     k_cache, v_cache = torch.randn(40, ps, nkv, d), torch.randn(40, ps, nkv, d)
@@ -168,6 +168,35 @@ def test_rows_sharing_pages_are_computed_as_each_alone():
                 0.125,
             )
             assert torch.equal(together[t], alone[0]), f"row {t}"
+
+
+def test_rows_are_grouped_by_the_pages_they_share():
+    """Forks of one prefix go together over their shared slots, whatever comes first: a
+    sequence sharing one page with them, or shorter ones sharing less, start groups of
+    their own instead of cutting the forks' sharing short."""
+    prefix = [5, 11, 2, 30, 7, 8, 9, 10]  # 8 pages of 16
+
+    def groups(tables, lens, starts=None):
+        starts = list(range(len(tables) + 1)) if starts is None else starts
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        got = kernels.attention_groups(
+            torch.tensor(padded), torch.tensor(starts), torch.tensor(lens), 16
+        )
+        return sorted((shared, sorted(rows)) for shared, rows in got)
+
+    forks = [[*prefix, 20 + i] for i in range(5)]
+    stranger, half, quarter = [5, 1], [*prefix[:5], 3], [*prefix[:2], 6]
+    assert groups([stranger, *forks], [20, 130, 129, 140, 131, 133]) == [
+        (20, [0]),
+        (128, [1, 2, 3, 4, 5]),
+    ]
+    # half the forks' 9 pages (5) joins them, sharing 80 slots; a quarter does not
+    assert groups([*forks[:2], half, quarter], [130, 131, 90, 40]) == [(40, [3]), (80, [0, 1, 2])]
+    # a chunk's rows: the slots the first of them sees
+    assert groups([forks[0]], [125, 126, 127], [0, 3]) == [(125, [0, 1, 2])]
+    with pytest.raises(RuntimeError, match="must not decrease"):
+        groups(forks[:3], [125, 126], [0, 2, 1, 2])
 
 
 @pytest.mark.parametrize("head_dim", [64, 80, 128])  # 80: a 64-wide block and a part

@@ -1,5 +1,5 @@
 """The engine thread (sched/engine_thread.py): one thread loads the engine and computes
-every step, and while the server runs no other thread computes torch ops in parallel."""
+every step, and while the server runs the trio thread computes its torch ops on one core."""
 
 from __future__ import annotations
 
