@@ -457,22 +457,20 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
       // on the rows beside it); the shared slots' 8 keys once for all the rows, in L1
       scores.resize(n * group * stride);
       const __m256 vsc = _mm256_set1_ps(sc);
+      const auto score8 = [&](int64_t r, const float* const* ks, int64_t t) {
+        const float* qh = qp + (rows[r] * nh + h * group) * d;
+        for (int64_t g = 0; g < group; ++g)
+          _mm256_storeu_ps(scores.data() + (r * group + g) * stride + t,
+                           _mm256_mul_ps(dot8(qh + g * d, ks + t, d), vsc));
+      };
       for (int64_t t = 0; t < shared8; t += 8)
-        for (int64_t r = 0; r < n; ++r) {
-          const float* qh = qp + (rows[r] * nh + h * group) * d;
-          for (int64_t g = 0; g < group; ++g)
-            _mm256_storeu_ps(scores.data() + (r * group + g) * stride + t,
-                             _mm256_mul_ps(dot8(qh + g * d, keys.data() + t, d), vsc));
-        }
+        for (int64_t r = 0; r < n; ++r) score8(r, keys.data(), t);
       for (int64_t r = 0; r < n; ++r) {
         const int64_t L = lp[rows[r]];
         const float* qh = qp + (rows[r] * nh + h * group) * d;
         const float* const* rk = keys.data() + r * stride;
         int64_t t = shared8;
-        for (; t + 8 <= L; t += 8)
-          for (int64_t g = 0; g < group; ++g)
-            _mm256_storeu_ps(scores.data() + (r * group + g) * stride + t,
-                             _mm256_mul_ps(dot8(qh + g * d, rk + t, d), vsc));
+        for (; t + 8 <= L; t += 8) score8(r, rk, t);
         for (; t < L; ++t)
           for (int64_t g = 0; g < group; ++g)
             scores[(r * group + g) * stride + t] = dot(qh + g * d, rk[t], d) * sc;

@@ -40,7 +40,12 @@ class Scheduler:
     """Owns the engine thread; tasks go in with `submit` and come out through `task.done`."""
 
     def __init__(
-        self, engine: Engine, store: KVStore, max_step_tokens: int = 512, max_step_seqs: int = 256
+        self,
+        engine: Engine,
+        store: KVStore,
+        max_step_tokens: int = 512,
+        max_step_seqs: int = 256,
+        engine_thread: EngineThread | None = None,
     ) -> None:
         if max_step_tokens < 1 or max_step_seqs < 1:
             raise ValueError("a step must take at least one token of one sequence")
@@ -48,9 +53,9 @@ class Scheduler:
         self.store = store
         self.max_step_tokens = max_step_tokens
         self.max_step_seqs = max_step_seqs
-        # where the engine computes, best the one that loaded it (the server sets it);
-        # None: one of the scheduler's own while it runs
-        self.engine_thread: EngineThread | None = None
+        # where the engine computes, best the thread that loaded it; None: one of the
+        # scheduler's own while it runs
+        self.engine_thread = engine_thread
         self.masker = grammar_steps.Masker()  # grammars' masks, while the engine computes
         self._waiting: list[Task] = []
         self._wake = trio.Event()
@@ -131,8 +136,11 @@ class Scheduler:
         own = self.engine_thread is None
         thread = self.engine_thread = self.engine_thread or EngineThread()
         try:
-            task_status.started()
-            await self._loop(thread)
+            # the trio thread's own torch work (a kv_drop's copies) keeps to one core: a
+            # team of OpenMP workers of its own would slow every step (engine_thread.py)
+            with thread.alone_in_parallel():
+                task_status.started()
+                await self._loop(thread)
         finally:
             if own:
                 thread.close()

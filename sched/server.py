@@ -121,9 +121,8 @@ class Server:
         self, engine: Engine, config: ServerConfig, engine_thread: EngineThread | None = None
     ) -> None:
         """`engine_thread`: the thread that loaded `engine`, where it computes best
-        (sched/engine_thread.py); None: one of the server's own while it serves."""
+        (sched/engine_thread.py); None: one of the scheduler's own while it runs."""
         self.engine = engine
-        self._engine_thread = engine_thread
         self.config = config
         mc = engine.model_config
         self.store = KVStore(
@@ -139,7 +138,9 @@ class Server:
         self.store.grammars = Grammars(tokenizer.json, mc.vocab_size, tokenizer.stop_token_ids)
         # like /tmp: everyone may make files, nobody may remove another's
         self.store.ns.chmod("", ROOT, 0o1777)
-        self.scheduler = Scheduler(engine, self.store, config.max_step_tokens)
+        self.scheduler = Scheduler(
+            engine, self.store, config.max_step_tokens, engine_thread=engine_thread
+        )
         mount = os.path.abspath(config.mount) if config.mount else None
         caps = ProcessCaps(max_lips_per_uid=config.max_lips_per_uid)
         self.procs = ProcessTable(os.path.abspath(config.socket_path), mount, caps=caps)
@@ -156,18 +157,6 @@ class Server:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; spawned programs are killed and the socket removed after."""
-        # the trio thread's own torch work (a kv_drop's copies) keeps to one core: a team
-        # of OpenMP workers of its own would slow every step (sched/engine_thread.py)
-        thread = self.scheduler.engine_thread = self._engine_thread or EngineThread()
-        try:
-            with thread.alone_in_parallel():
-                await self._serve(task_status)
-        finally:
-            if thread is not self._engine_thread:
-                thread.close()
-                self.scheduler.engine_thread = None
-
-    async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         listener = await self._listen()
         try:
             async with trio.open_nursery() as nursery:
