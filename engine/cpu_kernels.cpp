@@ -48,6 +48,10 @@ torch::Tensor group_int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scal
 torch::Tensor group_int8_dequant(torch::Tensor q, torch::Tensor scales, torch::Tensor zeros,
                                  int64_t n, torch::Tensor w);
 torch::Tensor fp32_mm(torch::Tensor x, torch::Tensor w);
+// cpu_vnni.cpp
+bool vnni_supported();
+torch::Tensor group_int8_vnni_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
+                                 torch::Tensor zeros, int64_t n);
 
 // x / rms(x) * weight over each row of x [T, H]: one pass where torch's ops take six
 // launches (at batch 1 their overhead, not the arithmetic, was the cost: 34 us a call)
@@ -512,4 +516,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_int8_mm", &group_int8_mm, no_gil, "x W^T with W in int8 groups of 32, packed by 3 channels");
   m.def("fp32_mm", &fp32_mm, no_gil, "x W^T with W fp32, streamed");
   m.def("group_int8_dequant", &group_int8_dequant, no_gil, "W in fp32 from its packed int8 groups");
+  m.def("vnni_supported", &vnni_supported, "whether this CPU has AVX-512 VNNI (group_int8_vnni_mm)");
+  m.def("group_int8_vnni_mm", &group_int8_vnni_mm, no_gil,
+        "x W^T with W in int8 groups of 32 packed by 16 channels, x in int16 (AVX-512 VNNI)");
 }

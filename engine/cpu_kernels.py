@@ -20,7 +20,7 @@ import torch
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "cpu_kernels.cpp", HERE / "cpu_matmul.cpp"]
+SOURCES = [HERE / "cpu_kernels.cpp", HERE / "cpu_matmul.cpp", HERE / "cpu_vnni.cpp"]
 HEADERS = [HERE / "cpu_simd.h"]
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 

@@ -2,9 +2,10 @@
 
 Decode on a CPU is memory-bound: every step reads every weight once, so smaller
 weights are faster. Two modes (figures in bench/README.md):
-- "int8": int8 weights in groups of 32 with fp32 activations (engine/group_int8.py):
-  exact for a GGUF model's Q4_1 and Q8_0 blocks, a quarter of fp32's bytes, streamed
-  by a small AVX2 kernel. The default on a CPU where its check passes (quant_check).
+- "int8": int8 weights in groups of 32 (engine/group_int8.py): exact for a GGUF model's
+  Q4_1 and Q8_0 blocks, a quarter of fp32's bytes, with fp32 activations in an AVX2
+  kernel, or int16 ones (by groups of 32) in an AVX-512 VNNI kernel where the CPU has
+  it. The default on a CPU where its check passes (quant_check).
 - "w8a8": fbgemm's dynamic int8 linear: weights int8 per output channel, activations
   quantized per call (SmoothQuant-smoothed, per token). Faster at large batches, where
   the int8 activations' integer products pay, and approximate (top-1 agreement with

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from symphony.engine import cpu_kernels
+from symphony.engine import cpu_kernels, group_int8
 from symphony.engine.batch import SeqChunk, build_step_input
 from symphony.engine.config import EngineConfig
 from symphony.engine.engine import Engine
 from symphony.engine.generate import generate
-from symphony.engine.group_int8 import pack_blocks, quantize_groups
+from symphony.engine.group_int8 import pack_blocks, pack_lanes, quantize_groups, vnni_available
 from symphony.engine.rope import apply_rope
 from tests.tiny import tiny_model_files
 
@@ -247,34 +247,68 @@ def test_short_chunks_in_the_kernel_give_what_sdpa_gives(monkeypatch):
     assert pool.num_used == 0
 
 
-@pytest.mark.parametrize("quant", ["fp32", "int8"])
+@pytest.mark.parametrize(
+    "quant",
+    [
+        "fp32",
+        "int8",
+        pytest.param(
+            "int8-vnni",
+            marks=pytest.mark.skipif(
+                not vnni_available(kernels), reason="this CPU lacks AVX-512 VNNI"
+            ),
+        ),
+    ],
+)
 def test_the_engine_without_kernels_gives_the_same_tokens(monkeypatch, quant):
-    """The torch-only path (a CPU without AVX2, or no compiler) stays correct."""
+    """The torch-only path (a CPU without AVX2, or no compiler) stays correct. It
+    computes int8 layers with fp32 activations, as the AVX2 kernel does; the VNNI
+    kernel's int16 ones move the tiny model's logits by about 1e-4."""
+    vnni = quant == "int8-vnni"
+    monkeypatch.setattr(group_int8, "vnni_available", lambda k: k is not None and vnni)
     prompts = [list(range(10, 50)), list(range(60, 75))]
-    config = EngineConfig(device="cpu", num_pages=64, quant=quant)
+    config = EngineConfig(device="cpu", num_pages=64, quant=quant.removesuffix("-vnni"))
     with_kernels = Engine(tiny_model_files(), config)
     want_logits = with_kernels.prompt_logits(prompts[0])
     want = generate(with_kernels, prompts, max_tokens=12)
     monkeypatch.setattr(cpu_kernels, "load", lambda: None)
     without = Engine(tiny_model_files(), config)
-    torch.testing.assert_close(without.prompt_logits(prompts[0]), want_logits)
+    tol = {"rtol": 1e-3, "atol": 1e-3} if vnni else {}
+    torch.testing.assert_close(without.prompt_logits(prompts[0]), want_logits, **tol)
     assert generate(without, prompts, max_tokens=12) == want
 
 
-@pytest.mark.parametrize("channels", [130, 131])  # a part block of 1 and of 2 channels
-@pytest.mark.parametrize("weights", ["fp32", "int8"])
+# part blocks of 1 and 2 of 3 channels (AVX2), and of 16 channels alone and in a pair (VNNI)
+@pytest.mark.parametrize("channels", [130, 131, 149])
+@pytest.mark.parametrize(
+    "weights",
+    [
+        "fp32",
+        "int8",
+        pytest.param(
+            "int8-vnni",
+            marks=pytest.mark.skipif(
+                not vnni_available(kernels), reason="this CPU lacks AVX-512 VNNI"
+            ),
+        ),
+    ],
+)
 def test_a_row_gets_the_same_bits_whatever_rows_are_beside_it(weights, channels):
     """The matmul kernels sum every row in one order, however many rows a call has (a
-    decode alone or in a batch of up to 64, a chunk whole or after a prefix-cache hit):
+    decode alone or in a batch, a chunk whole or after a prefix-cache hit):
     bitwise the same, through the stream and the tiles with their row tails."""
     torch.manual_seed(3)
     w = torch.randn(channels, 1568)  # 1568: a tail of 8 past the 16-input blocks
     if weights == "fp32":
         mm = lambda x: kernels.fp32_mm(x, w)  # noqa: E731
+    elif weights == "int8-vnni":
+        q, scales, zeros = pack_lanes(*quantize_groups(w))
+        mm = lambda x: kernels.group_int8_vnni_mm(x, q, scales, zeros, channels)  # noqa: E731
     else:
         q, scales, zeros = pack_blocks(*quantize_groups(w))
         mm = lambda x: kernels.group_int8_mm(x, q, scales, zeros, channels)  # noqa: E731
-    x = torch.randn(64, 1568)
-    alone = torch.cat([mm(x[i : i + 1]) for i in range(64)])
-    for rows in (2, 3, 4, 5, 8, 11, 12, 13, 14, 15, 63, 64):
+    x = torch.randn(130, 1568)
+    alone = torch.cat([mm(x[i : i + 1]) for i in range(130)])
+    most = 130 if weights == "int8-vnni" else 64  # the VNNI kernel runs every step
+    for rows in [r for r in (2, 3, 4, 5, 8, 11, 12, 13, 14, 15, 63, 64, 65, 130) if r <= most]:
         assert torch.equal(mm(x[:rows]), alone[:rows]), rows

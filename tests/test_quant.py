@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from symphony.engine import cpu_kernels, quant_check
+from symphony.engine import cpu_kernels, group_int8, quant_check
 from symphony.engine.config import EngineConfig
 from symphony.engine.default_model import default_model_path
 from symphony.engine.engine import Engine
@@ -20,6 +20,7 @@ from symphony.engine.group_int8 import (
     _Scratch,
     dequantize_groups,
     quantize_groups,
+    vnni_available,
 )
 from symphony.engine.model_files import load_model_files
 from symphony.engine.quant import Linear
@@ -71,11 +72,43 @@ def test_an_input_size_off_the_groups_is_refused():
         quantize_groups(torch.randn(4, 40))
 
 
+INT8_KERNELS = [
+    "avx2",
+    pytest.param(
+        "vnni",
+        marks=pytest.mark.skipif(
+            not vnni_available(cpu_kernels.load()), reason="this CPU lacks AVX-512 VNNI"
+        ),
+    ),
+]
+
+
+def use_kernel(monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:
+    """Int8 layers made from now on run `kernel` ("avx2" or "vnni") where they have kernels."""
+    monkeypatch.setattr(
+        group_int8, "vnni_available", lambda kernels: kernels is not None and kernel == "vnni"
+    )
+
+
+def int16_rounding_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The most the VNNI kernel's int16 inputs can move x W^T: each input by half a
+    step of its group (max |x| / 32767), times |q * scale| (w less its group's zero)."""
+    q, scales, zeros = quantize_groups(w)
+    n, k = w.shape
+    steps = x.view(x.shape[0], k // 32, 32).abs().amax(-1) / 32767  # [M, groups]
+    spans = (q.view(n, k // 32, 32).float() * scales[..., None]).abs().sum(-1)  # [N, groups]
+    return steps / 2 @ spans.T
+
+
 @needs_kernels
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
 @pytest.mark.parametrize(
     "rows", [1, 2, 3, 5, 11, 12, 13, 14, 15, STREAM_ROWS, STREAM_ROWS + 1, 130]
 )
-def test_the_kernel_matches_fp32_on_the_same_weights(rows):
+def test_the_kernel_matches_fp32_on_the_same_weights(monkeypatch, kernel, rows):
+    """The AVX2 kernel computes with fp32 activations: fp32's result up to its rounding.
+    The VNNI kernel's int16 activations move it at most by their rounding's bound."""
+    use_kernel(monkeypatch, kernel)
     torch.manual_seed(rows)
     w, bias = q4_1_blocks(200, 160), torch.randn(200)
     x = torch.randn(rows, 160)
@@ -83,12 +116,33 @@ def test_the_kernel_matches_fp32_on_the_same_weights(rows):
     slow = GroupInt8Linear(w, bias, None, _Scratch())
     ref = F.linear(x, w, bias)
     tol = 1e-5 * ref.abs().max().item()
-    assert torch.allclose(layer(x), ref, rtol=0, atol=tol)
-    assert torch.allclose(slow(x), ref, rtol=0, atol=tol)
+    if kernel == "vnni":
+        tol = tol + int16_rounding_bound(x, w)
+    assert ((layer(x) - ref).abs() <= tol).all()
+    assert torch.allclose(slow(x), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
     # a non-contiguous input (a slice of a wider activation) gives the same
     wide = torch.randn(rows, 320)
     wide[:, ::2] = x
-    assert torch.allclose(layer(wide[:, ::2]), ref, rtol=0, atol=tol)
+    assert torch.equal(layer(wide[:, ::2]), layer(x))
+
+
+@needs_kernels
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_a_non_finite_input_spoils_only_its_own_row(monkeypatch, kernel):
+    """A row gone NaN or inf gives NaN (its call fails at the logits check), not a
+    finite number; the rows beside it are untouched."""
+    use_kernel(monkeypatch, kernel)
+    torch.manual_seed(0)
+    w = q4_1_blocks(48, 64)
+    layer = GroupInt8Linear(w, None, cpu_kernels.load(), _Scratch())
+    x = torch.randn(3, 64)
+    want = layer(x)
+    for bad in (float("nan"), float("inf")):
+        spoilt = x.clone()
+        spoilt[1, 40] = bad
+        y = layer(spoilt)
+        assert not torch.isfinite(y[1]).any(), bad
+        assert torch.equal(y[0], want[0]) and torch.equal(y[2], want[2])
 
 
 def tiny_engine(quant: str) -> Engine:
