@@ -93,7 +93,7 @@ def use_kernel(monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:
 def int16_rounding_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The most the VNNI kernel's int16 inputs can move x W^T: each input by half a
     step of its group (max |x| / 32767), times |q * scale| (w less its group's zero)."""
-    q, scales, zeros = quantize_groups(w)
+    q, scales, _ = quantize_groups(w)
     n, k = w.shape
     steps = x.view(x.shape[0], k // 32, 32).abs().amax(-1) / 32767  # [M, groups]
     spans = (q.view(n, k // 32, 32).float() * scales[..., None]).abs().sum(-1)  # [N, groups]
