@@ -53,6 +53,9 @@ bool vnni_supported();
 torch::Tensor group_int8_vnni_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
                                  torch::Tensor zeros, int64_t n);
 
+// cpu_decoder.cpp
+void bind_decoder(py::module& m);
+
 // x / rms(x) * weight over each row of x [T, H]: one pass where torch's ops take six
 // launches (at batch 1 their overhead, not the arithmetic, was the cost: 34 us a call)
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
@@ -519,4 +522,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vnni_supported", &vnni_supported, "whether this CPU has AVX-512 VNNI (group_int8_vnni_mm)");
   m.def("group_int8_vnni_mm", &group_int8_vnni_mm, no_gil,
         "x W^T with W in int8 groups of 32 packed by 16 channels, x in int16 (AVX-512 VNNI)");
+  bind_decoder(m);
 }

@@ -20,7 +20,9 @@ import torch
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "cpu_kernels.cpp", HERE / "cpu_matmul.cpp", HERE / "cpu_vnni.cpp"]
+SOURCES = [
+    HERE / name for name in ("cpu_kernels.cpp", "cpu_matmul.cpp", "cpu_vnni.cpp", "cpu_decoder.cpp")
+]
 HEADERS = [HERE / "cpu_simd.h"]
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 

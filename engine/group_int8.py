@@ -24,6 +24,7 @@ on its batch.
 from __future__ import annotations
 
 import logging
+import sys
 from types import ModuleType
 
 import torch
@@ -159,6 +160,13 @@ class GroupInt8Linear(nn.Module):
     def nbytes(self) -> int:
         """Bytes a step reads: the int8 weights, their scales and zeros."""
         return sum(t.numel() * t.element_size() for t in (self.q, self.scales, self.zeros))
+
+    def kernel_form(self) -> tuple[str, list[torch.Tensor], int] | None:
+        """(kind, tensors, most rows) as the compiled kernels take this layer, or None."""
+        if self._kernels is None:
+            return None
+        tensors = [self.q, self.scales, self.zeros]
+        return ("int8-vnni", tensors, sys.maxsize) if self._vnni else ("int8", tensors, STREAM_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self._kernels

@@ -53,6 +53,10 @@ class DecoderLayer(nn.Module):
         self.gate_up = Linear(torch.cat([w["gate.weight"], w["up.weight"]]), kernels=kernels)
         self.down = Linear(w["down.weight"], kernels=kernels)
 
+    def linears(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+        """qkv, o, gate_up, down: the order the compiled decoder takes them in."""
+        return self.qkv, self.o, self.gate_up, self.down
+
     def forward(
         self,
         h: torch.Tensor,  # [num_tokens, hidden]
@@ -118,7 +122,7 @@ class LlamaModel(nn.Module):
             raise LoadError(f"model weights lack {', '.join(missing)}")
         self.embed = nn.Parameter(w["embed.weight"], requires_grad=False)
         self.norm = nn.Parameter(w["norm.weight"], requires_grad=False)
-        layers = []
+        layers: list[DecoderLayer] = []
         for i in range(config.num_layers):
             prefix = f"layers.{i}."
             lw = {n[len(prefix) :]: t for n, t in w.items() if n.startswith(prefix)}
@@ -127,13 +131,58 @@ class LlamaModel(nn.Module):
             except KeyError as exc:
                 raise LoadError(f"model weights lack {prefix}{exc.args[0]}") from exc
         self.layers = nn.ModuleList(layers)
+        self._layers = layers  # the same, typed
         head = w["embed.weight"] if config.tie_embeddings else w.get("lm_head.weight")
         if head is None:
             raise LoadError("model weights lack lm_head.weight")
         self.lm_head = Linear(head, kernels=kernels)
+        # the layers in one compiled call, where they can be (see _decoder)
+        self._built_from: tuple[nn.Module, ...] | None = None
+        self._fused: tuple[Any, int] | None = None
         cos, sin = rope_tables(config, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _decoder(self, rows: int) -> Any | None:
+        """The compiled kernels' decoder (engine/cpu_decoder.cpp) over the layers as they
+        are now, where every linear has a kernel for `rows` rows; else None.
+
+        Rebuilt when a layer's linears were swapped (quantized, or restored), which the
+        modules it was built from, held here, tell.
+        """
+        if self.kernels is None:
+            return None
+        linears = tuple(m for layer in self._layers for m in layer.linears())
+        built = self._built_from
+        if built is None or any(a is not b for a, b in zip(built, linears, strict=True)):
+            self._built_from, self._fused = linears, self._build_decoder(linears)
+        if self._fused is None or rows > self._fused[1]:
+            return None
+        return self._fused[0]
+
+    def _build_decoder(self, linears: tuple[nn.Module, ...]) -> tuple[Any, int] | None:
+        """(decoder, most rows its linears' kernels take), or None where one has no kernel."""
+        k = self.kernels
+        assert k is not None
+        forms = []
+        for m in linears:
+            form = getattr(m, "kernel_form", lambda: None)()  # w8a8's layers have none
+            if form is None:
+                return None
+            forms.append(form)
+        made = [
+            k.kernel_linear(kind, tensors, m.out_features, m.bias)
+            for m, (kind, tensors, _) in zip(linears, forms, strict=True)
+        ]
+        c = self.config
+        layers = [
+            k.DecoderLayerWeights(layer.attn_norm, layer.ffn_norm, *made[4 * i : 4 * i + 4])
+            for i, layer in enumerate(self._layers)
+        ]
+        decoder = k.Decoder(
+            layers, c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps, c.head_dim**-0.5
+        )
+        return decoder, min(most for _, _, most in forms)
 
     @torch.inference_mode()
     def forward(
@@ -150,8 +199,17 @@ class LlamaModel(nn.Module):
         h = F.embedding(token_ids, self.embed)
         cos = self.rope_cos[positions]  # [num_tokens, head_dim / 2]
         sin = self.rope_sin[positions]
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, slot_mapping, pool.k_cache[i], pool.v_cache[i], attention, plan)
+        whole = getattr(attention, "whole_step_kernel", lambda plan: None)(plan)
+        decoder = None if whole is None else self._decoder(h.shape[0])
+        if whole is not None and decoder is not None:  # every layer in one call, same ops
+            h = decoder.run(
+                h, cos, sin, slot_mapping, pool.k_cache, pool.v_cache, *whole.kernel_args()
+            )
+        else:
+            for i, layer in enumerate(self.layers):
+                h = layer(
+                    h, cos, sin, slot_mapping, pool.k_cache[i], pool.v_cache[i], attention, plan
+                )
         if logits_indices.numel() == 0:
             return h.new_empty((0, self.config.vocab_size), dtype=torch.float32)
         h = rms_norm(h[logits_indices], self.norm, self.config.rms_norm_eps, self.kernels)

@@ -49,6 +49,7 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.out_features = weight.shape[0]
         fits = weight.dtype == torch.float32 and weight.shape[1] % 8 == 0
         self._kernels = kernels if fits else None
 
@@ -56,6 +57,10 @@ class Linear(nn.Module):
     def nbytes(self) -> int:
         """Bytes a step reads."""
         return self.weight.numel() * self.weight.element_size()
+
+    def kernel_form(self) -> tuple[str, list[torch.Tensor], int] | None:
+        """(kind, tensors, most rows) as the compiled kernels take this layer, or None."""
+        return None if self._kernels is None else ("fp32", [self.weight], FP32_STREAM_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernels is not None and x.dim() == 2 and x.shape[0] <= FP32_STREAM_ROWS:

@@ -70,6 +70,10 @@ class _KernelPlan:
     starts: torch.Tensor  # [S + 1] long
     lens: torch.Tensor  # [T] long: the slots each row sees (causal within its chunk)
 
+    def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tables, starts, lens: `paged_attention`'s arguments after q and the caches."""
+        return self.tables, self.starts, self.lens
+
 
 @dataclass
 class _DecodePlan:
@@ -228,12 +232,18 @@ class SdpaAttention:
             mask=mask.repeat(self.group, 1),
         )
 
+    def whole_step_kernel(self, plan: SdpaPlan) -> _KernelPlan | None:
+        """The kernel's plan where the kernel takes every row of the step in order."""
+        k = plan.kernel
+        return k if k is not None and k.rows is None else None
+
     def __call__(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: SdpaPlan
     ) -> torch.Tensor:
+        whole = self.whole_step_kernel(plan)
+        if whole is not None:  # the kernel takes every row, in order
+            return self._kernel(q, k_cache, v_cache, whole)
         k = plan.kernel
-        if k is not None and k.rows is None:  # the kernel takes every row, in order
-            return self._kernel(q, k_cache, v_cache, k)
         d = plan.decode
         if d is not None and not plan.prefills and k is None and d.rows.numel() == q.shape[0]:
             return self._decode(q, k_cache, v_cache, d)  # every row a decode, in order

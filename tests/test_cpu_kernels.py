@@ -312,3 +312,59 @@ def test_a_row_gets_the_same_bits_whatever_rows_are_beside_it(weights, channels)
     most = 130 if weights == "int8-vnni" else 64  # the VNNI kernel runs every step
     for rows in [r for r in (2, 3, 4, 5, 8, 11, 12, 13, 14, 15, 63, 64, 65, 130) if r <= most]:
         assert torch.equal(mm(x[:rows]), alone[:rows]), rows
+
+
+@pytest.mark.parametrize(
+    "quant,qkv_bias",
+    [
+        ("fp32", False),
+        ("fp32", True),
+        ("int8", True),
+        pytest.param(
+            "int8-vnni",
+            False,
+            marks=pytest.mark.skipif(
+                not vnni_available(kernels), reason="this CPU lacks AVX-512 VNNI"
+            ),
+        ),
+    ],
+)
+def test_the_compiled_decoder_gives_the_layers_bits(monkeypatch, quant, qkv_bias):
+    """Decodes and short chunks go through every layer in one compiled call
+    (engine/cpu_decoder.cpp): bitwise the logits of the layers run one by one."""
+    vnni = quant == "int8-vnni"
+    monkeypatch.setattr(group_int8, "vnni_available", lambda k: k is not None and vnni)
+    files = tiny_model_files(qkv_bias=qkv_bias)
+    config = EngineConfig(device="cpu", num_pages=64, quant=quant.removesuffix("-vnni"))
+    engine = Engine(files, config)
+    model = type(engine.model)
+    fused_steps = []
+    decoder = model._decoder
+
+    def counted(self, rows):  # type: ignore[no-untyped-def]
+        found = decoder(self, rows)
+        fused_steps.append(found is not None)
+        return found
+
+    def run() -> list[torch.Tensor]:
+        pool = engine.pool
+        tables = [pool.allocate(4) for _ in range(3)]
+        out = [engine.step([SeqChunk(list(range(10, 40)), 0, tables[0])])]
+        out.append(engine.step([SeqChunk(list(range(50, 70)), 0, t) for t in tables[1:]]))
+        out.append(  # three decodes, then a short chunk beside a decode
+            engine.step([SeqChunk([7], 30, tables[0]), *(SeqChunk([8], 20, t) for t in tables[1:])])
+        )
+        out.append(
+            engine.step([SeqChunk([9, 10, 11], 31, tables[0]), SeqChunk([3], 21, tables[1])])
+        )
+        for t in tables:
+            pool.decref(t)
+        return out
+
+    monkeypatch.setattr(model, "_decoder", counted)
+    fused = run()
+    assert fused_steps[-2:] == [True, True]  # the decodes and the short chunk went fused
+    monkeypatch.setattr(model, "_decoder", lambda self, rows: None)
+    for got, want in zip(fused, run(), strict=True):
+        assert torch.equal(got, want)
+    assert engine.pool.num_used == 0
