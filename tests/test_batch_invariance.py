@@ -119,8 +119,8 @@ def test_decoding_forks_of_one_prefix_together_matches_each_alone(tiny_engine, k
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "sdpa"])
 def test_a_step_of_forks_a_short_chunk_and_a_long_one_matches_each_alone(tiny_engine, kernel):
     """Every path of the CPU attention in one step (forks' decodes and a short chunk in
-    the kernel, or the forks over their shared pages by SDPA without it; a long chunk
-    through SDPA), each row as its sequence alone gives it."""
+    the kernel, or the forks over their shared pages by SDPA without it; a chunk with
+    explicit visible ranges through SDPA), each row as its sequence alone gives it."""
     if not kernel:
         tiny_engine.attention._kernels = None
     elif tiny_engine.attention._kernels is None:
@@ -133,7 +133,9 @@ def test_a_step_of_forks_a_short_chunk_and_a_long_one_matches_each_alone(tiny_en
     short, long = pool.allocate(tiny_engine.pages_for(12)), pool.allocate(tiny_engine.pages_for(40))
     tiny_engine.step([SeqChunk(list(range(40, 49)), 0, short, 0)])
     chunks = [SeqChunk([40 + i], len(prefix), t) for i, t in enumerate(forks)]
-    chunks += [SeqChunk([7, 8, 9], 9, short, 3), SeqChunk(list(range(60, 100)), 0, long, 2)]
+    causal = [[0, j + 1] for j in range(40)]  # causal, spelled out: SDPA's masked path
+    masked = SeqChunk(list(range(60, 100)), 0, long, 2, visible=causal)
+    chunks += [SeqChunk([7, 8, 9], 9, short, 3), masked]
     plan = tiny_engine.attention.prepare(build_step_input(chunks, 4, "cpu").attn)
     if tiny_engine.attention._kernels is not None:  # the paths under test
         assert plan.kernel is not None and plan.kernel.rows is not None
@@ -146,7 +148,7 @@ def test_a_step_of_forks_a_short_chunk_and_a_long_one_matches_each_alone(tiny_en
     short2, long2 = pool.allocate(len(short)), pool.allocate(len(long))
     tiny_engine.step([SeqChunk(list(range(40, 49)), 0, short2, 0)])
     alone.append(tiny_engine.step([SeqChunk([7, 8, 9], 9, short2, 3)]))
-    alone.append(tiny_engine.step([SeqChunk(list(range(60, 100)), 0, long2, 2)]))
+    alone.append(tiny_engine.step([SeqChunk(list(range(60, 100)), 0, long2, 2, visible=causal)]))
     torch.testing.assert_close(together, torch.cat(alone), rtol=1e-4, atol=1e-4)
     pool.decref(shared + [t[-1] for t in forks] + short + long + short2 + long2)
     assert pool.num_used == 0

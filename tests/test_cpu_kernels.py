@@ -368,3 +368,34 @@ def test_the_compiled_decoder_gives_the_layers_bits(monkeypatch, quant, qkv_bias
     for got, want in zip(fused, run(), strict=True):
         assert torch.equal(got, want)
     assert engine.pool.num_used == 0
+
+
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        "int8",
+        pytest.param(
+            "int8-vnni",
+            marks=pytest.mark.skipif(
+                not vnni_available(kernels), reason="this CPU lacks AVX-512 VNNI"
+            ),
+        ),
+    ],
+)
+def test_a_prompt_in_chunks_gets_the_bits_of_the_whole(monkeypatch, kernel):
+    """Every unmasked chunk goes to the attention kernel, which computes a row as it
+    would alone, and so do the int8 kernels (the AVX2 one up to 64 rows): a prompt
+    computed whole, in chunks, or after a prefix-cache hit gets the same K/V and the
+    same logits, bit for bit."""
+    vnni = kernel == "int8-vnni"
+    monkeypatch.setattr(group_int8, "vnni_available", lambda k: k is not None and vnni)
+    engine = Engine(tiny_model_files(), EngineConfig(device="cpu", num_pages=64, quant="int8"))
+    ids = [(7 * i) % 200 + 3 for i in range(60)]
+    pages = engine.pool.allocate(engine.pages_for(len(ids)))
+    whole = engine.step([SeqChunk(ids, 0, pages, num_logits=5)])
+    for cuts in ([37], [10, 30, 50]):
+        for start, end in zip([0, *cuts], [*cuts, len(ids) - 5], strict=True):
+            engine.step([SeqChunk(ids[start:end], start, pages, num_logits=0)])
+        again = engine.step([SeqChunk(ids[-5:], len(ids) - 5, pages, num_logits=5)])
+        assert torch.equal(again, whole), cuts
+    engine.pool.decref(pages)
