@@ -397,8 +397,8 @@ std::vector<std::pair<int64_t, std::vector<int64_t>>> attention_groups(
   return out;
 }
 
-// Attention straight from the pages for steps of few queries a sequence (decodes, and
-// the short chunks of a verify or a Jacobi window): q [T, heads, d] holds sequence s's
+// Attention straight from the pages for decodes and unmasked chunks (a verify's draft,
+// a Jacobi window, a prefill): q [T, heads, d] holds sequence s's
 // rows at row_starts[s]..row_starts[s + 1], and row t sees the first lens[t] slots of
 // its sequence's block_tables row [S, max_pages]; the caches are [pages, page_size,
 // kv_heads, d]. No gathered copy of K and V (SDPA over gathered pages copied every key
@@ -511,7 +511,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 // server's trio thread (pybind11 holds the GIL through a call unless told otherwise).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
-  m.def("paged_attention", &paged_attention, no_gil, "attention over pages, few queries a sequence");
+  m.def("paged_attention", &paged_attention, no_gil, "attention over pages, causal rows of each sequence");
   m.def("attention_groups", &attention_groups, "how paged_attention groups its rows (tests)");
   m.def("rope_store_kv", &rope_store_kv, no_gil, "RoPE on Q and K; K and V into their slots");
   m.def("silu_mul", &silu_mul, no_gil, "silu(gate) * up of [gate | up]");

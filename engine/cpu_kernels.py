@@ -1,5 +1,5 @@
-"""The C++ CPU kernels of engine/cpu_kernels.cpp and cpu_matmul.cpp, compiled once and
-cached by torch.
+"""The C++ CPU kernels of engine/cpu_kernels.cpp, cpu_matmul.cpp, cpu_vnni.cpp and
+cpu_decoder.cpp, compiled once and cached by torch.
 
 `load()` builds them once per machine and source version (torch's cpp_extension keeps
 the result under ~/.cache/torch_extensions, named by the source's hash) and returns the

@@ -14,7 +14,8 @@
 //
 // Each row of x is taken to int16 by groups of 32 inputs, a = round(x / d) with
 // d = max|x| / 32767: an error of at most 1/65534 of the group's largest input, about
-// what fp32's own rounding adds over a 1,536-input sum. Then for each group g
+// what fp32's own rounding adds over a 1,536-input sum (a group under 2^-100 counts as
+// zeros: 32767 / max|x| would overflow). Then for each group g
 //   y += d_g * (scale_g * sum(q a)) + zero_g * sum_g(x)
 // the integer sums exact, the groups added in one order. So a row's result does not
 // depend on how many rows the call has, nor on where in them it is.
@@ -45,6 +46,8 @@ struct QuantRows {
   std::vector<float> step, sum;
 };
 
+#if defined(__GNUC__) && !defined(__clang__)  // the target pragma below is GCC's
+#define SYMPHONY_VNNI 1
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,fma")
 
@@ -56,7 +59,7 @@ void quantize_row(const float* x, int64_t K, int16_t* a, float* step, float* sum
   for (int64_t g = 0; g < K / kGroup; ++g) {
     const __m512 lo = _mm512_loadu_ps(x + g * kGroup), hi = _mm512_loadu_ps(x + g * kGroup + 16);
     const float big = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-    const __m512 inv = _mm512_set1_ps(big > 0.0f ? kInt16Max / big : 0.0f);
+    const __m512 inv = _mm512_set1_ps(big > 0x1p-100f ? kInt16Max / big : 0.0f);
     // round to nearest, and saturate to int16 in the narrowing
     const __m256i qlo = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)));
     const __m256i qhi = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inv)));
@@ -164,6 +167,9 @@ bool cpu_has_vnni() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
+#else  // another compiler: the AVX2 kernel alone
+bool cpu_has_vnni() { return false; }
+#endif
 
 }  // namespace
 
@@ -196,17 +202,21 @@ torch::Tensor group_int8_vnni_mm(torch::Tensor x, torch::Tensor q, torch::Tensor
   const float* xp = x.data_ptr<float>();
   QuantRows rows{std::vector<int16_t>(M * K), std::vector<float>(M * groups),
                  std::vector<float>(M * groups)};
+#ifdef SYMPHONY_VNNI
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       quantize_row(xp + m * K, K, rows.a.data() + m * K, rows.step.data() + m * groups,
                    rows.sum.data() + m * groups);
   });
+#endif
   const int8_t* qp = q.data_ptr<int8_t>();
   const float *sp = scales.data_ptr<float>(), *zp = zeros.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+#ifdef SYMPHONY_VNNI
   const int64_t width = M < kRowTile ? 1 : 2;
   at::parallel_for(0, (num_blocks + width - 1) / width, 1, [&](int64_t t0, int64_t t1) {
     tiles(rows, M, K, qp, sp, zp, yp, n, num_blocks, width, t0, t1);
   });
+#endif
   return y;
 }

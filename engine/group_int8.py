@@ -17,8 +17,8 @@ Two kernels compute with them:
   packed by blocks of 3 channels (`pack_blocks`); steps of more rows (prefill) expand
   each weight to fp32 in a reused buffer and run torch's GEMM, where compute and not
   bytes is the cost.
-Both sum a row in one order whatever rows are beside it, so a row's bits do not depend
-on its batch.
+Both kernels sum a row in one order whatever rows are beside it (the AVX2 one up to
+STREAM_ROWS rows), so a row's bits do not depend on its batch.
 """
 
 from __future__ import annotations

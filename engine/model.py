@@ -153,6 +153,8 @@ class LlamaModel(nn.Module):
         if self.kernels is None:
             return None
         linears = tuple(m for layer in self._layers for m in layer.linears())
+        if any(m._forward_hooks or m._forward_pre_hooks for m in linears):
+            return None  # hooked layers (w8a8's calibration) run as modules
         built = self._built_from
         if built is None or any(a is not b for a, b in zip(built, linears, strict=True)):
             self._built_from, self._fused = linears, self._build_decoder(linears)

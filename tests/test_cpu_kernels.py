@@ -215,7 +215,7 @@ def test_paged_attention_over_long_contexts(head_dim):
 
 def test_short_chunks_in_the_kernel_give_what_sdpa_gives(monkeypatch):
     """A verify's draft or a Jacobi window (a few tokens after a cached prefix, beside
-    a decode and a long chunk) through the kernel: the logits of SDPA over gathered
+    a decode and a longer chunk) through the kernel: the logits of SDPA over gathered
     pages, every row."""
     engine = Engine(tiny_model_files(), EngineConfig(device="cpu", num_pages=64, quant="fp32"))
     pool = engine.pool
@@ -228,7 +228,7 @@ def test_short_chunks_in_the_kernel_give_what_sdpa_gives(monkeypatch):
             [
                 SeqChunk([5, 9, 11, 3, 7], 35, tables[0], 5),  # a short chunk: the kernel
                 SeqChunk([8], 29, tables[1]),  # a decode
-                SeqChunk(list(range(100, 140)), 0, tables[2], 3),  # a long one: SDPA
+                SeqChunk(list(range(100, 140)), 0, tables[2], 3),  # a longer one
             ]
         )
         for table in tables:

@@ -91,13 +91,15 @@ def use_kernel(monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:
 
 
 def int16_rounding_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The most the VNNI kernel's int16 inputs can move x W^T: each input by half a
-    step of its group (max |x| / 32767), times |q * scale| (w less its group's zero)."""
+    """The most the VNNI kernel's int16 inputs can move x W^T, up to fp32 rounding:
+    each input by half a step of its group (max |x| / 32767), times |q * scale| (w less
+    its group's zero). fp32's rounding of the step itself takes it up to about 0.506
+    of a step: hence the 2% margin."""
     q, scales, _ = quantize_groups(w)
     n, k = w.shape
     steps = x.view(x.shape[0], k // 32, 32).abs().amax(-1) / 32767  # [M, groups]
     spans = (q.view(n, k // 32, 32).float() * scales[..., None]).abs().sum(-1)  # [N, groups]
-    return steps / 2 @ spans.T
+    return 1.02 * steps / 2 @ spans.T
 
 
 @needs_kernels
@@ -200,8 +202,9 @@ def real_files():
 def test_int8_matches_fp32_on_held_out_text(real_engine, real_files):
     """2,217 tokens of prose, code, figures and chat that neither check nor calibration saw.
 
-    The issue asks top-1 >= 0.97 and KL <= 0.01; the group int8 of a Q4_1 file is exact
-    up to fp32 rounding, so the bounds are tighter: a regression shows at once.
+    The issue asks top-1 >= 0.97 and KL <= 0.01; the group int8 of a Q4_1 file is exact,
+    and its activations fp32 (AVX2) or int16 (VNNI, an error of 1/65534 of a group's
+    largest input), so the bounds are tighter: a regression shows at once.
     """
     ids = real_engine.tokenizer.encode((DATA / "heldout_text.txt").read_text())
     assert len(ids) >= 2000
