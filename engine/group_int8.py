@@ -68,20 +68,28 @@ def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 BLOCK = 3  # channels the kernel packs side by side (cpu_matmul.cpp)
 
 
+def _pack(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, channels: int, inputs: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [N/c, K/i, c, i] with each i inputs of c channels side by side, scales and zeros
+    [N/c, K/32, c]; N padded to a multiple of c with zero channels (the kernels write
+    only the first N)."""
+    n, k = q.shape
+    pad = -n % channels
+    q = F.pad(q, (0, 0, 0, pad))
+    scales, zeros = F.pad(scales, (0, 0, 0, pad)), F.pad(zeros, (0, 0, 0, pad))
+    blocks = (n + pad) // channels
+    packed = q.view(blocks, channels, k // inputs, inputs).permute(0, 2, 1, 3).contiguous()
+    per_group = [t.view(blocks, channels, -1).transpose(1, 2).contiguous() for t in (scales, zeros)]
+    return packed, per_group[0], per_group[1]
+
+
 def pack_blocks(
     q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`quantize_groups`' output in the kernel's layout: q [N/3, K/8, 3, 8] with each 8
-    inputs of 3 channels side by side, scales and zeros [N/3, K/32, 3]; N is padded to a
-    multiple of 3 with zero channels (the kernel writes only the first N)."""
-    n, k = q.shape
-    pad = -n % BLOCK
-    q = F.pad(q, (0, 0, 0, pad))
-    scales, zeros = F.pad(scales, (0, 0, 0, pad)), F.pad(zeros, (0, 0, 0, pad))
-    blocks = (n + pad) // BLOCK
-    packed = q.view(blocks, BLOCK, k // 8, 8).permute(0, 2, 1, 3).contiguous()
-    per_group = [t.view(blocks, BLOCK, -1).transpose(1, 2).contiguous() for t in (scales, zeros)]
-    return packed, per_group[0], per_group[1]
+    """`quantize_groups`' output in the AVX2 kernel's layout: q [N/3, K/8, 3, 8], scales
+    and zeros [N/3, K/32, 3]."""
+    return _pack(q, scales, zeros, BLOCK, 8)
 
 
 LANES = 16  # channels the AVX-512 VNNI kernel packs, one a 32-bit lane (cpu_vnni.cpp)
@@ -90,17 +98,9 @@ LANES = 16  # channels the AVX-512 VNNI kernel packs, one a 32-bit lane (cpu_vnn
 def pack_lanes(
     q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`quantize_groups`' output in the VNNI kernel's layout: q [N/16, K/2, 16, 2] with
-    each pair of inputs of 16 channels side by side, scales and zeros [N/16, K/32, 16];
-    N is padded to a multiple of 16 with zero channels (the kernel writes only the first N)."""
-    n, k = q.shape
-    pad = -n % LANES
-    q = F.pad(q, (0, 0, 0, pad))
-    scales, zeros = F.pad(scales, (0, 0, 0, pad)), F.pad(zeros, (0, 0, 0, pad))
-    blocks = (n + pad) // LANES
-    packed = q.view(blocks, LANES, k // 2, 2).permute(0, 2, 1, 3).contiguous()
-    per_group = [t.view(blocks, LANES, -1).transpose(1, 2).contiguous() for t in (scales, zeros)]
-    return packed, per_group[0], per_group[1]
+    """`quantize_groups`' output in the VNNI kernel's layout: q [N/16, K/2, 16, 2] (each
+    pair of inputs of 16 channels side by side), scales and zeros [N/16, K/32, 16]."""
+    return _pack(q, scales, zeros, LANES, 2)
 
 
 def vnni_available(kernels: ModuleType | None) -> bool:

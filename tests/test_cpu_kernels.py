@@ -19,6 +19,16 @@ kernels = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(
     kernels is None, reason="the CPU kernels do not build or run on this CPU"
 )
+# "int8-vnni": the int8 layers on the AVX-512 VNNI kernel, where this CPU has it
+INT8_VNNI = pytest.param(
+    "int8-vnni",
+    marks=pytest.mark.skipif(not vnni_available(kernels), reason="this CPU lacks AVX-512 VNNI"),
+)
+
+
+def use_vnni(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
+    """int8 layers made from now on take the VNNI kernel (on) or the AVX2 one."""
+    monkeypatch.setattr(group_int8, "vnni_available", lambda k: k is not None and on)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 70])
@@ -252,12 +262,7 @@ def test_short_chunks_in_the_kernel_give_what_sdpa_gives(monkeypatch):
     [
         "fp32",
         "int8",
-        pytest.param(
-            "int8-vnni",
-            marks=pytest.mark.skipif(
-                not vnni_available(kernels), reason="this CPU lacks AVX-512 VNNI"
-            ),
-        ),
+        INT8_VNNI,
     ],
 )
 def test_the_engine_without_kernels_gives_the_same_tokens(monkeypatch, quant):
@@ -265,7 +270,7 @@ def test_the_engine_without_kernels_gives_the_same_tokens(monkeypatch, quant):
     computes int8 layers with fp32 activations, as the AVX2 kernel does; the VNNI
     kernel's int16 ones move the tiny model's logits by about 1e-4."""
     vnni = quant == "int8-vnni"
-    monkeypatch.setattr(group_int8, "vnni_available", lambda k: k is not None and vnni)
+    use_vnni(monkeypatch, vnni)
     prompts = [list(range(10, 50)), list(range(60, 75))]
     config = EngineConfig(device="cpu", num_pages=64, quant=quant.removesuffix("-vnni"))
     with_kernels = Engine(tiny_model_files(), config)
@@ -285,12 +290,7 @@ def test_the_engine_without_kernels_gives_the_same_tokens(monkeypatch, quant):
     [
         "fp32",
         "int8",
-        pytest.param(
-            "int8-vnni",
-            marks=pytest.mark.skipif(
-                not vnni_available(kernels), reason="this CPU lacks AVX-512 VNNI"
-            ),
-        ),
+        INT8_VNNI,
     ],
 )
 def test_a_row_gets_the_same_bits_whatever_rows_are_beside_it(weights, channels):
@@ -333,7 +333,7 @@ def test_the_compiled_decoder_gives_the_layers_bits(monkeypatch, quant, qkv_bias
     """Decodes and short chunks go through every layer in one compiled call
     (engine/cpu_decoder.cpp): bitwise the logits of the layers run one by one."""
     vnni = quant == "int8-vnni"
-    monkeypatch.setattr(group_int8, "vnni_available", lambda k: k is not None and vnni)
+    use_vnni(monkeypatch, vnni)
     files = tiny_model_files(qkv_bias=qkv_bias)
     config = EngineConfig(device="cpu", num_pages=64, quant=quant.removesuffix("-vnni"))
     engine = Engine(files, config)
@@ -374,12 +374,7 @@ def test_the_compiled_decoder_gives_the_layers_bits(monkeypatch, quant, qkv_bias
     "kernel",
     [
         "int8",
-        pytest.param(
-            "int8-vnni",
-            marks=pytest.mark.skipif(
-                not vnni_available(kernels), reason="this CPU lacks AVX-512 VNNI"
-            ),
-        ),
+        INT8_VNNI,
     ],
 )
 def test_a_prompt_in_chunks_gets_the_bits_of_the_whole(monkeypatch, kernel):
@@ -388,7 +383,7 @@ def test_a_prompt_in_chunks_gets_the_bits_of_the_whole(monkeypatch, kernel):
     computed whole, in chunks, or after a prefix-cache hit gets the same K/V and the
     same logits, bit for bit."""
     vnni = kernel == "int8-vnni"
-    monkeypatch.setattr(group_int8, "vnni_available", lambda k: k is not None and vnni)
+    use_vnni(monkeypatch, vnni)
     engine = Engine(tiny_model_files(), EngineConfig(device="cpu", num_pages=64, quant="int8"))
     ids = [(7 * i) % 200 + 3 for i in range(60)]
     pages = engine.pool.allocate(engine.pages_for(len(ids)))
