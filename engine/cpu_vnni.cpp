@@ -160,6 +160,23 @@ void tiles(const QuantRows& x, int64_t M, int64_t K, const int8_t* q, const floa
   }
 }
 
+// y = x W^T: x's rows to int16, then the tiles of blocks in parallel
+void vnni_mm(const float* xp, int64_t M, int64_t K, const int8_t* qp, const float* sp,
+             const float* zp, float* yp, int64_t n, int64_t num_blocks) {
+  const int64_t groups = K / kGroup;
+  QuantRows rows{std::vector<int16_t>(M * K), std::vector<float>(M * groups),
+                 std::vector<float>(M * groups)};
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      quantize_row(xp + m * K, K, rows.a.data() + m * K, rows.step.data() + m * groups,
+                   rows.sum.data() + m * groups);
+  });
+  const int64_t width = M < kRowTile ? 1 : 2;
+  at::parallel_for(0, (num_blocks + width - 1) / width, 1, [&](int64_t t0, int64_t t1) {
+    tiles(rows, M, K, qp, sp, zp, yp, n, num_blocks, width, t0, t1);
+  });
+}
+
 #pragma GCC pop_options
 
 bool cpu_has_vnni() {
@@ -199,24 +216,9 @@ torch::Tensor group_int8_vnni_mm(torch::Tensor x, torch::Tensor q, torch::Tensor
   const int64_t M = x.size(0);
   auto y = torch::empty({M, n}, x.options());
   if (M == 0) return y;
-  const float* xp = x.data_ptr<float>();
-  QuantRows rows{std::vector<int16_t>(M * K), std::vector<float>(M * groups),
-                 std::vector<float>(M * groups)};
-#ifdef SYMPHONY_VNNI
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m)
-      quantize_row(xp + m * K, K, rows.a.data() + m * K, rows.step.data() + m * groups,
-                   rows.sum.data() + m * groups);
-  });
-#endif
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const float *sp = scales.data_ptr<float>(), *zp = zeros.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-#ifdef SYMPHONY_VNNI
-  const int64_t width = M < kRowTile ? 1 : 2;
-  at::parallel_for(0, (num_blocks + width - 1) / width, 1, [&](int64_t t0, int64_t t1) {
-    tiles(rows, M, K, qp, sp, zp, yp, n, num_blocks, width, t0, t1);
-  });
+#ifdef SYMPHONY_VNNI  // else vnni_supported() refused the call above
+  vnni_mm(x.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), scales.data_ptr<float>(),
+          zeros.data_ptr<float>(), y.data_ptr<float>(), n, num_blocks);
 #endif
   return y;
 }

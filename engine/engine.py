@@ -114,7 +114,8 @@ class Engine:
         absmax = None
         if mode == "w8a8":
             ids = self.tokenizer.encode(CALIBRATION_TEXT)[: self.model_config.max_position]
-            absmax = input_absmax(self.model, lambda: self.prompt_logits(ids))
+            with self.model.layers_as_modules():  # the calibration's hooks must fire
+                absmax = input_absmax(self.model, lambda: self.prompt_logits(ids))
         quantize_linears(self.model, mode, absmax, self.kernels)
         self.quant = mode
 

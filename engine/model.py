@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -137,35 +139,43 @@ class LlamaModel(nn.Module):
             raise LoadError("model weights lack lm_head.weight")
         self.lm_head = Linear(head, kernels=kernels)
         # the layers in one compiled call, where they can be (see _decoder)
-        self._built_from: tuple[nn.Module, ...] | None = None
+        self.fuse = True
         self._fused: tuple[Any, int] | None = None
+        self._fused_stale = True
         cos, sin = rope_tables(config, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def _decoder(self, rows: int) -> Any | None:
-        """The compiled kernels' decoder (engine/cpu_decoder.cpp) over the layers as they
-        are now, where every linear has a kernel for `rows` rows; else None.
+    def linears_changed(self) -> None:
+        """Say that layers' linears were swapped (quant's quantize and restore call it):
+        the compiled decoder is built again, from the new ones, at its next use."""
+        self._fused_stale = True
 
-        Rebuilt when a layer's linears were swapped (quantized, or restored), which the
-        modules it was built from, held here, tell.
-        """
-        if self.kernels is None:
+    @contextlib.contextmanager
+    def layers_as_modules(self) -> Iterator[None]:
+        """Run every layer as its Python module meanwhile (their hooks fire)."""
+        before, self.fuse = self.fuse, False
+        try:
+            yield
+        finally:
+            self.fuse = before
+
+    def _decoder(self, rows: int) -> Any | None:
+        """The compiled kernels' decoder (engine/cpu_decoder.cpp) over the layers, where
+        every linear has a kernel for `rows` rows; else None."""
+        if self.kernels is None or not self.fuse:
             return None
-        linears = tuple(m for layer in self._layers for m in layer.linears())
-        if any(m._forward_hooks or m._forward_pre_hooks for m in linears):
-            return None  # hooked layers (w8a8's calibration) run as modules
-        built = self._built_from
-        if built is None or any(a is not b for a, b in zip(built, linears, strict=True)):
-            self._built_from, self._fused = linears, self._build_decoder(linears)
+        if self._fused_stale:
+            self._fused, self._fused_stale = self._build_decoder(), False
         if self._fused is None or rows > self._fused[1]:
             return None
         return self._fused[0]
 
-    def _build_decoder(self, linears: tuple[nn.Module, ...]) -> tuple[Any, int] | None:
+    def _build_decoder(self) -> tuple[Any, int] | None:
         """(decoder, most rows its linears' kernels take), or None where one has no kernel."""
         k = self.kernels
         assert k is not None
+        linears = [m for layer in self._layers for m in layer.linears()]
         forms = []
         for m in linears:
             form = getattr(m, "kernel_form", lambda: None)()  # w8a8's layers have none

@@ -181,3 +181,6 @@ def _set_modules(model: nn.Module, modules: dict[str, nn.Module]) -> None:
     for name, module in modules.items():
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+    changed = getattr(model, "linears_changed", None)  # LlamaModel's compiled decoder
+    if changed is not None:
+        changed()

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from symphony.engine import cpu_kernels, group_int8, quant_check
+from symphony.engine import cpu_kernels, quant_check
 from symphony.engine.config import EngineConfig
 from symphony.engine.default_model import default_model_path
 from symphony.engine.engine import Engine
@@ -25,6 +25,7 @@ from symphony.engine.group_int8 import (
 from symphony.engine.model_files import load_model_files
 from symphony.engine.quant import Linear
 from symphony.engine.quant_check import compare_logits
+from tests.test_cpu_kernels import use_vnni
 from tests.tiny import tiny_model_files
 
 DATA = Path(__file__).parent / "data"
@@ -83,13 +84,6 @@ INT8_KERNELS = [
 ]
 
 
-def use_kernel(monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:
-    """Int8 layers made from now on run `kernel` ("avx2" or "vnni") where they have kernels."""
-    monkeypatch.setattr(
-        group_int8, "vnni_available", lambda kernels: kernels is not None and kernel == "vnni"
-    )
-
-
 def int16_rounding_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The most the VNNI kernel's int16 inputs can move x W^T, up to fp32 rounding:
     each input by half a step of its group (max |x| / 32767), times |q * scale| (w less
@@ -110,7 +104,7 @@ def int16_rounding_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def test_the_kernel_matches_fp32_on_the_same_weights(monkeypatch, kernel, rows):
     """The AVX2 kernel computes with fp32 activations: fp32's result up to its rounding.
     The VNNI kernel's int16 activations move it at most by their rounding's bound."""
-    use_kernel(monkeypatch, kernel)
+    use_vnni(monkeypatch, kernel == "vnni")
     torch.manual_seed(rows)
     w, bias = q4_1_blocks(200, 160), torch.randn(200)
     x = torch.randn(rows, 160)
@@ -133,7 +127,7 @@ def test_the_kernel_matches_fp32_on_the_same_weights(monkeypatch, kernel, rows):
 def test_a_non_finite_input_spoils_only_its_own_row(monkeypatch, kernel):
     """A row gone NaN or inf gives NaN (its call fails at the logits check), not a
     finite number; the rows beside it are untouched."""
-    use_kernel(monkeypatch, kernel)
+    use_vnni(monkeypatch, kernel == "vnni")
     torch.manual_seed(0)
     w = q4_1_blocks(48, 64)
     layer = GroupInt8Linear(w, None, cpu_kernels.load(), _Scratch())
