@@ -2,8 +2,9 @@
 step, against one plain greedy generate of the whole prompt (prompt serving).
 
 Both rows do the job of bench/steer.py's speculative part, rewriting a paragraph with
-three misspellings: prompt lookup drafts from the paragraph itself, Jacobi decoding from
-its own previous predictions. Both forms are greedy and must agree token for token.
+three misspellings: prompt lookup drafts from the paragraph itself; Jacobi decoding from
+its own previous predictions, or from its n-gram pool (the text so far) where that has
+the output's last tokens. Both forms are greedy and must agree token for token.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from symphony.lipctl.aio import AsyncLip
 
 REQUEST = "Rewrite the following text, fixing the spelling."
 LOOKUP_TOKENS = 192  # most of the ~208-token rewrite
-JACOBI_TOKENS = 64  # Jacobi gains about nothing here: a shorter run says as much
 
 
 async def rewrite_by_prompt(lip: AsyncLip, max_tokens: int) -> dict[str, Any]:
@@ -51,15 +51,16 @@ ROWS: list[Row] = [
     ),
     Row(
         program="jacobi_decoding",
-        uses="forward (greedy token after every guess), truncate",
+        uses="verify (Jacobi guesses, ahead=True; n-gram pool drafts)",
         lip=functools.partial(
             example("jacobi_decoding").run,
             question=f"{REQUEST}\n\n{PARAGRAPH}",
-            max_tokens=JACOBI_TOKENS,
-            window=2,  # wider windows only cost more here: few guesses are ever right
+            max_tokens=LOOKUP_TOKENS,
+            window=2,  # wider windows only cost more here: few Jacobi guesses are right
+            draft_len=16,
         ),
-        prompts=functools.partial(rewrite_by_prompt, max_tokens=JACOBI_TOKENS),
-        quality="guesses accepted per forward",
+        prompts=functools.partial(rewrite_by_prompt, max_tokens=LOOKUP_TOKENS),
+        quality="guesses accepted per verify",
         same_output=True,
     ),
 ]

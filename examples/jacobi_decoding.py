@@ -1,20 +1,30 @@
-"""Jacobi decoding: guess a window of future tokens, check them all in one forward, keep
-the agreed prefix, and take the next guesses from what the model just predicted.
+"""Jacobi decoding with an n-gram pool (lookahead decoding): guess a window of future
+tokens, check them all in one verify, keep the agreed prefix, and guess again from what
+the model just predicted; where the text so far holds the n-gram the output ends with,
+guess what followed it there instead.
 
 Technique: parallel (Jacobi) decoding of Santilli et al., 2023, "Accelerating Transformer
-Inference for Translation via Parallel Decoding" (arXiv:2305.10427), in the sliding-window
-form of Lookahead decoding's Jacobi branch (Fu et al., 2024, arXiv:2402.02057). Each
-iteration forwards the pending token and `window` guesses, asking the greedy token after
-every one of them. A guess is right when it is the token the model predicts after the
-ones before it; the first wrong guess is replaced by that prediction (so every iteration
-gains at least one token), the file is truncated back to what was accepted, and the
-predictions made after the rejected guesses become the next window's guesses: the guess
-for position i+1 is what the model predicted there last time. Needs no draft model and
-no text to copy; the result is plain greedy decoding's, token for token.
-Calls: apply_chat_template, tokenize, detokenize, kv.append, kv.forward(outputs=...),
-kv.truncate, kv.unlink (main also kv.generate, to compare).
+Inference for Translation via Parallel Decoding" (arXiv:2305.10427), with the two
+branches of Lookahead decoding (Fu et al., 2024, "Break the Sequential Dependency of LLM
+Inference Using Lookahead Decoding", arXiv:2402.02057). The Jacobi branch: each verify
+appends the pending token and the guesses, keeps the longest prefix the model agrees
+with, returns the token after it, and (`ahead=True`) the model's prediction after each
+later guess; those predictions are the next guesses, as in Jacobi iteration, where the
+guess for position i+1 is what the model predicted there last time. The n-gram branch:
+Lookahead verifies n-grams from a pool; its reference code can fill the pool from the
+prompt (`POOL_FROM_PROMPT`), and this pool is the prompt and the output so far, looked up
+by the 3 or 2 tokens the output ends with. Lookahead also grows its pool from a 2-D
+window of Jacobi guesses, W x N tokens a step (35 and more); on a 2-core CPU a verify of
+17 tokens costs about four decode steps, so that window does not pay and is left out.
 
-    lipctl run examples/jacobi_decoding.py [MAX_TOKENS] [WINDOW]
+Alone, the Jacobi guesses of a small model are right about once in twenty: a window of
+guesses then costs more than it saves (run with POOL=0 to see). The pool is what pays
+where the output repeats its input or itself. Either way each verify gains at least one
+token and the result is plain greedy decoding's, token for token.
+Calls: apply_chat_template, tokenize, detokenize, kv.append, kv.verify(ahead=True),
+kv.unlink (main also kv.generate, to compare).
+
+    lipctl run examples/jacobi_decoding.py [MAX_TOKENS] [WINDOW] [POOL (1 or 0)]
 """
 
 from __future__ import annotations
@@ -41,52 +51,83 @@ async def stop_ids(lip: AsyncLip) -> set[int]:
     return {one[0] for one in ids if len(one) == 1}
 
 
+class NgramPool:
+    """A growing text and where each of its n-grams (n in min_n..max_n) first ended: a
+    draft is what followed the longest n-gram that ends the text, where it first
+    occurred (the first, as prompt lookup takes: mostly in the prompt, with a whole
+    draft after it). Each token added costs a few dict writes, not a scan."""
+
+    def __init__(self, max_n: int = 3, min_n: int = 2) -> None:
+        self.text: list[int] = []
+        self.sizes = range(max_n, min_n - 1, -1)
+        self.first_end: dict[tuple[int, ...], int] = {}
+
+    def extend(self, tokens: list[int]) -> None:
+        for token in tokens:
+            self.text.append(token)
+            end = len(self.text)
+            for n in self.sizes:
+                if end >= n:
+                    self.first_end.setdefault(tuple(self.text[end - n :]), end)
+
+    def draft(self, length: int) -> list[int]:
+        """Up to `length` tokens after the longest tail n-gram seen before; [] if none."""
+        for n in self.sizes:
+            end = self.first_end.get(tuple(self.text[-n:]), len(self.text))
+            if end < len(self.text):  # an earlier occurrence, not the tail itself
+                return self.text[end : end + length]
+        return []
+
+
 async def run(
     lip: AsyncLip,
     question: str = QUESTION,
     max_tokens: int = 64,
     window: int = 4,
+    pool: bool = True,
+    draft_len: int = 16,
     logit_bias: dict[int, float] | None = None,
 ) -> dict[str, Any]:
-    """Greedy decoding of the answer to `question`, `window` guesses per forward (under
-    `logit_bias`, if given: then it equals a generate with the same bias).
+    """Greedy decoding of the answer to `question`, checking `window` Jacobi guesses, or
+    a pool draft of up to `draft_len` tokens (`pool`), per verify (under `logit_bias`, if
+    given: then it equals a generate with the same bias).
 
     Returns:
-        "output" (the text), "token_ids", "quality" (mean guesses accepted per forward)
-        and "forward_calls".
+        "output" (the text), "token_ids", "quality" (mean guesses accepted per verify),
+        "verify_calls", "pool_drafts" (verifies of a pool draft) and "jacobi_accepted"
+        (guesses accepted from the Jacobi window).
     """
+    if window < 1:
+        raise ValueError("window must be at least 1")
     prompt = await lip.apply_chat_template([{"role": "user", "content": question}])
+    greedy: dict[str, Any] = {"temperature": 0.0, "logit_bias": logit_bias or {}}
     stops = await stop_ids(lip)
     await lip.mkdir(FOLDER, parents=True)
     path = f"{FOLDER}/{os.getpid()}-{time.time_ns()}.kv"
+    ngrams = NgramPool()
+    ngrams.extend(prompt if pool else [])
     out: list[int] = []
-    num_forward = num_accepted = 0
+    num_verify = num_pool = num_accepted = jacobi_accepted = 0
     try:
         kv = await lip.kv(path, create=True)
-        num_kept = await kv.append(prompt[:-1])
+        await kv.append(prompt[:-1])
         pending = prompt[-1]  # the latest token, not yet in the file
         guesses = [pending] * window  # any start will do; a repeat is as good as any
         while len(out) < max_tokens and not stops & set(out):
-            guesses = guesses[: max(0, max_tokens - len(out) - 1)]
-            tokens = [pending, *guesses]
-            asks = [{"at": list(range(len(tokens))), "sample": True}]
-            result = await kv.forward(
-                tokens, outputs=asks, temperature=0.0, logit_bias=logit_bias or {}
-            )
-            # predicted[i]: the greedy token after tokens[:i + 1]
-            by_index = sorted(result.outputs, key=lambda o: o.at)
-            predicted = [o.token for o in by_index if o.token is not None]
-            accepted = 0
-            while accepted < len(guesses) and guesses[accepted] == predicted[accepted]:
-                accepted += 1
-            out += [*guesses[:accepted], predicted[accepted]]
-            num_kept += 1 + accepted  # the pending token and the accepted guesses
-            if accepted < len(guesses):  # the rejected guesses' K/V are wrong: drop them
-                await kv.truncate(num_kept)
-            pending = out[-1]
-            # the Jacobi step: next guesses are the predictions past the accepted ones
-            guesses = (predicted[accepted + 1 :] + [pending] * window)[:window]
-            num_forward, num_accepted = num_forward + 1, num_accepted + accepted
+            room = max(1, max_tokens - len(out) - 1)  # verify gives accepted + 1 tokens
+            from_pool = ngrams.draft(min(draft_len, room)) if pool else []
+            draft = from_pool or guesses[:room]
+            verified = await kv.verify(draft, tokens=[pending], ahead=True, **greedy)
+            out += verified.token_ids
+            ngrams.extend(verified.token_ids if pool else [])
+            pending = verified.token
+            # the Jacobi step: the next guesses are the predictions past the accepted ones
+            guesses = (verified.ahead + [pending] * window)[:window]
+            num_verify, num_accepted = num_verify + 1, num_accepted + verified.accepted
+            if from_pool:
+                num_pool += 1
+            else:
+                jacobi_accepted += verified.accepted
     finally:  # whatever happened (a cancel too), the file goes
         with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
             await lip.call("kv_unlink", path=path)
@@ -96,16 +137,18 @@ async def run(
     return {
         "output": await lip.detokenize(token_ids, skip_special=True),
         "token_ids": token_ids,
-        "quality": num_accepted / max(num_forward, 1),
-        "forward_calls": num_forward,
+        "quality": num_accepted / max(num_verify, 1),
+        "verify_calls": num_verify,
+        "pool_drafts": num_pool,
+        "jacobi_accepted": jacobi_accepted,
     }
 
 
-async def compare(max_tokens: int, window: int) -> None:
+async def compare(max_tokens: int, window: int, pool: bool) -> None:
     """The LIP, then one plain greedy generate of the same prompt, side by side."""
     async with connect() as lip:
         t0 = time.perf_counter()
-        result = await run(lip, max_tokens=max_tokens, window=window)
+        result = await run(lip, max_tokens=max_tokens, window=window, pool=pool)
         jacobi_s, t0 = time.perf_counter() - t0, time.perf_counter()
         path = f"{FOLDER}/{os.getpid()}-{time.time_ns()}-plain.kv"
         try:
@@ -116,10 +159,11 @@ async def compare(max_tokens: int, window: int) -> None:
             with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
                 await lip.call("kv_unlink", path=path)
         plain_s = time.perf_counter() - t0
+    num_tokens, num_calls = len(result["token_ids"]), result["verify_calls"]
     print(f"plain:  {len(reference)} tokens in {plain_s:.2f} s")
-    num_tokens, num_calls = len(result["token_ids"]), result["forward_calls"]
-    print(f"jacobi: {num_tokens} tokens in {num_calls} forwards, {jacobi_s:.2f} s")
-    print(f"guesses accepted per forward: {result['quality']:.2f}")
+    print(f"jacobi: {num_tokens} tokens in {num_calls} verifies, {jacobi_s:.2f} s")
+    print(f"guesses accepted per verify: {result['quality']:.2f}", end=" ")
+    print(f"({result['pool_drafts']} pool drafts, {result['jacobi_accepted']} Jacobi guesses kept)")
     print(f"same tokens: {result['token_ids'] == reference}")
     print(result["output"])
 
@@ -127,7 +171,8 @@ async def compare(max_tokens: int, window: int) -> None:
 def main() -> None:
     max_tokens = int(sys.argv[1]) if len(sys.argv) > 1 else 48
     window = int(sys.argv[2]) if len(sys.argv) > 2 else 4
-    trio.run(compare, max_tokens, window)
+    pool = sys.argv[3] != "0" if len(sys.argv) > 3 else True
+    trio.run(compare, max_tokens, window, pool)
 
 
 if __name__ == "__main__":

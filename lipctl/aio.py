@@ -328,6 +328,7 @@ class AsyncKV(ForwardRequests):
         tokens: Sequence[int] = (),
         draft_probs: Sequence[Mapping[int, float]] | None = None,
         grammar: Mapping[str, Any] | None = None,
+        ahead: bool = False,
         **sampler: Any,
     ) -> VerifyResult:
         """Speculative verification in one engine step: append `tokens` + `draft`, keep
@@ -337,7 +338,7 @@ class AsyncKV(ForwardRequests):
         Raises:
             SymphonyError: the call failed.
         """
-        args = verify_args(self.path, draft, tokens, draft_probs, sampler, grammar)
+        args = verify_args(self.path, draft, tokens, draft_probs, sampler, grammar, ahead)
         return decode(await self.lip.call("verify", **args), VerifyResult)
 
     async def score(self, choices: Sequence[Sequence[int]]) -> list[float]:

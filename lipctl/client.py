@@ -325,6 +325,7 @@ class KV(ForwardRequests):
         tokens: Sequence[int] = (),
         draft_probs: Sequence[Mapping[int, float]] | None = None,
         grammar: Mapping[str, Any] | None = None,
+        ahead: bool = False,
         **sampler: Any,
     ) -> VerifyResult:
         """Speculative verification in one engine step: append `tokens` + `draft`, keep
@@ -338,12 +339,14 @@ class KV(ForwardRequests):
                 a deterministic drafter); used when sampling (temperature > 0).
             grammar: the call's own grammar for the draft and the next token (a draft
                 token it refuses is rejected); as `forward`'s.
+            ahead: also return, in `ahead`, the likeliest token after each draft token
+                past the rejected one (the next guesses of Jacobi decoding).
             **sampler: as `forward`'s; greedy by default.
 
         Raises:
             SymphonyError: the call failed.
         """
-        args = verify_args(self.path, draft, tokens, draft_probs, sampler, grammar)
+        args = verify_args(self.path, draft, tokens, draft_probs, sampler, grammar, ahead)
         return decode(self.lip.call("verify", **args), VerifyResult)
 
     def score(self, choices: Sequence[Sequence[int]]) -> list[float]:

@@ -125,9 +125,12 @@ def verify_args(
     draft_probs: Sequence[Mapping[int, float]] | None,
     sampler: Mapping[str, Any],
     grammar: Mapping[str, Any] | None = None,
+    ahead: bool = False,
 ) -> dict[str, Any]:
     """Arguments of `verify`; see `KV.verify`."""
     args: dict[str, Any] = {"path": path, "draft": list(draft), "tokens": list(tokens)}
+    if ahead:
+        args["ahead"] = True
     if draft_probs is not None:
         args["draft_probs"] = [dict(p) for p in draft_probs]
     if spec := sampler_args(sampler):

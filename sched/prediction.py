@@ -157,7 +157,7 @@ async def _verify(sys: Syscalls, call: Call, a: S.Verify) -> Any:
     grammar = await _grammar(sys, call, a.grammar)
     file = sys.store.ns.lookup_file(a.path, call.cred, W_OK | R_OK)
     generator = _stream(sys, call, params)
-    state = VerifyState(list(a.draft), len(a.tokens) - 1, draft_probs)
+    state = VerifyState(list(a.draft), len(a.tokens) - 1, draft_probs, ahead=a.ahead)
     tokens = [*a.tokens, *a.draft]
     task = Task(call.proc.account, file, tokens, {}, params, generator, verify=state)
     task.reuse = call.cred.uid == file.uid  # as forward's: the owner's cache is the owner's

@@ -89,6 +89,9 @@ class VerifyResult(msgspec.Struct, frozen=True):
     accepted: int
     token: int
     token_ids: list[int]  # draft[:accepted] + [token]
+    # asked with ahead=True: the likeliest token after each of draft[accepted:] past the
+    # rejected draft[accepted] (draft guesses for the next call, as Jacobi decoding takes)
+    ahead: list[int] = []
 
 
 class Usage(msgspec.Struct, frozen=True):

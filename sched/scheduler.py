@@ -353,6 +353,7 @@ class Scheduler:
                 "accepted": v.accepted,
                 "token": v.token,
                 "token_ids": [*v.draft[: v.accepted], v.token],
+                "ahead": v.after,
             }
         outputs = [{"at": at, **task.answers[at]} for at in sorted(task.answers)]
         result["outputs"] = outputs

@@ -99,6 +99,9 @@ class Verify(Args):
         list[dict[int, float]] | None, doc("per draft token: the drafter's {id: prob}")
     ] = None
     grammar: Annotated[Grammar, doc("constrains the draft and the next token")] = None
+    ahead: Annotated[
+        bool, doc("also return the likeliest token after each draft token past the rejected one")
+    ] = False
 
 
 class Generate(Args):

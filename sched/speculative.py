@@ -27,8 +27,10 @@ class VerifyState:
     first: int  # the new-token index whose prediction checks draft[0] (-1: the file's last)
     draft_probs: list[dict[int, float]] | None  # None: a deterministic drafter
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # new-token index -> logits
+    ahead: bool = False  # also the likeliest tokens past the rejected one (`guesses_after`)
     accepted: int = 0
     token: int | None = None
+    after: list[int] = field(default_factory=list)
 
     @property
     def indices(self) -> list[int]:
@@ -52,6 +54,13 @@ def parse_draft_probs(
         if sum(probs.values()) > 1.0 + 1e-3:
             raise A.einval("a draft_probs map sums past 1")
     return spec
+
+
+def guesses_after(rows: Sequence[torch.Tensor], accepted: int, params: SamplingParams) -> list[int]:
+    """The likeliest token (under the sampler's bias and masks) in each row past the
+    first rejected draft token's: what follows each later draft token, were the ones
+    before it right. Nothing when the whole draft was accepted."""
+    return [int(constrain(row.float(), params).argmax()) for row in rows[accepted + 1 :]]
 
 
 def accept(

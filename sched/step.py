@@ -14,7 +14,7 @@ from symphony.engine.sampling import GREEDY, finite_rows, sample
 from symphony.fs.errors import StoreError
 from symphony.sched import constrained as grammar_steps
 from symphony.sched.outputs import OutputSpec, describe
-from symphony.sched.speculative import accept
+from symphony.sched.speculative import accept, guesses_after
 from symphony.sched.tasks import Task
 
 _NONE = OutputSpec()
@@ -109,11 +109,9 @@ def compute_step(
         done = task.computed + chunk.num_tokens == len(task.plan.compute_ids) if task.plan else True
         failed = task.failure is not None or isinstance(outputs[i], StoreError)
         if v is not None and done and not failed and set(v.indices) <= set(v.rows):
-            v.accepted, v.token = accept(
-                [v.rows[at] for at in v.indices],
-                v.draft,
-                task.params or GREEDY,
-                task.generator,
-                v.draft_probs,
-            )
+            rows = [v.rows[at] for at in v.indices]
+            params = task.params or GREEDY
+            v.accepted, v.token = accept(rows, v.draft, params, task.generator, v.draft_probs)
+            if v.ahead and v.accepted < len(v.draft):
+                v.after = guesses_after(rows, v.accepted, params)
     return outputs

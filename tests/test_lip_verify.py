@@ -76,6 +76,31 @@ def test_verify_accepts_all_of_a_right_draft_in_one_step(lip) -> None:
     assert (r["accepted"], r["token"]) == (5, reference[5])
 
 
+def test_verify_ahead_returns_the_greedy_tokens_past_the_rejected_guess(lip) -> None:
+    """What Jacobi decoding guesses next: the argmax after each later draft token, the
+    same as a forward of the rejected draft asks; nothing once all is accepted."""
+    reference = greedy(lip, "ref.kv", 3)
+    wrong = (reference[1] + 1) % 256
+    draft = [reference[0], wrong, 7, 9]
+    prompt_file(lip, "a.kv")
+    r = lip.call("verify", path="a.kv", draft=draft, ahead=True)
+    prompt_file(lip, "b.kv")
+    asks = [{"at": [1, 2, 3], "sample": True}]
+    greedy_sampler = {"temperature": 0}
+    seen = lip.call("forward", path="b.kv", tokens=draft, outputs=asks, sampler=greedy_sampler)
+    assert (r["accepted"], r["token"]) == (1, reference[1])
+    assert r["ahead"] == [o["token"] for o in sorted(seen["outputs"], key=lambda o: o["at"])]
+    assert lip.call("kv_stat", path="a.kv")["tokens"] == len(PROMPT) + 1
+    whole = lip.call("verify", path="a.kv", tokens=[r["token"]], draft=[reference[2]], ahead=True)
+    assert (whole["accepted"], whole["ahead"]) == (1, [])
+    plain = lip.call("verify", path="a.kv", tokens=[whole["token"]], draft=[wrong, 7])
+    assert plain["ahead"] == []
+    prompt_file(lip, "c.kv")  # under the call's logit bias, as its correction is
+    biased = {"logit_bias": {5: 100.0}}
+    r = lip.call("verify", path="c.kv", draft=[6, 7, 8], ahead=True, sampler=biased)
+    assert (r["accepted"], r["token"], r["ahead"]) == (0, 5, [5, 5, 5])
+
+
 def test_verify_refuses_bad_drafts_and_keeps_the_file(lip) -> None:
     prompt_file(lip, "a.kv")
     for args in (

@@ -51,12 +51,15 @@ async def test_prompt_lookup_copies_in_long_accepted_drafts(tiny_socket: str) ->
 async def test_jacobi_equals_greedy(tiny_socket: str) -> None:
     jacobi = load_example("jacobi_decoding")
     async with connect(tiny_socket) as lip:
-        for window in (1, 4):
-            result = await jacobi.run(lip, max_tokens=40, window=window)
-            prompt = await lip.apply_chat_template([{"role": "user", "content": jacobi.QUESTION}])
-            assert result["token_ids"] == await greedy(lip, prompt, 40)
-            # a random model's guesses are all but never right: one token per forward
-            assert result["forward_calls"] <= len(result["token_ids"])
+        prompt = await lip.apply_chat_template([{"role": "user", "content": jacobi.QUESTION}])
+        reference = await greedy(lip, prompt, 40)
+        for window, pool in ((1, False), (4, False), (2, True)):
+            result = await jacobi.run(lip, max_tokens=40, window=window, pool=pool)
+            assert result["token_ids"] == reference, (window, pool)
+            # every verify gains a token at least
+            assert result["verify_calls"] <= len(result["token_ids"])
+            if not pool:
+                assert result["pool_drafts"] == 0
         assert await lip.listdir("jacobi_decoding") == []
 
 
@@ -64,12 +67,27 @@ async def test_jacobi_accepts_a_window_of_right_guesses(tiny_socket: str) -> Non
     jacobi = load_example("jacobi_decoding")
     bias = {A: 100.0}  # every prediction is "a", whatever came before: guesses converge
     async with connect(tiny_socket) as lip:
-        result = await jacobi.run(lip, max_tokens=40, window=4, logit_bias=bias)
+        result = await jacobi.run(lip, max_tokens=40, window=4, pool=False, logit_bias=bias)
         prompt = await lip.apply_chat_template([{"role": "user", "content": jacobi.QUESTION}])
         assert result["token_ids"] == await greedy(lip, prompt, 40, logit_bias=bias)
-        # the first forward finds the guesses wrong, then every one takes 5 tokens
-        assert result["forward_calls"] == 1 + (40 - 1 + 4) // 5
-        assert result["quality"] > 3
+        # the first verify finds the guesses wrong, then every one takes 5 tokens
+        assert result["verify_calls"] == 1 + (40 - 1 + 4) // 5
+        assert result["jacobi_accepted"] == 40 - result["verify_calls"]  # the rest guessed
+        assert await lip.listdir("jacobi_decoding") == []
+
+
+async def test_jacobi_drafts_from_the_pool_where_the_text_repeats(tiny_socket: str) -> None:
+    jacobi = load_example("jacobi_decoding")
+    bias = {A: 100.0}
+    question = "a" * 40  # the prompt holds the output-to-be: pool drafts of 16 are right
+    async with connect(tiny_socket) as lip:
+        result = await jacobi.run(lip, question, max_tokens=48, window=2, logit_bias=bias)
+        prompt = await lip.apply_chat_template([{"role": "user", "content": question}])
+        assert result["token_ids"] == await greedy(lip, prompt, 48, logit_bias=bias) == [A] * 48
+        # a 2-token Jacobi verify first (the tail "<|im_start|>assistant\n" is new), then
+        # 17 tokens a verify; the window alone takes 3 a verify
+        assert result["verify_calls"] <= 5
+        assert result["pool_drafts"] >= result["verify_calls"] - 2
         assert await lip.listdir("jacobi_decoding") == []
 
 
