@@ -7,7 +7,11 @@ floor they set, bytes over the read bandwidth measured in the same run. Prints a
 table, writes bench/results/engine.json and engine.png. llama.cpp (llama-cpp-python,
 the `bench` extra) runs at batch 1 only, and only when installed.
 
-    python bench/engine.py [--quick] [--skip transformers,llamacpp,w8a8]
+Then int8 decode after a 2,048-token context, at batch 1 and 8, with fp32 KV pages and
+with bf16 ones (`--kv-dtype bfloat16`): there the fp32 K and V a step reads are half the
+int8 weights' bytes at batch 1, four times them at batch 8.
+
+    python bench/engine.py [--quick] [--skip transformers,llamacpp,w8a8,long]
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from symphony.engine.quant import linear_bytes
 
 PROMPT_LEN = 512
 BATCHES = (1, 8, 32)
+LONG_CONTEXT = 2048  # the long-context rows' prompt
+LONG_BATCHES = (1, 8)
+SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 SEED_TEXT = (
     "In the quiet valley where the river bends, the old mill still turns each morning. "
     "Farmers bring grain, children race along the banks, and the miller counts every sack. "
@@ -100,10 +107,10 @@ def bench_symphony(
     for batch in batches:
         prompts = [prompt_ids(engine.tokenizer.encode, prompt_len, offset=i) for i in range(batch)]
         tables = [pool.allocate(engine.pages_for(prompt_len + steps + 1)) for _ in prompts]
+        for p, t in zip(prompts, tables, strict=True):  # each run rewrites the same slots
+            engine.step([SeqChunk(p, 0, t)])
         rates = []
         for _ in range(repeats):  # the median of `repeats` runs of `steps` steps
-            for p, t in zip(prompts, tables, strict=True):
-                engine.step([SeqChunk(p, 0, t)])
             last = [p[-1] for p in prompts]
             chunks = [SeqChunk([tok], prompt_len, t) for tok, t in zip(last, tables, strict=True)]
             engine.step(chunks)
@@ -224,7 +231,7 @@ def plot(results: dict[str, dict[str, float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    names = list(results)
+    names = [n for n in results if "context" not in n]  # the long-context rows: the table
     ax1.bar(names, [results[n].get("prefill", 0) for n in names], color="tab:blue")
     ax1.set_title(f"prefill, {PROMPT_LEN}-token prompt")
     ax1.set_ylabel("tokens/s")
@@ -250,7 +257,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
     parser.add_argument(
-        "--skip", default="", help="comma list: transformers, llamacpp, fp32, auto, w8a8"
+        "--skip", default="", help="comma list: transformers, llamacpp, fp32, auto, w8a8, long"
     )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -273,6 +280,12 @@ def main() -> None:
         and (lcpp := bench_llamacpp(steps, repeats, files.config)) is not None
     ):
         results["llama.cpp Q4_1"] = lcpp
+    for kv_dtype in () if "long" in skip else ("float32", "bfloat16"):
+        config = EngineConfig(device="cpu", num_pages=1536, quant="int8", kv_dtype=kv_dtype)
+        engine = Engine(files, config)
+        name = f"int8, 2k context, {SHORT[kv_dtype]} KV"
+        results[name] = bench_symphony(engine, steps, repeats, LONG_BATCHES, LONG_CONTEXT)
+        del engine
 
     for row in results.values():  # the floor: tokens/s if a step cost only its reads
         for b in BATCHES:

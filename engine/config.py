@@ -63,6 +63,9 @@ class EngineConfig:
 
     device: str = field(default_factory=default_device)
     dtype: str = ""  # empty: float32 on CPU, bfloat16 on CUDA
+    # what the KV pages hold; empty: the dtype. "bfloat16" under float32 on a CPU halves
+    # the pages' memory and the bytes a long context's step reads
+    kv_dtype: str = ""
     page_size: int = 0  # tokens a KV page; 0: the attention backend's (choose_attention)
     num_pages: int = 2048  # with page_size 0: pages of 16 tokens' worth, whatever the size
     # "auto": int8 on a CPU where its check passes, else fp32 (engine/quant_check.py);
@@ -85,6 +88,15 @@ class EngineConfig:
             raise ValueError(f"--quant {self.quant} computes in float32, not {self.dtype}")
         if self.dtype and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_dtype and self.kv_dtype not in DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(DTYPES)}, got {self.kv_dtype!r}")
+        cpu_fp32 = self.device.startswith("cpu") and self.torch_dtype == torch.float32
+        if self.torch_kv_dtype != self.torch_dtype and not (
+            cpu_fp32 and self.torch_kv_dtype == torch.bfloat16
+        ):
+            raise ValueError(
+                "KV pages differ from the model's dtype only as bfloat16 under float32 on a CPU"
+            )
         if self.cuda_graphs and not self.device.startswith("cuda"):
             raise ValueError("cuda graphs need a CUDA device")
         if self.attention not in ATTENTION_BACKENDS:
@@ -97,3 +109,7 @@ class EngineConfig:
         if self.dtype:
             return DTYPES[self.dtype]
         return torch.float32 if self.device.startswith("cpu") else torch.bfloat16
+
+    @property
+    def torch_kv_dtype(self) -> torch.dtype:
+        return DTYPES[self.kv_dtype] if self.kv_dtype else self.torch_dtype

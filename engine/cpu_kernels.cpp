@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -137,6 +138,59 @@ inline void rope_head(const float* x, const float* cos, const float* sin, int64_
 
 inline float finite_or_zero(float v) { return std::isfinite(v) ? v : 0.0f; }
 
+// K and V pages hold fp32, or bf16 (an fp32's top 16 bits: half the bytes a step reads
+// over a long context, rounded to nearest even as torch's conversion rounds)
+using bf16 = uint16_t;
+
+inline void store_kv(float* dst, float v) { *dst = v; }
+inline void store_kv(bf16* dst, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  *dst = static_cast<bf16>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+// RoPE'd K and V of T tokens into their slots of caches holding T_ (fp32 or bf16)
+template <typename C>
+void store_rows(const float* xp, const float* cp, const float* snp, const int64_t* sp, float* qp,
+                C* kc, C* vc, int64_t T, int64_t nh, int64_t nkv, int64_t d) {
+  const int64_t half = d / 2, width = (nh + 2 * nkv) * d;
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    float rotated[1024];  // one head; head_dim is checked by the caller
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* row = xp + t * width;
+      const float* c = cp + t * half;
+      const float* s = snp + t * half;
+      for (int64_t h = 0; h < nh; ++h) rope_head(row + h * d, c, s, half, qp + (t * nh + h) * d);
+      C* kdst = kc + sp[t] * nkv * d;
+      C* vdst = vc + sp[t] * nkv * d;
+      for (int64_t h = 0; h < nkv; ++h) {
+        rope_head(row + (nh + h) * d, c, s, half, rotated);
+        const float* v = row + (nh + nkv + h) * d;
+        for (int64_t i = 0; i < d; ++i) {
+          store_kv(kdst + h * d + i, finite_or_zero(rotated[i]));
+          store_kv(vdst + h * d + i, finite_or_zero(v[i]));
+        }
+      }
+    }
+  });
+}
+
+// the caches' element type: both fp32 or both bf16, contiguous
+bool bf16_caches(const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
+  const auto type = k_cache.scalar_type();
+  TORCH_CHECK((type == torch::kFloat32 || type == torch::kBFloat16) &&
+                  v_cache.scalar_type() == type && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous(),
+              "the caches must be contiguous, both fp32 or both bf16");
+  return type == torch::kBFloat16;
+}
+
 }  // namespace
 
 // One decode layer's Q, K and V from its fused projection qkv [T, (nh + 2 nkv) d]: Q
@@ -147,7 +201,7 @@ inline float finite_or_zero(float v) { return std::isfinite(v) ? v : 0.0f; }
 torch::Tensor rope_store_kv(torch::Tensor qkv, int64_t num_heads, int64_t num_kv_heads,
                             torch::Tensor cos, torch::Tensor sin, torch::Tensor slots,
                             torch::Tensor k_cache, torch::Tensor v_cache) {
-  const int64_t T = qkv.size(0), d = cos.size(1) * 2, half = d / 2;
+  const int64_t T = qkv.size(0), d = cos.size(1) * 2;
   const int64_t nh = num_heads, nkv = num_kv_heads;
   TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == torch::kFloat32 &&
                   qkv.size(1) == (nh + 2 * nkv) * d,
@@ -156,10 +210,9 @@ torch::Tensor rope_store_kv(torch::Tensor qkv, int64_t num_heads, int64_t num_kv
     TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->dim() == 2 &&
                     t->size(0) == T,
                 "cos and sin must be contiguous fp32 [T, head_dim / 2]");
-  for (const auto* t : {&k_cache, &v_cache})
-    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() &&
-                    t->numel() % (nkv * d) == 0,
-                "the caches must be contiguous fp32 [.., kv_heads, head_dim]");
+  const bool bf16_kv = bf16_caches(k_cache, v_cache);
+  TORCH_CHECK(k_cache.numel() == v_cache.numel() && k_cache.numel() % (nkv * d) == 0,
+              "the caches must be [.., kv_heads, head_dim]");
   TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.numel() == T, "one slot per token");
   qkv = qkv.contiguous();
   slots = slots.contiguous();
@@ -168,33 +221,16 @@ torch::Tensor rope_store_kv(torch::Tensor qkv, int64_t num_heads, int64_t num_kv
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(sp[t] >= 0 && sp[t] < capacity, "slot ", sp[t], " outside the cache");
   auto q = torch::empty({T, nh, d}, qkv.options());
+  TORCH_CHECK(d <= 1024, "head_dim above 1024");
   const float* xp = qkv.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
   const float* snp = sin.data_ptr<float>();
-  float* qp = q.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
-  TORCH_CHECK(d <= 1024, "head_dim above 1024");
-  const int64_t width = (nh + 2 * nkv) * d;
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-    float rotated[1024];  // one head; head_dim is checked above
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* row = xp + t * width;
-      const float* c = cp + t * half;
-      const float* s = snp + t * half;
-      for (int64_t h = 0; h < nh; ++h) rope_head(row + h * d, c, s, half, qp + (t * nh + h) * d);
-      float* kdst = kc + sp[t] * nkv * d;
-      float* vdst = vc + sp[t] * nkv * d;
-      for (int64_t h = 0; h < nkv; ++h) {
-        rope_head(row + (nh + h) * d, c, s, half, rotated);
-        const float* v = row + (nh + nkv + h) * d;
-        for (int64_t i = 0; i < d; ++i) {
-          kdst[h * d + i] = finite_or_zero(rotated[i]);
-          vdst[h * d + i] = finite_or_zero(v[i]);
-        }
-      }
-    }
-  });
+  if (bf16_kv)
+    store_rows(xp, cp, snp, sp, q.data_ptr<float>(), static_cast<bf16*>(k_cache.data_ptr()),
+               static_cast<bf16*>(v_cache.data_ptr()), T, nh, nkv, d);
+  else
+    store_rows(xp, cp, snp, sp, q.data_ptr<float>(), k_cache.data_ptr<float>(),
+               v_cache.data_ptr<float>(), T, nh, nkv, d);
   return q;
 }
 
@@ -203,22 +239,23 @@ namespace {
 // out[0..8) = q . keys[i][0..d) for the 8 keys: eight independent FMA chains (one dot
 // at a time was a chain of d / 8 dependent FMAs, bound by their latency), then one
 // transposing reduction of the eight sums into a vector
-inline __m256 dot8(const float* q, const float* const* keys, int64_t d) {
+template <typename C>
+inline __m256 dot8(const float* q, const C* const* keys, int64_t d) {
   __m256 a[8];
   for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
   for (int64_t e = 0; e < d; e += 8) {
     const __m256 qv = _mm256_loadu_ps(q + e);
-    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys[i] + e), a[i]);
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, load8(keys[i] + e), a[i]);
   }
   const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
   const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
   return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {  // n % 8 == 0
+template <typename C>
+inline float dot(const float* a, const C* b, int64_t n) {  // n % 8 == 0
   __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 8)
-    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
   return hsum(acc);
 }
 
@@ -231,7 +268,8 @@ constexpr int64_t kValueSlots = 32;
 // registers across the slots (eight independent chains); `first` starts from 0, and
 // `last` stores scale times the sum. Taken block after block it adds in the order one
 // pass would, so the result does not depend on the blocks.
-inline void weighted_block(float* out, const float* p, const float* const* values, int64_t t0,
+template <typename C>
+inline void weighted_block(float* out, const float* p, const C* const* values, int64_t t0,
                            int64_t t1, int64_t d, float scale, bool first, bool last) {
   for (int64_t e0 = 0; e0 < d; e0 += 64) {
     const int64_t width = std::min<int64_t>(64, d - e0) / 8;
@@ -240,11 +278,11 @@ inline void weighted_block(float* out, const float* p, const float* const* value
       a[i] = first || i >= width ? _mm256_setzero_ps() : _mm256_loadu_ps(out + e0 + 8 * i);
     for (int64_t t = t0; t < t1; ++t) {
       const __m256 w = _mm256_set1_ps(p[t]);
-      const float* v = values[t] + e0;
+      const C* v = values[t] + e0;
       if (width == 8) {  // spelled out: a constant count keeps the 8 in registers
-        for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), a[i]);
+        for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(w, load8(v + 8 * i), a[i]);
       } else {
-        for (int i = 0; i < width; ++i) a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), a[i]);
+        for (int i = 0; i < width; ++i) a[i] = _mm256_fmadd_ps(w, load8(v + 8 * i), a[i]);
       }
     }
     const __m256 s = _mm256_set1_ps(scale);
@@ -273,11 +311,12 @@ inline float softmax_numerators(float* row, int64_t n) {
 // ptrs[t] for from <= t < to: where slot t's K (or V) of KV head h is in `cache`
 // [pages, page_size, kv_heads, d], a page at a time (a division a slot had cost a
 // decode over 1,024 slots about a tenth of its attention)
-inline void slot_pointers(const float* cache, const int64_t* table, int64_t from, int64_t to,
-                          int64_t ps, int64_t nkv, int64_t h, int64_t d, const float** ptrs) {
+template <typename C>
+inline void slot_pointers(const C* cache, const int64_t* table, int64_t from, int64_t to,
+                          int64_t ps, int64_t nkv, int64_t h, int64_t d, const C** ptrs) {
   for (int64_t t = from; t < to;) {
     const int64_t page = t / ps, offset = t - page * ps, n = std::min(to - t, ps - offset);
-    const float* base = cache + ((table[page] * ps + offset) * nkv + h) * d;
+    const C* base = cache + ((table[page] * ps + offset) * nkv + h) * d;
     for (int64_t i = 0; i < n; ++i) ptrs[t + i] = base + i * nkv * d;
     t += n;
   }
@@ -377,6 +416,89 @@ std::vector<int64_t> checked_rows(const torch::Tensor& block_tables, const torch
   return seq;
 }
 
+// What the attention's tasks read besides q and the caches
+struct Rows {
+  const int64_t *bt, *starts, *lp, *seq;
+  int64_t max_pages, ps, nh, nkv, d, group;
+};
+
+// The tasks (group, kv head, first row) of paged_attention over caches of C (fp32 or
+// bf16): each row's scores, softmax and weighted sum of values, in fp32
+template <typename C>
+void attend(const Rows& rw, const std::vector<RowGroup>& groups,
+            const std::vector<std::array<int64_t, 3>>& tasks, const float* qp, const C* kp,
+            const C* vp, float sc, float* op) {
+  const int64_t *bt = rw.bt, *lp = rw.lp, *seq = rw.seq;
+  const int64_t max_pages = rw.max_pages, ps = rw.ps, nh = rw.nh, nkv = rw.nkv, d = rw.d;
+  const int64_t group = rw.group;
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores, totals;
+    std::vector<const C*> keys, values;  // [row][slot]: slot t's K and V of this head
+    for (int64_t i = i0; i < i1; ++i) {
+      const RowGroup& grp = groups[tasks[i][0]];
+      const int64_t h = tasks[i][1], r0 = tasks[i][2];
+      const int64_t n = std::min<int64_t>(kTaskRows, grp.rows.size() - r0);
+      const int64_t* rows = grp.rows.data() + r0;
+      int64_t stride = 0;  // the longest row's slots
+      for (int64_t r = 0; r < n; ++r) stride = std::max(stride, lp[rows[r]]);
+      // the first row's every slot; the others' past the shared 8-key blocks (the
+      // shared slots are the same pages for every row)
+      const int64_t shared8 = grp.shared / 8 * 8;
+      keys.resize(n * stride);
+      values.resize(n * stride);
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t* table = bt + seq[rows[r]] * max_pages;
+        const int64_t from = r == 0 ? 0 : shared8, to = lp[rows[r]];
+        slot_pointers(kp, table, from, to, ps, nkv, h, d, keys.data() + r * stride);
+        slot_pointers(vp, table, from, to, ps, nkv, h, d, values.data() + r * stride);
+      }
+      // scores[(r * group + g) * stride + t]: query head g of row r against slot t,
+      // 8 keys at a time from slot 0 as for a row alone (a key's score does not depend
+      // on the rows beside it); the shared slots' 8 keys once for all the rows, in L1
+      scores.resize(n * group * stride);
+      const __m256 vsc = _mm256_set1_ps(sc);
+      const auto score8 = [&](int64_t r, const C* const* ks, int64_t t) {
+        const float* qh = qp + (rows[r] * nh + h * group) * d;
+        for (int64_t g = 0; g < group; ++g)
+          _mm256_storeu_ps(scores.data() + (r * group + g) * stride + t,
+                           _mm256_mul_ps(dot8(qh + g * d, ks + t, d), vsc));
+      };
+      for (int64_t t = 0; t < shared8; t += 8)
+        for (int64_t r = 0; r < n; ++r) score8(r, keys.data(), t);
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t L = lp[rows[r]];
+        const float* qh = qp + (rows[r] * nh + h * group) * d;
+        const C* const* rk = keys.data() + r * stride;
+        int64_t t = shared8;
+        for (; t + 8 <= L; t += 8) score8(r, rk, t);
+        for (; t < L; ++t)
+          for (int64_t g = 0; g < group; ++g)
+            scores[(r * group + g) * stride + t] = dot(qh + g * d, rk[t], d) * sc;
+      }
+      totals.resize(n * group);
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t g = 0; g < group; ++g)
+          totals[r * group + g] =
+              softmax_numerators(scores.data() + (r * group + g) * stride, lp[rows[r]]);
+      // weighted sums: the shared slots' values 32 at a time for every row while in L1,
+      // then each row's own; block after block they add as one pass would
+      const auto weigh = [&](int64_t r, const C* const* vals, int64_t t0, int64_t t1) {
+        const int64_t L = lp[rows[r]];
+        float* oh = op + (rows[r] * nh + h * group) * d;
+        for (int64_t g = 0; g < group; ++g)
+          weighted_block(oh + g * d, scores.data() + (r * group + g) * stride, vals, t0, t1, d,
+                         1.0f / totals[r * group + g], t0 == 0, t1 == L);
+      };
+      for (int64_t t0 = 0; t0 < grp.shared; t0 += kValueSlots)
+        for (int64_t r = 0; r < n; ++r)
+          weigh(r, values.data(), t0, std::min(grp.shared, t0 + kValueSlots));
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t t0 = grp.shared; t0 < lp[rows[r]]; t0 += kValueSlots)
+          weigh(r, values.data() + r * stride, t0, std::min(lp[rows[r]], t0 + kValueSlots));
+    }
+  });
+}
+
 }  // namespace
 
 // How paged_attention groups the rows (for tests): (shared slots, rows) per group
@@ -407,10 +529,9 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
                               torch::Tensor block_tables, torch::Tensor row_starts,
                               torch::Tensor lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32, "q must be fp32 [T, heads, d]");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.scalar_type() == torch::kFloat32 &&
-                  k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
-                  v_cache.scalar_type() == torch::kFloat32 && v_cache.is_contiguous(),
-              "the caches must be contiguous fp32 [pages, page_size, kv_heads, d]");
+  const bool bf16_kv = bf16_caches(k_cache, v_cache);
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "the caches must be [pages, page_size, kv_heads, d]");
   const int64_t T = q.size(0), nh = q.size(1), d = q.size(2);
   const int64_t pages = k_cache.size(0), ps = k_cache.size(1), nkv = k_cache.size(2);
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
@@ -434,76 +555,14 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
         tasks.push_back({g, h, r});
   auto out = torch::empty_like(q);
   const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores, totals;
-    std::vector<const float*> keys, values;  // [row][slot]: slot t's K and V of this head
-    for (int64_t i = i0; i < i1; ++i) {
-      const RowGroup& grp = groups[tasks[i][0]];
-      const int64_t h = tasks[i][1], r0 = tasks[i][2];
-      const int64_t n = std::min<int64_t>(kTaskRows, grp.rows.size() - r0);
-      const int64_t* rows = grp.rows.data() + r0;
-      int64_t stride = 0;  // the longest row's slots
-      for (int64_t r = 0; r < n; ++r) stride = std::max(stride, lp[rows[r]]);
-      // the first row's every slot; the others' past the shared 8-key blocks (the
-      // shared slots are the same pages for every row)
-      const int64_t shared8 = grp.shared / 8 * 8;
-      keys.resize(n * stride);
-      values.resize(n * stride);
-      for (int64_t r = 0; r < n; ++r) {
-        const int64_t* table = bt + seq[rows[r]] * max_pages;
-        const int64_t from = r == 0 ? 0 : shared8, to = lp[rows[r]];
-        slot_pointers(kp, table, from, to, ps, nkv, h, d, keys.data() + r * stride);
-        slot_pointers(vp, table, from, to, ps, nkv, h, d, values.data() + r * stride);
-      }
-      // scores[(r * group + g) * stride + t]: query head g of row r against slot t,
-      // 8 keys at a time from slot 0 as for a row alone (a key's score does not depend
-      // on the rows beside it); the shared slots' 8 keys once for all the rows, in L1
-      scores.resize(n * group * stride);
-      const __m256 vsc = _mm256_set1_ps(sc);
-      const auto score8 = [&](int64_t r, const float* const* ks, int64_t t) {
-        const float* qh = qp + (rows[r] * nh + h * group) * d;
-        for (int64_t g = 0; g < group; ++g)
-          _mm256_storeu_ps(scores.data() + (r * group + g) * stride + t,
-                           _mm256_mul_ps(dot8(qh + g * d, ks + t, d), vsc));
-      };
-      for (int64_t t = 0; t < shared8; t += 8)
-        for (int64_t r = 0; r < n; ++r) score8(r, keys.data(), t);
-      for (int64_t r = 0; r < n; ++r) {
-        const int64_t L = lp[rows[r]];
-        const float* qh = qp + (rows[r] * nh + h * group) * d;
-        const float* const* rk = keys.data() + r * stride;
-        int64_t t = shared8;
-        for (; t + 8 <= L; t += 8) score8(r, rk, t);
-        for (; t < L; ++t)
-          for (int64_t g = 0; g < group; ++g)
-            scores[(r * group + g) * stride + t] = dot(qh + g * d, rk[t], d) * sc;
-      }
-      totals.resize(n * group);
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t g = 0; g < group; ++g)
-          totals[r * group + g] =
-              softmax_numerators(scores.data() + (r * group + g) * stride, lp[rows[r]]);
-      // weighted sums: the shared slots' values 32 at a time for every row while in L1,
-      // then each row's own; block after block they add as one pass would
-      const auto weigh = [&](int64_t r, const float* const* vals, int64_t t0, int64_t t1) {
-        const int64_t L = lp[rows[r]];
-        float* oh = op + (rows[r] * nh + h * group) * d;
-        for (int64_t g = 0; g < group; ++g)
-          weighted_block(oh + g * d, scores.data() + (r * group + g) * stride, vals, t0, t1, d,
-                         1.0f / totals[r * group + g], t0 == 0, t1 == L);
-      };
-      for (int64_t t0 = 0; t0 < grp.shared; t0 += kValueSlots)
-        for (int64_t r = 0; r < n; ++r)
-          weigh(r, values.data(), t0, std::min(grp.shared, t0 + kValueSlots));
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t t0 = grp.shared; t0 < lp[rows[r]]; t0 += kValueSlots)
-          weigh(r, values.data() + r * stride, t0, std::min(lp[rows[r]], t0 + kValueSlots));
-    }
-  });
+  const Rows rows_of{bt, starts, lp, seq.data(), max_pages, ps, nh, nkv, d, group};
+  if (bf16_kv)
+    attend(rows_of, groups, tasks, qp, static_cast<const bf16*>(k_cache.data_ptr()),
+           static_cast<const bf16*>(v_cache.data_ptr()), static_cast<float>(scale), op);
+  else
+    attend(rows_of, groups, tasks, qp, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+           static_cast<float>(scale), op);
   return out;
 }
 

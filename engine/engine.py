@@ -83,7 +83,7 @@ class Engine:
             self.page_size,
             mc.num_kv_heads,
             mc.head_dim,
-            ec.torch_dtype,
+            ec.torch_kv_dtype,
             ec.device,
         )
         self.attention = make_attention(
@@ -99,10 +99,11 @@ class Engine:
         if ec.cuda_graphs:  # recorded from the final (quantized or not) layers
             self.graphs = DecodeGraphs(self.model, self.pool, self.attention, mc.max_position)
         log.info(
-            "engine: %s on %s (%s, quant %s, attention %s), %d pages of %d tokens",
+            "engine: %s on %s (%s, KV %s, quant %s, attention %s), %d pages of %d tokens",
             mc.name,
             ec.device,
             ec.torch_dtype,
+            ec.torch_kv_dtype,
             self.quant,
             self.attention.name,
             num_pages,

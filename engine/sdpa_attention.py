@@ -265,6 +265,7 @@ class SdpaAttention:
         kvh, group, d = self.num_kv_heads, self.group, self.head_dim
         k = k_cache.index_select(0, p.pages).flatten(0, 1)[: p.context_len].transpose(0, 1)
         v = v_cache.index_select(0, p.pages).flatten(0, 1)[: p.context_len].transpose(0, 1)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # bf16 pages under an fp32 model
         # [n, kvh*group, d] -> [kvh, group * n, d]
         qp = q[p.start : p.start + p.length].view(p.length, kvh, group, d)
         qp = qp.permute(1, 2, 0, 3).reshape(kvh, group * p.length, d)
@@ -279,6 +280,7 @@ class SdpaAttention:
         if plan.shared_pages is not None:  # every query against each distinct page once
             k = k_cache.index_select(0, plan.shared_pages).view(-1, kvh, d).transpose(0, 1)
             v = v_cache.index_select(0, plan.shared_pages).view(-1, kvh, d).transpose(0, 1)
+            k, v = k.to(q.dtype), v.to(q.dtype)
             # [B, kvh, group, d] -> [kvh, B * group, d]: one query matrix per KV head
             qs = q.view(b, kvh, self.group, d).transpose(0, 1).reshape(kvh, b * self.group, d)
             o = F.scaled_dot_product_attention(qs, k, v, attn_mask=plan.shared_mask)
@@ -286,6 +288,7 @@ class SdpaAttention:
         # [B * max_pages, page_size, kvh, d] -> [B, kvh, L, d]
         k = k_cache.index_select(0, plan.pages).view(b, -1, kvh, d)[:, : plan.length]
         v = v_cache.index_select(0, plan.pages).view(b, -1, kvh, d)[:, : plan.length]
+        k, v = k.to(q.dtype), v.to(q.dtype)
         # the group of query heads sharing a KV head acts as that head's query rows
         qd = q.view(b, kvh, self.group, d)
         o = F.scaled_dot_product_attention(

@@ -53,6 +53,13 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--pages", type=int, default=4096, help="KV pages in the pool")
     serve.add_argument(
+        "--kv-dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="what KV pages hold (auto: the model's dtype); bfloat16 under an fp32 model on "
+        "a CPU holds twice the tokens and reads half the bytes over a long context",
+    )
+    serve.add_argument(
         "--page-size",
         type=int,
         default=0,
@@ -146,7 +153,8 @@ def format_status(st: dict[str, Any]) -> str:
     check = st.get("quant_check")
     return "\n".join(
         [
-            f"model      {st['model']} on {st['device']} ({st['dtype']}, {st['quant']} weights)",
+            f"model      {st['model']} on {st['device']} ({st['dtype']}, {st['quant']} weights, "
+            f"{st.get('kv_dtype', st['dtype'])} KV)",
             *([f"quant      auto chose {st['quant']}: {check}"] if check else []),
             f"pages      {p['total']} total, {p['used']} used ({p['shared']} shared), "
             f"{p['cached']} cached, {p['free']} free",
@@ -240,6 +248,7 @@ def serve(args: argparse.Namespace) -> int:
             num_pages=args.pages,
             page_size=args.page_size,
             quant=args.quant,
+            kv_dtype="" if args.kv_dtype == "auto" else args.kv_dtype,
             attention=args.attention,
             cuda_graphs=args.cuda_graphs,
         )

@@ -117,6 +117,7 @@ class Syscalls:
             "model": self.engine.model_config.name,
             "device": self.engine.config.device,
             "dtype": str(self.engine.config.torch_dtype).removeprefix("torch."),
+            "kv_dtype": str(self.engine.config.torch_kv_dtype).removeprefix("torch."),
             "quant": self.engine.quant,
             "quant_check": check.describe() if (check := self.engine.quant_check) else None,
             "steps": s.num_steps,

@@ -21,7 +21,7 @@ from symphony.sched.tasks import Account, Task
 
 def tolerance(engine: Engine) -> float:
     """How far a recomputation of the same tokens may drift (chunking, batch shapes)."""
-    return 1e-3 if engine.config.torch_dtype == torch.float32 else 3e-2
+    return 1e-3 if engine.config.torch_kv_dtype == torch.float32 else 3e-2
 
 
 async def verify_file(
