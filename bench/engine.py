@@ -231,7 +231,7 @@ def plot(results: dict[str, dict[str, float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    names = [n for n in results if "context" not in n]  # the long-context rows: the table
+    names = [n for n in results if "ctx" not in n]  # the long-context rows: the table
     ax1.bar(names, [results[n].get("prefill", 0) for n in names], color="tab:blue")
     ax1.set_title(f"prefill, {PROMPT_LEN}-token prompt")
     ax1.set_ylabel("tokens/s")
@@ -283,7 +283,7 @@ def main() -> None:
     for kv_dtype in () if "long" in skip else ("float32", "bfloat16"):
         config = EngineConfig(device="cpu", num_pages=1536, quant="int8", kv_dtype=kv_dtype)
         engine = Engine(files, config)
-        name = f"int8, 2k context, {SHORT[kv_dtype]} KV"
+        name = f"int8 2k ctx, {SHORT[kv_dtype]} KV"
         results[name] = bench_symphony(engine, steps, repeats, LONG_BATCHES, LONG_CONTEXT)
         del engine
 

@@ -97,6 +97,8 @@ class EngineConfig:
             raise ValueError(
                 "KV pages differ from the model's dtype only as bfloat16 under float32 on a CPU"
             )
+        if self.torch_kv_dtype != self.torch_dtype and self.attention not in ("auto", "sdpa"):
+            raise ValueError(f"--attention {self.attention} takes KV pages of the model's dtype")
         if self.cuda_graphs and not self.device.startswith("cuda"):
             raise ValueError("cuda graphs need a CUDA device")
         if self.attention not in ATTENTION_BACKENDS:

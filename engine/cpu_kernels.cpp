@@ -146,7 +146,9 @@ inline void store_kv(float* dst, float v) { *dst = v; }
 inline void store_kv(bf16* dst, float v) {
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof(bits));
-  *dst = static_cast<bf16>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  const bf16 rounded = static_cast<bf16>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  // a finite value past bf16's largest would round to infinity: the largest instead
+  *dst = (rounded & 0x7fffu) == 0x7f80u ? static_cast<bf16>(rounded - 1u) : rounded;
 }
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }

@@ -87,6 +87,9 @@ class DecoderLayer(nn.Module):
             q, k = qk[:, :nh], qk[:, nh:]
             v = qkv[:, (nh + nkv) * d :].view(t, nkv, d)
             k, v = torch.nan_to_num(k, 0.0, 0.0, 0.0), torch.nan_to_num(v, 0.0, 0.0, 0.0)
+            if k_cache.dtype != k.dtype:  # finite in the pages' dtype too
+                top = torch.finfo(k_cache.dtype).max
+                k, v = k.clamp(-top, top), v.clamp(-top, top)
             k_cache.view(-1, nkv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
             v_cache.view(-1, nkv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
         attn = attention(q, k_cache, v_cache, plan)  # [num_tokens, num_heads, head_dim]

@@ -214,9 +214,12 @@ class PagePool:
             flat.index_copy_(0, b, flat.index_select(0, a))
         self.mark_written(slot // self.page_size for slot in dst)
 
-    def max_abs_diff(self, pages_a: list[int], pages_b: list[int], num_tokens: int) -> float:
-        """The largest |a - b| over the K/V of the first `num_tokens` slots of two page
-        lists holding the same tokens (the slots past them are not compared)."""
+    def max_abs_diff(
+        self, pages_a: list[int], pages_b: list[int], num_tokens: int, rtol: float = 0.0
+    ) -> float:
+        """The largest |a - b| - rtol |b| (with rtol 0: |a - b|) over the K/V of the first
+        `num_tokens` slots of two page lists holding the same tokens (the slots past them
+        are not compared)."""
         a = torch.tensor(pages_a, dtype=torch.long, device=self.k_cache[0].device)
         b = torch.tensor(pages_b, dtype=torch.long, device=self.k_cache[0].device)
         worst = 0.0
@@ -224,7 +227,8 @@ class PagePool:
             # [num_pages, page_size, heads, head_dim] -> [tokens, heads * head_dim]
             x = cache.index_select(0, a).flatten(0, 1)[:num_tokens].float()
             y = cache.index_select(0, b).flatten(0, 1)[:num_tokens].float()
-            worst = max(worst, (x - y).abs().max().item() if num_tokens else 0.0)
+            if num_tokens:
+                worst = max(worst, ((x - y).abs() - rtol * y.abs()).max().item())
         return worst
 
     def check_invariants(self) -> None:

@@ -8,14 +8,15 @@ Inference for Translation via Parallel Decoding" (arXiv:2305.10427), with the tw
 branches of Lookahead decoding (Fu et al., 2024, "Break the Sequential Dependency of LLM
 Inference Using Lookahead Decoding", arXiv:2402.02057). The Jacobi branch: each verify
 appends the pending token and the guesses, keeps the longest prefix the model agrees
-with, returns the token after it, and (`ahead=True`) the model's prediction after each
-later guess; those predictions are the next guesses, as in Jacobi iteration, where the
-guess for position i+1 is what the model predicted there last time. The n-gram branch:
-Lookahead verifies n-grams from a pool; its reference code can fill the pool from the
-prompt (`POOL_FROM_PROMPT`), and this pool is the prompt and the output so far, looked up
-by the 3 or 2 tokens the output ends with. Lookahead also grows its pool from a 2-D
-window of Jacobi guesses, W x N tokens a step (35 and more); on a 2-core CPU a verify of
-17 tokens costs about four decode steps, so that window does not pay and is left out.
+with, returns the token after it, and (`ahead=True`) the model's prediction after the
+rejected guess and after each later one: the next guesses, as in Jacobi iteration, where
+the guess for position i+1 is what the model predicted there last time. The n-gram
+branch: Lookahead verifies n-grams from a pool; its reference code can fill the pool from
+the prompt (`POOL_FROM_PROMPT`), and this pool is the prompt and the output so far, looked
+up by the 3 or 2 tokens the output ends with: prompt lookup's drafts (speculative.py).
+Lookahead also grows its pool from a 2-D window of Jacobi guesses, W x N tokens a step
+(35 and more); on a 2-core CPU a verify of 17 tokens costs about four decode steps, so
+that window does not pay and is left out.
 
 Alone, the Jacobi guesses of a small model are right about once in twenty: a window of
 guesses then costs more than it saves (run with POOL=0 to see). The pool is what pays
@@ -41,6 +42,7 @@ from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncLip, connect
 
 FOLDER = "jacobi_decoding"
+MAX_DRAFT = 64  # the most guesses one verify takes
 QUESTION = "Write the numbers from 1 to 20, separated by commas."
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>")
 
@@ -97,8 +99,8 @@ async def run(
         "verify_calls", "pool_drafts" (verifies of a pool draft) and "jacobi_accepted"
         (guesses accepted from the Jacobi window).
     """
-    if window < 1:
-        raise ValueError("window must be at least 1")
+    if not (1 <= window <= MAX_DRAFT and 1 <= draft_len <= MAX_DRAFT):
+        raise ValueError(f"window and draft_len must be in 1..{MAX_DRAFT} (a verify's draft)")
     prompt = await lip.apply_chat_template([{"role": "user", "content": question}])
     greedy: dict[str, Any] = {"temperature": 0.0, "logit_bias": logit_bias or {}}
     stops = await stop_ids(lip)

@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
         choices=("auto", "float32", "bfloat16"),
         default="auto",
         help="what KV pages hold (auto: the model's dtype); bfloat16 under an fp32 model on "
-        "a CPU holds twice the tokens and reads half the bytes over a long context",
+        "a CPU halves a page's memory and the bytes a long context's step reads",
     )
     serve.add_argument(
         "--page-size",

@@ -339,8 +339,9 @@ class KV(ForwardRequests):
                 a deterministic drafter); used when sampling (temperature > 0).
             grammar: the call's own grammar for the draft and the next token (a draft
                 token it refuses is rejected); as `forward`'s.
-            ahead: also return, in `ahead`, the likeliest token after each draft token
-                past the rejected one (the next guesses of Jacobi decoding).
+            ahead: also return, in `ahead`, the likeliest token after each of
+                draft[accepted:], the rejected one first (the next guesses of Jacobi
+                decoding; with a grammar, as far as it allows the draft).
             **sampler: as `forward`'s; greedy by default.
 
         Raises:

@@ -104,6 +104,7 @@ def _verify_masks(task: Task) -> dict[int, torch.Tensor]:
     assert grammar is not None and v is not None
     takes = grammar.refused(v.draft)
     takes = len(v.draft) if takes is None else takes
+    v.grammar_takes = takes  # the rows after it have no mask: `ahead` stops there
     masks = {}
     fed = 0
     try:

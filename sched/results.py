@@ -89,8 +89,9 @@ class VerifyResult(msgspec.Struct, frozen=True):
     accepted: int
     token: int
     token_ids: list[int]  # draft[:accepted] + [token]
-    # asked with ahead=True: the likeliest token after each of draft[accepted:] past the
-    # rejected draft[accepted] (draft guesses for the next call, as Jacobi decoding takes)
+    # asked with ahead=True: the likeliest token after each of draft[accepted:], the
+    # rejected one first (the next call's guesses, as Jacobi decoding takes them); with
+    # a grammar, only as far as it allows the draft
     ahead: list[int] = []
 
 

@@ -100,7 +100,7 @@ class Verify(Args):
     ] = None
     grammar: Annotated[Grammar, doc("constrains the draft and the next token")] = None
     ahead: Annotated[
-        bool, doc("also return the likeliest token after each draft token past the rejected one")
+        bool, doc("also return the likeliest token after each rejected draft token and later")
     ] = False
 
 

@@ -28,6 +28,7 @@ class VerifyState:
     draft_probs: list[dict[int, float]] | None  # None: a deterministic drafter
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # new-token index -> logits
     ahead: bool = False  # also the likeliest tokens past the rejected one (`guesses_after`)
+    grammar_takes: int | None = None  # draft tokens a grammar allows; rows past are unmasked
     accepted: int = 0
     token: int | None = None
     after: list[int] = field(default_factory=list)
@@ -58,8 +59,8 @@ def parse_draft_probs(
 
 def guesses_after(rows: Sequence[torch.Tensor], accepted: int, params: SamplingParams) -> list[int]:
     """The likeliest token (under the sampler's bias and masks) in each row past the
-    first rejected draft token's: what follows each later draft token, were the ones
-    before it right. Nothing when the whole draft was accepted."""
+    correction's: what follows each of draft[accepted:], the rejected token first, were
+    the ones before it right. Nothing when the whole draft was accepted."""
     return [int(constrain(row.float(), params).argmax()) for row in rows[accepted + 1 :]]
 
 

@@ -112,6 +112,7 @@ def compute_step(
             rows = [v.rows[at] for at in v.indices]
             params = task.params or GREEDY
             v.accepted, v.token = accept(rows, v.draft, params, task.generator, v.draft_probs)
-            if v.ahead and v.accepted < len(v.draft):
-                v.after = guesses_after(rows, v.accepted, params)
+            if v.ahead and v.accepted < len(v.draft):  # as far as the grammar's masks go
+                masked = len(v.draft) if v.grammar_takes is None else v.grammar_takes
+                v.after = guesses_after(rows[: masked + 1], v.accepted, params)
     return outputs

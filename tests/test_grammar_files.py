@@ -171,6 +171,15 @@ def test_verify_on_a_constrained_file_refuses_the_draft_where_the_grammar_does(l
         check()
 
 
+def test_verify_ahead_stops_where_the_grammar_refuses_the_draft(lip, check) -> None:
+    """Past a refused draft token the rows have no mask: their guesses are not given."""
+    constrained(lip, "a.kv")
+    forced = list(b'{"name": "')
+    r = lip.call("verify", path="a.kv", draft=[*forced, 0, 65, 66], ahead=True)
+    assert (r["accepted"], r["ahead"]) == (len(forced), [])
+    check()
+
+
 def test_a_sample_that_keeps_nothing_follows_the_grammar_and_moves_nothing(lip, check) -> None:
     constrained(lip, "h.kv")
     for seed in range(5):

@@ -30,6 +30,7 @@ def test_rope_store_kv_rounds_into_bf16_pages_as_torch_does():
     t, nh, nkv, d = 6, 4, 2, 16
     qkv = torch.randn(t, (nh + 2 * nkv) * d) * 30
     qkv[1, nh * d + 3] = float("nan")  # made 0, as in fp32 pages
+    qkv[2, (nh + nkv) * d + 1] = 3.4e38  # finite in fp32, past bf16's largest: that
     angles = torch.rand(t, d // 2) * 10
     cos, sin = angles.cos(), angles.sin()
     slots = torch.tensor([7, 0, 31, 12, 13, 2])
@@ -38,8 +39,9 @@ def test_rope_store_kv_rounds_into_bf16_pages_as_torch_does():
     q32 = kernels.rope_store_kv(qkv, nh, nkv, cos, sin, slots, *wide)
     q16 = kernels.rope_store_kv(qkv, nh, nkv, cos, sin, slots, *narrow)
     assert torch.equal(q16, q32)  # Q stays fp32
+    top = torch.finfo(torch.bfloat16).max
     for full, half in zip(wide, narrow, strict=True):
-        assert torch.equal(half, full.to(torch.bfloat16))
+        assert torch.equal(half, full.clamp(-top, top).to(torch.bfloat16))
     with pytest.raises(RuntimeError, match="both fp32 or both bf16"):
         kernels.rope_store_kv(qkv, nh, nkv, cos, sin, slots, wide[0], narrow[1])
 
@@ -65,6 +67,8 @@ def test_a_bf16_pool_holds_pages_of_half_the_bytes():
     assert 2 * narrow.pool.bytes_per_page == wide.pool.bytes_per_page
     with pytest.raises(ValueError, match="bfloat16 under float32"):
         EngineConfig(device="cpu", kv_dtype="float16")
+    with pytest.raises(ValueError, match="takes KV pages of the model's dtype"):
+        EngineConfig(device="cpu", kv_dtype="bfloat16", attention="triton")
     with pytest.raises(ValueError, match="kv_dtype must be one of"):
         EngineConfig(device="cpu", kv_dtype="int4")
 
@@ -124,6 +128,10 @@ def test_a_bf16_server_says_so_and_serves(tmp_path):
             kv = lip.kv("a.kv", create=True)
             kv.append(PROMPTS[0])
             assert kv.generate(max_tokens=8, temperature=0.0).token_ids == want
+            # decode steps' K/V against one recomputing prefill: the same within a
+            # rounding step of bf16
+            report = kv.kv_verify()
+            assert report["match"] and report["relative_tolerance"] == 2.0**-7
     finally:
         thread.stop()
     assert thread.error is None
