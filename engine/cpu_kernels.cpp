@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 #include <immintrin.h>
@@ -279,37 +280,60 @@ inline void prefetch_slots(const C* const* ptrs, int64_t n, int64_t d) {
 // whole context's K and V three times over from L2 and L3
 constexpr int64_t kValueSlots = 32;
 
-// out[0..d) += sum_{t0 <= t < t1} p[t] values[t][0..d), 64 columns at a time held in
-// registers across the slots (eight independent chains); `first` starts from 0, and
-// `last` stores scale times the sum. Taken block after block it adds in the order one
-// pass would, so the result does not depend on the blocks.
+// out[e0..e0 + 8 W) += sum_{t0 <= t < t1} p[t] values[t][e0..e0 + 8 W): W independent
+// chains held in registers across the slots (W a constant: with a count known only at
+// run time the accumulators had lived on the stack, a store and a load each FMA)
+template <int W, typename C>
+inline void weighted_columns(float* out, const float* p, const C* const* values, int64_t t0,
+                             int64_t t1, int64_t e0, float scale, bool first, bool last) {
+  __m256 a[W];
+  for (int i = 0; i < W; ++i) a[i] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + e0 + 8 * i);
+  for (int64_t t = t0; t < t1; ++t) {
+    const __m256 w = _mm256_set1_ps(p[t]);
+    const C* v = values[t] + e0;
+    for (int i = 0; i < W; ++i) a[i] = _mm256_fmadd_ps(w, load8(v + 8 * i), a[i]);
+  }
+  const __m256 s = _mm256_set1_ps(scale);
+  for (int i = 0; i < W; ++i) _mm256_storeu_ps(out + e0 + 8 * i, last ? _mm256_mul_ps(s, a[i]) : a[i]);
+}
+
+// out[0..d) += sum_{t0 <= t < t1} p[t] values[t][0..d), 64 columns at a time (eight
+// chains); `first` starts from 0, and `last` stores scale times the sum. Taken block
+// after block it adds in the order one pass would, so the result does not depend on the
+// blocks.
 template <typename C>
 inline void weighted_block(float* out, const float* p, const C* const* values, int64_t t0,
                            int64_t t1, int64_t d, float scale, bool first, bool last) {
   for (int64_t e0 = 0; e0 < d; e0 += 64) {
-    const int64_t width = std::min<int64_t>(64, d - e0) / 8;
-    __m256 a[8];
-    for (int i = 0; i < 8; ++i)
-      a[i] = first || i >= width ? _mm256_setzero_ps() : _mm256_loadu_ps(out + e0 + 8 * i);
-    for (int64_t t = t0; t < t1; ++t) {
-      const __m256 w = _mm256_set1_ps(p[t]);
-      const C* v = values[t] + e0;
-      if (width == 8) {  // spelled out: a constant count keeps the 8 in registers
-        for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(w, load8(v + 8 * i), a[i]);
-      } else {
-        for (int i = 0; i < width; ++i) a[i] = _mm256_fmadd_ps(w, load8(v + 8 * i), a[i]);
-      }
+    const auto run = [&](auto width) {
+      weighted_columns<decltype(width)::value>(out, p, values, t0, t1, e0, scale, first, last);
+    };
+    switch (std::min<int64_t>(64, d - e0) / 8) {
+      case 8: run(std::integral_constant<int, 8>{}); break;
+      case 7: run(std::integral_constant<int, 7>{}); break;
+      case 6: run(std::integral_constant<int, 6>{}); break;
+      case 5: run(std::integral_constant<int, 5>{}); break;
+      case 4: run(std::integral_constant<int, 4>{}); break;
+      case 3: run(std::integral_constant<int, 3>{}); break;
+      case 2: run(std::integral_constant<int, 2>{}); break;
+      default: run(std::integral_constant<int, 1>{});
     }
-    const __m256 s = _mm256_set1_ps(scale);
-    for (int i = 0; i < width; ++i)
-      _mm256_storeu_ps(out + e0 + 8 * i, last ? _mm256_mul_ps(s, a[i]) : a[i]);
   }
 }
 
-// row[0..n) = e^(row - max(row)); returns their sum
+// row[0..n) = e^(row - max(row)); returns their sum. The max 8 lanes at a time (a chain
+// of scalar maxima, each waiting on the one before, had taken a tenth of the kernel).
 inline float softmax_numerators(float* row, int64_t n) {
   float top = row[0];
-  for (int64_t t = 1; t < n; ++t) top = std::max(top, row[t]);
+  int64_t m = 1;
+  if (n >= 8) {
+    __m256 most = _mm256_loadu_ps(row);
+    for (m = 8; m + 8 <= n; m += 8) most = _mm256_max_ps(most, _mm256_loadu_ps(row + m));
+    __m128 half = _mm_max_ps(_mm256_castps256_ps128(most), _mm256_extractf128_ps(most, 1));
+    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    top = _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
+  }
+  for (; m < n; ++m) top = std::max(top, row[m]);
   const __m256 vtop = _mm256_set1_ps(top);
   __m256 acc = _mm256_setzero_ps();
   int64_t t = 0;
