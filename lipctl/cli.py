@@ -151,10 +151,11 @@ def format_ps(rows: list[dict[str, Any]]) -> str:
 def format_status(st: dict[str, Any]) -> str:
     p = st["pages"]
     check = st.get("quant_check")
+    kv = st.get("kv_dtype", st["dtype"])  # said only where the pages differ from the model
     return "\n".join(
         [
-            f"model      {st['model']} on {st['device']} ({st['dtype']}, {st['quant']} weights, "
-            f"{st.get('kv_dtype', st['dtype'])} KV)",
+            f"model      {st['model']} on {st['device']} ({st['dtype']}, {st['quant']} weights"
+            f"{'' if kv == st['dtype'] else f', {kv} KV'})",
             *([f"quant      auto chose {st['quant']}: {check}"] if check else []),
             f"pages      {p['total']} total, {p['used']} used ({p['shared']} shared), "
             f"{p['cached']} cached, {p['free']} free",
