@@ -149,8 +149,9 @@ def test_closing_a_stream_cancels_and_the_connection_goes_on(tiny_server) -> Non
 
 
 def test_a_pruned_branch_frees_its_seat_and_the_others_finish(tiny_server) -> None:
-    """A tree of thought: three branches generate; one is pruned (its cancel scope left)
-    and stops at once, the others run to their end."""
+    """A tree of thought: three branches generate; one is pruned (its cancel scope
+    cancelled after 40 tokens) and stops at once, the others run to their end. (Pruned
+    after half a second instead, a faster step let it fill the pool's 128 pages of 4.)"""
     path = tiny_server.server.config.socket_path
     results: dict[int, object] = {}
 
@@ -166,8 +167,17 @@ def test_a_pruned_branch_frees_its_seat_and_the_others_finish(tiny_server) -> No
                 )
 
             async with trio.open_nursery() as nursery:
-                with trio.move_on_after(0.5) as pruned:
-                    await grow(0)  # the branch to prune
+                with trio.CancelScope() as pruned:  # the branch to prune
+                    stream = branches[0].generate_stream(
+                        max_tokens=4000, temperature=0, blocked=ENDS
+                    )
+                    async with stream:
+                        seen = 0
+                        async for piece in stream:
+                            seen += len(piece.token_ids)
+                            if seen >= 40:
+                                pruned.cancel()
+                    results[0] = stream.result  # never reached: pruned first
                 assert pruned.cancelled_caught
                 await trio.sleep(0.3)  # a step or two
                 waiting = await lip.status()
@@ -177,7 +187,7 @@ def test_a_pruned_branch_frees_its_seat_and_the_others_finish(tiny_server) -> No
             assert waiting["waiting"] == 0  # the pruned branch left the batch
             assert after["waiting"] == 0
             stat = await branches[0].stat()
-            assert 4 < stat["tokens"] < 4 + 4000
+            assert 4 + 40 <= stat["tokens"] < 4 + 4000
 
     trio.run(main)
     assert 0 not in results
