@@ -158,7 +158,8 @@ inline __m256 load8(const bf16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
-// RoPE'd K and V of T tokens into their slots of caches holding T_ (fp32 or bf16)
+// Q of T tokens RoPE'd into qp, their K (RoPE'd) and V into their slots of caches of C
+// (fp32 or bf16)
 template <typename C>
 void store_rows(const float* xp, const float* cp, const float* snp, const int64_t* sp, float* qp,
                 C* kc, C* vc, int64_t T, int64_t nh, int64_t nkv, int64_t d) {
