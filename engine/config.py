@@ -90,15 +90,16 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.kv_dtype and self.kv_dtype not in DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(DTYPES)}, got {self.kv_dtype!r}")
-        cpu_fp32 = self.device.startswith("cpu") and self.torch_dtype == torch.float32
-        if self.torch_kv_dtype != self.torch_dtype and not (
-            cpu_fp32 and self.torch_kv_dtype == torch.bfloat16
-        ):
-            raise ValueError(
-                "KV pages differ from the model's dtype only as bfloat16 under float32 on a CPU"
-            )
-        if self.torch_kv_dtype != self.torch_dtype and self.attention not in ("auto", "sdpa"):
-            raise ValueError(f"--attention {self.attention} takes KV pages of the model's dtype")
+        if self.torch_kv_dtype != self.torch_dtype:
+            cpu_fp32 = self.device.startswith("cpu") and self.torch_dtype == torch.float32
+            if not (cpu_fp32 and self.torch_kv_dtype == torch.bfloat16):
+                raise ValueError(
+                    "KV pages differ from the model's dtype only as bfloat16 under float32 on a CPU"
+                )
+            if self.attention not in ("auto", "sdpa"):
+                raise ValueError(
+                    f"--attention {self.attention} takes KV pages of the model's dtype"
+                )
         if self.cuda_graphs and not self.device.startswith("cuda"):
             raise ValueError("cuda graphs need a CUDA device")
         if self.attention not in ATTENTION_BACKENDS:

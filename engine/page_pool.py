@@ -214,22 +214,29 @@ class PagePool:
             flat.index_copy_(0, b, flat.index_select(0, a))
         self.mark_written(slot // self.page_size for slot in dst)
 
-    def max_abs_diff(
+    def max_abs_diff(self, pages_a: list[int], pages_b: list[int], num_tokens: int) -> float:
+        """The largest |a - b| over the K/V of the first `num_tokens` slots of two page
+        lists holding the same tokens (the slots past them are not compared)."""
+        return self.deviation(pages_a, pages_b, num_tokens)[0]
+
+    def deviation(
         self, pages_a: list[int], pages_b: list[int], num_tokens: int, rtol: float = 0.0
-    ) -> float:
-        """The largest |a - b| - rtol |b| (with rtol 0: |a - b|) over the K/V of the first
-        `num_tokens` slots of two page lists holding the same tokens (the slots past them
-        are not compared)."""
+    ) -> tuple[float, float]:
+        """(the largest |a - b|, the largest |a - b| - rtol |b|) over the K/V of the first
+        `num_tokens` slots of two page lists holding the same tokens, in one pass."""
         a = torch.tensor(pages_a, dtype=torch.long, device=self.k_cache[0].device)
         b = torch.tensor(pages_b, dtype=torch.long, device=self.k_cache[0].device)
-        worst = 0.0
+        worst = beyond = 0.0
         for cache in (*self.k_cache, *self.v_cache):
+            if not num_tokens:
+                break
             # [num_pages, page_size, heads, head_dim] -> [tokens, heads * head_dim]
             x = cache.index_select(0, a).flatten(0, 1)[:num_tokens].float()
             y = cache.index_select(0, b).flatten(0, 1)[:num_tokens].float()
-            if num_tokens:
-                worst = max(worst, ((x - y).abs() - rtol * y.abs()).max().item())
-        return worst
+            diff = (x - y).abs()
+            worst = max(worst, diff.max().item())
+            beyond = max(beyond, (diff - rtol * y.abs()).max().item())
+        return worst, beyond
 
     def check_invariants(self) -> None:
         """Raise AssertionError if free list and refcounts disagree."""

@@ -40,6 +40,7 @@ import trio
 
 from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncLip, connect
+from symphony.lipctl.drafts import NgramPool
 
 FOLDER = "jacobi_decoding"
 MAX_DRAFT = 64  # the most guesses one verify takes
@@ -51,34 +52,6 @@ async def stop_ids(lip: AsyncLip) -> set[int]:
     """The end-of-turn tokens the served vocabulary has (those generate stops at)."""
     ids = [await lip.tokenize(name) for name in END_OF_TURN]
     return {one[0] for one in ids if len(one) == 1}
-
-
-class NgramPool:
-    """A growing text and where each of its n-grams (n in min_n..max_n) first ended: a
-    draft is what followed the longest n-gram that ends the text, where it first
-    occurred (the first, as prompt lookup takes: mostly in the prompt, with a whole
-    draft after it). Each token added costs a few dict writes, not a scan."""
-
-    def __init__(self, max_n: int = 3, min_n: int = 2) -> None:
-        self.text: list[int] = []
-        self.sizes = range(max_n, min_n - 1, -1)
-        self.first_end: dict[tuple[int, ...], int] = {}
-
-    def extend(self, tokens: list[int]) -> None:
-        for token in tokens:
-            self.text.append(token)
-            end = len(self.text)
-            for n in self.sizes:
-                if end >= n:
-                    self.first_end.setdefault(tuple(self.text[end - n :]), end)
-
-    def draft(self, length: int) -> list[int]:
-        """Up to `length` tokens after the longest tail n-gram seen before; [] if none."""
-        for n in self.sizes:
-            end = self.first_end.get(tuple(self.text[-n:]), len(self.text))
-            if end < len(self.text):  # an earlier occurrence, not the tail itself
-                return self.text[end : end + length]
-        return []
 
 
 async def run(

@@ -7,6 +7,7 @@ last few tokens of the text so far earlier in the text (prompt and output) and p
 the tokens that followed them there. `kv.verify` appends the pending token and the draft,
 computes them in one engine step, keeps the longest prefix greedy decoding agrees with
 and returns the token after it; copying or editing a given text accepts long drafts.
+Drafts come from `symphony.lipctl.drafts.NgramPool`.
 Calls: apply_chat_template, tokenize, detokenize, kv.append, kv.verify, kv.forward,
 kv.unlink (main also kv.generate, to compare).
 
@@ -25,6 +26,7 @@ import trio
 
 from symphony.lipctl import SymphonyError
 from symphony.lipctl.aio import AsyncLip, connect
+from symphony.lipctl.drafts import NgramPool
 
 FOLDER = "speculative"
 TEXT = (
@@ -44,19 +46,6 @@ async def stop_ids(lip: AsyncLip) -> set[int]:
     """The end-of-turn tokens the served vocabulary has (those generate stops at)."""
     ids = [await lip.tokenize(name) for name in END_OF_TURN]
     return {one[0] for one in ids if len(one) == 1}
-
-
-def lookup(context: list[int], draft_len: int, max_ngram: int, min_ngram: int) -> list[int]:
-    """The `draft_len` tokens after the first earlier occurrence of the context's last n
-    tokens, for the longest n in max_ngram..min_ngram that occurs; [] when none. The first,
-    as Saxena's code takes: mostly in the prompt, a whole draft after it (the latest is
-    often just behind the tail, in a repeat, with one token after it)."""
-    for n in range(min(max_ngram, len(context) - 1), min_ngram - 1, -1):
-        tail = context[-n:]
-        for start in range(len(context) - n):  # never the tail itself
-            if context[start : start + n] == tail:
-                return context[start + n : start + n + draft_len]
-    return []
 
 
 async def run(
@@ -89,6 +78,8 @@ async def run(
     stops = await stop_ids(lip)
     await lip.mkdir(FOLDER, parents=True)
     path = f"{FOLDER}/{os.getpid()}-{time.time_ns()}.kv"
+    ngrams = NgramPool(max_ngram, min_ngram)  # the prompt and the output so far
+    ngrams.extend(prompt)
     out: list[int] = []
     num_verify = num_forward = num_accepted = 0
     try:
@@ -98,7 +89,7 @@ async def run(
         while len(out) < max_tokens and not stops & set(out):
             # verify gives accepted + 1 tokens: never ask past max_tokens
             room = max_tokens - len(out) - 1
-            draft = lookup(prompt + out, min(draft_len, room), max_ngram, min_ngram) if room else []
+            draft = ngrams.draft(min(draft_len, room)) if room else []
             if draft:
                 verified = await kv.verify(draft, tokens=[pending], **greedy)
                 new, num_verify = verified.token_ids, num_verify + 1
@@ -108,6 +99,7 @@ async def run(
                 assert token is not None  # a sampler field asks for the token after
                 new, num_forward = [token], num_forward + 1
             out += new
+            ngrams.extend(new)
             pending = new[-1]
     finally:  # whatever happened (a cancel too), the file goes
         with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):

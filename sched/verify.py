@@ -72,9 +72,9 @@ async def verify_file(
             raise task.error
         thread = scheduler.engine_thread
         assert thread is not None  # the scheduler runs: the task above was computed
-        pool, slack = engine.pool, relative_slack(engine)
-        diff = await thread.run(pool.max_abs_diff, pages, scratch.pages, num_tokens)
-        beyond = await thread.run(pool.max_abs_diff, pages, scratch.pages, num_tokens, slack)
+        diff, beyond = await thread.run(
+            engine.pool.deviation, pages, scratch.pages, num_tokens, relative_slack(engine)
+        )
         match = beyond <= report["tolerance"]
         if match and may_adopt and file.origin != COMPUTED:
             store.adopt_pages(file, scratch)
