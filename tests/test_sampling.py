@@ -78,6 +78,19 @@ def test_seeded_row_ignores_the_rest_of_the_batch():
     assert together[2] == alone[0]
 
 
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=0.8)])
+def test_a_row_not_finite_fails_alone(params):
+    logits = torch.stack([peaked_logits(i) for i in range(7)])
+    logits[1, 3] = float("nan")
+    logits[2, 4] = float("inf")
+    logits[3, 5] = float("-inf")
+    logits[4] = float("-inf")
+    logits[5, 0], logits[5, 1] = 3e38, -3e38  # finite, however large
+    out = sample(logits, [params] * 7, [make_generator(i) for i in range(7)])
+    assert [token is None for token in out] == [False, True, True, True, True, False, False]
+    assert out[5] == 0
+
+
 def test_logit_bias_and_masks():
     logits = peaked_logits(5)
     best = int(logits.argmax())
