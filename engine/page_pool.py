@@ -224,12 +224,12 @@ class PagePool:
     ) -> tuple[float, float]:
         """(the largest |a - b|, the largest |a - b| - rtol |b|) over the K/V of the first
         `num_tokens` slots of two page lists holding the same tokens, in one pass."""
+        worst = beyond = 0.0
+        if not num_tokens:
+            return worst, beyond
         a = torch.tensor(pages_a, dtype=torch.long, device=self.k_cache[0].device)
         b = torch.tensor(pages_b, dtype=torch.long, device=self.k_cache[0].device)
-        worst = beyond = 0.0
         for cache in (*self.k_cache, *self.v_cache):
-            if not num_tokens:
-                break
             # [num_pages, page_size, heads, head_dim] -> [tokens, heads * head_dim]
             x = cache.index_select(0, a).flatten(0, 1)[:num_tokens].float()
             y = cache.index_select(0, b).flatten(0, 1)[:num_tokens].float()
