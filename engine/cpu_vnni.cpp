@@ -131,8 +131,10 @@ void tile(const QuantRows& x, int64_t m, int64_t K, const int8_t* q, const float
 template <int C>
 void tile_rows(const QuantRows& x, int64_t M, int64_t K, const int8_t* q, const float* s,
                const float* z, float* y, int64_t N, int64_t valid) {
-  const bool stream = M < kRowTile;  // the weights come from memory once, not from cache
   for (int64_t m = 0; m < M; m += kRowTile) {
+    // the first pass brings the blocks' weights from memory (at decode, every call's
+    // are cold); later passes find them in cache
+    const bool stream = m == 0;
     switch (std::min(kRowTile, M - m)) {
       case 4: tile<4, C, 1>(x, m, K, q, s, z, y, N, valid, stream); break;
       case 3: tile<3, C, 2>(x, m, K, q, s, z, y, N, valid, stream); break;
