@@ -9,22 +9,21 @@ a call whose tool fails is rolled back (`kv.truncate` to before it) and generate
 with another seed, at most MAX_RETRIES times; then its error is the observation.
 
 Tools: calculator[expr] (+ - * / and parentheses over numbers); read[path] (a text file
-under --root, default the current folder: no absolute path, no '..', no link out);
-python[code] (one line in a separate `python -I` process, its output cut to 500
-characters).
+under --root: no absolute path, no '..', no link out; by default, on a server with a
+mount, the mount's text view of the KV files, so read[notes.kv] gives the text of the
+LIP user's KV file notes.kv, and the kernel lets it read only what that user may;
+without a mount, the current folder); python[code] (one line, in the small sandboxed
+evaluator of symphony/lipctl/python_sandbox.py, its output cut to 500 characters).
 
-The python tool is no sandbox. The code runs as the LIP's user: it can read, write and
-delete that user's files, open network connections, and reach the Symphony socket (its
-environment is empty, so no SYMPHONY_SOCKET or key is passed, but the default socket
-path is known and it connects as the same uid), so it could use the user's KV files and
-spawn LIPs. Only its time (2 s of wall and CPU time), memory (256 MiB of address space),
-processes (RLIMIT_NPROC counts all of the uid's processes and threads, and is set to 1:
-it starts none; root is exempt), open files (32) and output (1 MiB written, 500
-characters read) are bounded; it runs in a session of its own, whose whole process group
-is killed when it exits or its time is up (a grandchild that makes a session of its own
-escapes that). The model writes the code, and what read[] brings in can steer the model
-(prompt injection): use the tool only on trusted inputs, or run the LIP in a container or
-a VM.
+The python tool's sandbox has two layers. The language: a subset of Python (no import,
+class, with, global, async or match, no name that starts with '_', an attribute only of
+the built-in values or math) with a few builtins (no open, eval, getattr, type...).
+The process: a `python -I` of its own, bounded in time (2 s of wall and CPU time),
+memory (256 MiB of address space), processes (RLIMIT_NPROC 1: none new), open files
+(32) and output (1 MiB written, 500 characters read), nobody in place of root, in a
+session of its own whose process group is killed when it exits or its time is up. What
+read[] brings in can still steer the model (prompt injection): the tools are safe to
+call, not the answer safe to trust.
 
 Calls: apply_chat_template, tokenize, kv.append, kv.generate(stop=, blocked=, grammar=),
 kv.truncate, kv.unlink. `act` runs on anything with append/generate/truncate, so the
@@ -32,13 +31,15 @@ bench runs the same loop by prompt serving.
 
     lipctl run examples/react_agent.py ["QUESTION" [--root DIR]]
 
-Without a question it asks one about a file it writes into a temporary folder.
+Without a question it asks one about a file it makes: a KV file of the prices on a
+server with a mount, else a text file in a temporary folder.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import json
 import operator
 import os
 import re
@@ -53,7 +54,7 @@ from typing import Any
 
 import trio
 
-from symphony.lipctl import SymphonyError
+from symphony.lipctl import SymphonyError, python_sandbox
 from symphony.lipctl.aio import AsyncLip, connect
 
 SYSTEM = (
@@ -79,7 +80,8 @@ MAX_RETRIES = 2
 THOUGHT_TOKENS, ACTION_TOKENS = 32, 48
 OBSERVATION_CHARS = 500
 DEMO_FILE, DEMO_TEXT = "prices.txt", "apple 3\npear 5\nplum 7\n"
-QUESTION = f"Read the file {DEMO_FILE}, then add the three prices with the calculator."
+ASK = "Read the file {}, then add the three prices with the calculator."
+QUESTION = ASK.format(DEMO_FILE)
 BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 BINARY[ast.Div] = operator.truediv
 UNARY: dict[type[ast.unaryop], Callable[[float], float]] = {ast.USub: operator.neg}
@@ -123,18 +125,6 @@ def read_file(root: str, path: str) -> str:
 # the python tool's rlimits (soft = hard): CPU seconds, bytes of address space, bytes a
 # file may grow to, open files, and the uid's processes and threads (1: none new)
 LIMITS = {"CPU": 2, "AS": 256 << 20, "FSIZE": 1 << 20, "NOFILE": 32, "NPROC": 1}
-# Run by the child itself, before the code: no preexec_fn, which may deadlock a child
-# forked from a process with threads (trio has worker threads). The code comes as
-# sys.argv[1], data never put into this source; it runs in a namespace of its own.
-PRELUDE = """\
-import resource, sys
-for name, value in {limits!r}.items():
-    limit = getattr(resource, "RLIMIT_" + name)
-    hard = resource.getrlimit(limit)[1]
-    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-    resource.setrlimit(limit, (value, value))
-exec(compile(sys.argv.pop(1), "<python>", "exec"), {{"__name__": "__main__"}})
-"""
 
 
 def _kill_group(pgid: int) -> None:
@@ -142,12 +132,9 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-async def run_python(
-    code: str, root: str = ".", seconds: float = 2.0, limits: dict[str, int] = LIMITS
-) -> str:
-    """What Python `code` prints, run in its own bounded `python -I` process (see the
-    module's docstring: bounded, not sandboxed)."""
-    argv = [sys.executable, "-I", "-c", PRELUDE.format(limits=limits), code]
+async def run_bounded(argv: list[str], cwd: str = ".", seconds: float = 2.0) -> str:
+    """What `argv` prints (stdout and stderr), run in a session of its own with an empty
+    environment; ToolError with its last line where it fails, or when out of time."""
     # a file, not a pipe, takes the output: RLIMIT_FSIZE bounds what a loop can print
     with tempfile.TemporaryFile() as out:
         process = await trio.lowlevel.open_process(
@@ -155,7 +142,7 @@ async def run_python(
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            cwd=root,
+            cwd=cwd,
             env={},
             start_new_session=True,  # its own process group, all of it to kill
         )
@@ -176,11 +163,21 @@ async def run_python(
         return text or "(nothing printed)"
 
 
+async def run_python(
+    code: str, root: str = ".", seconds: float = 2.0, limits: dict[str, int] = LIMITS
+) -> str:
+    """What Python `code` prints, run by the sandboxed evaluator in a bounded process.
+    (No preexec_fn sets the limits: it may deadlock a child forked from a process with
+    threads, and trio has worker threads. The evaluator sets them itself.)"""
+    argv = [sys.executable, "-I", python_sandbox.__file__, json.dumps(limits), code]
+    return await run_bounded(argv, root, seconds)
+
+
 async def use_tool(tool: str, argument: str, root: str) -> str:
     if tool == "calculator":
         return calculate(argument)
-    if tool == "read":
-        return read_file(root, argument)
+    if tool == "read":  # a thread: on the mount, a read is a round trip to the server
+        return await trio.to_thread.run_sync(read_file, root, argument)
     if tool == "python":
         return await run_python(argument, root)
     return argument.strip()  # finish
@@ -251,20 +248,48 @@ async def run(
     return result
 
 
+def text_view() -> str | None:
+    """The mount's text view of the KV files (/.sys/text), where the server has a mount."""
+    mount = os.environ.get("SYMPHONY_MOUNT")
+    return os.path.join(mount, ".sys", "text") if mount else None
+
+
+async def demo_on_mount(lip: AsyncLip, view: str) -> dict[str, Any]:
+    """The demo's question about a KV file of the prices, read[] through the mount."""
+    await lip.mkdir("react_agent", parents=True)
+    path = f"react_agent/prices-{os.getpid()}.kv"  # one LIP, one pid
+    try:
+        await (await lip.kv(path, create=True)).append(await lip.tokenize(DEMO_TEXT))
+        return await run(lip, ASK.format(path), view)
+    finally:
+        with trio.CancelScope(shield=True), contextlib.suppress(SymphonyError):
+            await lip.call("kv_unlink", path=path)
+
+
 def main() -> None:
     args, root = sys.argv[1:], None
     if "--root" in args:
         at = args.index("--root")
         root, args = args[at + 1], args[:at] + args[at + 2 :]
+    view = text_view()
 
     async def go(folder: str) -> dict[str, Any]:
         async with connect() as lip:
-            return await run(lip, args[0] if args else QUESTION, folder)
+            if args:
+                return await run(lip, args[0], folder)
+            if folder == view:
+                return await demo_on_mount(lip, folder)
+            return await run(lip, QUESTION, folder)
 
     with tempfile.TemporaryDirectory() as demo:
-        if not args:
+        if args:
+            folder = root or view or "."
+        elif root is None and view is not None:
+            folder = view
+        else:  # the demo's file as text, in a folder of its own
+            folder = demo
             Path(demo, DEMO_FILE).write_text(DEMO_TEXT)
-        result = trio.run(go, root or (demo if not args else "."))
+        result = trio.run(go, folder)
     for step in result["steps"]:
         print(f"Thought: {step['thought']}\nAction: {step['action']}")
         print(f"Observation: {step['observation']}")

@@ -59,29 +59,95 @@ def test_read_stays_inside_its_folder(tmp_path: Path) -> None:
             react.read_file(root, escape)
 
 
+async def test_read_gives_a_kv_files_text_through_the_mount(mounted) -> None:
+    mount, socket = mounted
+    view = os.path.join(mount, ".sys", "text")  # what the LIP reads by default there
+    async with connect(socket) as lip:
+        await lip.mkdir("notes", parents=True)
+        kv = await lip.kv("notes/prices.kv", create=True)
+        ids = await lip.tokenize(react.DEMO_TEXT)
+        await kv.append(ids)
+        assert react.read_file(view, "notes/prices.kv") == await lip.detokenize(ids)
+        for bad in ("notes/missing.kv", "notes", "../status", "/notes/prices.kv"):
+            with pytest.raises(react.ToolError):
+                react.read_file(view, bad)
+        await kv.unlink()
+
+
 async def test_python_prints_and_is_bounded_in_time_memory_and_output() -> None:
     assert await react.run_python("print(sum([1, 2, 3]))") == "6"
     assert len(await react.run_python("print('x' * 10000)")) <= 4 * react.OBSERVATION_CHARS
+    looser = {**react.LIMITS, "CPU": 30}  # so the wall clock, not RLIMIT_CPU, stops it
     failures = {
-        "import time; time.sleep(30)": "stopped after",  # the wall clock
-        "while True: pass": "",  # the wall clock or RLIMIT_CPU, whichever first
-        "x = bytearray(1 << 30)": "MemoryError",  # RLIMIT_AS
-        "1/0": "ZeroDivisionError",
+        "while True: pass": ("stopped after", looser),  # the wall clock
+        "x = 0\nwhile True: x += 1": ("", react.LIMITS),  # the wall clock or RLIMIT_CPU
+        "x = [0] * (1 << 30)": ("MemoryError", react.LIMITS),  # RLIMIT_AS
+        "1/0": ("ZeroDivisionError", react.LIMITS),
     }
     errors: dict[str, str] = {}
 
-    async def fail(code: str) -> None:
+    async def fail(code: str, limits: dict[str, int]) -> None:
         with pytest.raises(react.ToolError) as caught:
-            await react.run_python(code)
+            await react.run_python(code, limits=limits)
         errors[code] = str(caught.value)
 
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
-        for code in failures:
-            nursery.start_soon(fail, code)
+        for code, (_, limits) in failures.items():
+            nursery.start_soon(fail, code, limits)
     assert time.monotonic() - started < 6
-    for code, words in failures.items():
+    for code, (words, _) in failures.items():
         assert words in errors[code], errors[code]
+
+
+async def test_python_runs_the_language_subset_and_refuses_the_ways_out(tmp_path: Path) -> None:
+    allowed = {
+        "print(sorted({3: 'a', 1: 'b'}.items()))": "[(1, 'b'), (3, 'a')]",
+        "print(math.sqrt(16), f'{2 ** 10:,}', ' '.join(str(i * i) for i in range(4)))": (
+            "4.0 1,024 0 1 4 9"
+        ),
+        "def f(n): return 1 if n < 2 else n * f(n - 1)\nprint(f(5))": "120",
+        "try:\n    [][1]\nexcept IndexError as e:\n    print('caught', e)": (
+            "caught list index out of range"
+        ),
+    }
+    for code, printed in allowed.items():
+        assert await react.run_python(code, str(tmp_path)) == printed
+    marker = tmp_path / "escaped"
+    write = f"write_text({str(marker)!r}, 'x')"
+    refused = {
+        "import os": "import is not allowed",
+        "from os import system": "import is not allowed",
+        f"__import__('pathlib').Path.{write}": "is not allowed",
+        f"f = open({str(marker)!r}, 'w')": "name 'open' is not defined",
+        "().__class__.__base__.__subclasses__()": ".__subclasses__ is not allowed",
+        "print('{0.__class__}'.format(1))": ".format is not allowed",
+        "print('{x.__class__}'.format_map({'x': 1}))": ".format_map is not allowed",
+        "g = (x for x in [1])\nprint(g.gi_frame)": ".gi_frame is not allowed",
+        "getattr(1, '__class__')": "name 'getattr' is not defined",
+        "exec('import os')": "name 'exec' is not defined",
+        "eval('1')": "name 'eval' is not defined",
+        "type(1)": "name 'type' is not defined",
+        "class A: pass": "class is not allowed",
+        "match 'x':\n    case str(format=f): print(f)": "match is not allowed",
+        "def g(): yield 1": "yield is not allowed",
+        "try:\n    1/0\nexcept Exception as e:\n    print(e.__traceback__)": "__traceback__",
+        "_x = 1": "_x is not allowed",
+    }
+    errors: dict[str, str] = {}
+
+    async def refuse(code: str) -> None:
+        with pytest.raises(react.ToolError) as caught:
+            await react.run_python(code, str(tmp_path))
+        errors[code] = str(caught.value)
+
+    async with trio.open_nursery() as nursery:
+        for code in refused:
+            nursery.start_soon(refuse, code)
+    for code, words in refused.items():
+        assert words in errors[code], (code, errors[code])
+        assert errors[code].count("\n") == 0  # one line for the model, not a traceback
+    assert not marker.exists()
 
 
 def gone(pid: int) -> bool:
@@ -94,9 +160,8 @@ def gone(pid: int) -> bool:
 
 
 async def test_python_kills_the_grandchildren_its_code_forked(tmp_path: Path) -> None:
-    # RLIMIT_NPROC (1) already refuses the fork to any uid but root: without it the
-    # fork works for every uid, and the process group kill is what must end it
-    limits = {k: v for k, v in react.LIMITS.items() if k != "NPROC"}
+    # the sandbox refuses `import os`, and RLIMIT_NPROC (1) the fork: plain Python, no
+    # limits, so the fork works and the process group kill is what must end it
 
     async def fork_and(child_seconds: int, name: str) -> None:
         started, marker = tmp_path / f"{name}.pid", tmp_path / f"{name}.marker"
@@ -114,13 +179,13 @@ async def test_python_kills_the_grandchildren_its_code_forked(tmp_path: Path) ->
         )
         begun = time.monotonic()
         try:
-            assert await react.run_python(code, limits=limits) == "(nothing printed)"
+            assert await react.run_bounded([sys.executable, "-c", code]) == "(nothing printed)"
         except react.ToolError as exc:  # the child itself out of time
             assert child_seconds and "stopped after" in str(exc), exc
         returned = time.monotonic()
         pid = int(started.read_text())
         while not gone(pid):
-            assert time.monotonic() - returned < 3, "the grandchild outlived run_python"
+            assert time.monotonic() - returned < 3, "the grandchild outlived run_bounded"
             await trio.sleep(0.01)
         # past the grandchild's sleep: had it lived, it would have left the marker
         await trio.sleep(max(0, begun + wakes + 0.5 - time.monotonic()))
