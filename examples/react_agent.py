@@ -158,7 +158,11 @@ async def run_bounded(argv: list[str], cwd: str = ".", seconds: float = 2.0) -> 
         out.seek(0)
         text = out.read(4 * OBSERVATION_CHARS).decode(errors="replace").strip()
         if process.returncode:
-            last = text.splitlines()[-1] if text else f"exit status {process.returncode}"
+            code = process.returncode  # below 0: the signal that ended it (a crash, a limit)
+            status = (
+                f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            )
+            last = text.splitlines()[-1] if text else status
             raise ToolError(f"python: {last}")
         return text or "(nothing printed)"
 
