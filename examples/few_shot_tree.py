@@ -6,7 +6,10 @@ RadixAttention, Zheng et al. 2023, arXiv:2312.07104, and of Hydragen, Juravsky e
 question shares are prefilled once into a root file; each category forks the root
 (`kv.fork`, copy-on-write: no page copied) and appends its own examples; each question
 forks its category's file, appends itself and generates a short greedy answer. All
-questions run at once, and the model computes each shared prefix once.
+questions run at once, and the model computes each shared prefix once. A later run under
+the same instruction and examples (another batch of questions, another LIP of the same
+user) computes not even that: the root's whole pages are in the server's prefix cache,
+and its prefill attaches them (`root_cached` says how many tokens came from there).
 
     lipctl run examples/few_shot_tree.py [QUESTIONS_PER_CATEGORY] [MAX_TOKENS]
 """
@@ -94,7 +97,7 @@ async def run(lip: AsyncLip, per_category: int = 4, max_tokens: int = 6) -> dict
     shared = [0] * len(questions)
     try:
         root = await lip.kv(f"{stem}-root.kv", create=True)
-        await root.append(root_ids)
+        root_cached = (await root.forward(root_ids)).cached  # from an earlier run, if any
         categories: dict[str, AsyncKV] = {}
         for name, ids in category_ids.items():
             categories[name] = await root.fork(f"{stem}-{name}.kv")
@@ -118,6 +121,8 @@ async def run(lip: AsyncLip, per_category: int = 4, max_tokens: int = 6) -> dict
         "output": answers,
         "quality": accuracy(answers, questions),
         "shared_pages": min(shared),  # pages every question's file shares with others
+        "root_cached": root_cached,
+        "root_tokens": len(root_ids),
     }
 
 
@@ -134,6 +139,8 @@ def main() -> None:
     for question, answer in zip(asked, result["output"], strict=True):
         print(f"{question} -> {answer.strip()!r}")
     print(f"shared pages per question: {result['shared_pages']}")
+    cached, tokens = result["root_cached"], result["root_tokens"]
+    print(f"root: {cached} of {tokens} tokens from the prefix cache")
     print(f"accuracy: {result['quality']:.2f}")  # the line tests look for
 
 

@@ -205,6 +205,10 @@ async def test_few_shot_tree_shares_prefixes_and_answers_as_whole_prompts(tiny_s
             assert answer == whole.text
         assert 0.0 <= result["quality"] <= 1.0
         assert await lip.listdir("few_shot_tree") == []
+        # a second batch under the same shots: its root comes from the prefix cache
+        again = await tree.run(lip, per_category=1, max_tokens=4)
+        assert again["root_cached"] == len(root) // page_size * page_size > 0
+        assert again["output"] == result["output"][::2]  # the first question of each
 
 
 # select ---------------------------------------------------------------------------
