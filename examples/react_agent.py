@@ -11,16 +11,17 @@ with another seed, at most MAX_RETRIES times; then its error is the observation.
 Tools: calculator[expr] (+ - * / and parentheses over numbers); read[path] (a text file
 under --root: no absolute path, no '..', no link out; by default, on a server with a
 mount, the mount's text view of the KV files, so read[notes.kv] gives the text of the
-LIP user's KV file notes.kv, and the kernel lets it read only what that user may;
-without a mount, the current folder); python[code] (one line, in the small sandboxed
+KV file notes.kv where the LIP's user may read it (the kernel checks); without a mount,
+the current folder); python[code] (one line, in the small sandboxed
 evaluator of symphony/lipctl/python_sandbox.py, its output cut to 500 characters).
 
-The python tool's sandbox has two layers. The language: a subset of Python (no import,
-class, with, global, async or match, no name that starts with '_', an attribute only of
-the built-in values or math) with a few builtins (no open, eval, getattr, type...).
+The python tool's sandbox has two layers. The language: a subset of Python (no import
+but of math, no class, with, global, async or match, no name that starts with '_', an
+attribute only of the built-in values or math, never set) with a few builtins (no open,
+eval, getattr, type...).
 The process: a `python -I` of its own, bounded in time (2 s of wall and CPU time),
 memory (256 MiB of address space), processes (RLIMIT_NPROC 1: none new), open files
-(32) and output (1 MiB written, 500 characters read), nobody in place of root, in a
+(32) and output (1 MiB written, 500 characters read), nobody in place of root, in /, in a
 session of its own whose process group is killed when it exits or its time is up. What
 read[] brings in can still steer the model (prompt injection): the tools are safe to
 call, not the answer safe to trust.
@@ -32,7 +33,7 @@ bench runs the same loop by prompt serving.
     lipctl run examples/react_agent.py ["QUESTION" [--root DIR]]
 
 Without a question it asks one about a file it makes: a KV file of the prices on a
-server with a mount, else a text file in a temporary folder.
+server with a mount, else a text file in a temporary folder (--root takes a question).
 """
 
 from __future__ import annotations
@@ -115,11 +116,14 @@ def read_file(root: str, path: str) -> str:
     base, relative = Path(root).resolve(), Path(path.strip())
     if relative.is_absolute() or ".." in relative.parts:
         raise ToolError(f"read: {path} is not a path inside the folder")
-    target = (base / relative).resolve()  # a link inside may still point out
-    if not target.is_relative_to(base) or not target.is_file():
-        raise ToolError(f"read: no file {path} in the folder")
-    with target.open("rb") as file:
-        return file.read(4 * OBSERVATION_CHARS).decode(errors="replace")
+    try:
+        target = (base / relative).resolve()  # a link inside may still point out
+        if not target.is_relative_to(base) or not target.is_file():
+            raise ToolError(f"read: no file {path} in the folder")
+        with target.open("rb") as file:
+            return file.read(4 * OBSERVATION_CHARS).decode(errors="replace")
+    except OSError as exc:  # not this user's to read, gone since, a mount gone stale
+        raise ToolError(f"read: {path}: {exc.strerror or exc}") from None
 
 
 # the python tool's rlimits (soft = hard): CPU seconds, bytes of address space, bytes a
@@ -132,20 +136,24 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-async def run_bounded(argv: list[str], cwd: str = ".", seconds: float = 2.0) -> str:
+async def run_bounded(argv: list[str], seconds: float = 2.0, tool: str = "python") -> str:
     """What `argv` prints (stdout and stderr), run in a session of its own with an empty
-    environment; ToolError with its last line where it fails, or when out of time."""
+    environment, from /; ToolError with its last line (or the signal that ended it)
+    where it fails, or when out of time."""
     # a file, not a pipe, takes the output: RLIMIT_FSIZE bounds what a loop can print
     with tempfile.TemporaryFile() as out:
-        process = await trio.lowlevel.open_process(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            env={},
-            start_new_session=True,  # its own process group, all of it to kill
-        )
+        try:
+            process = await trio.lowlevel.open_process(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd="/",
+                env={},
+                start_new_session=True,  # its own process group, all of it to kill
+            )
+        except (OSError, ValueError) as exc:  # a NUL byte in the code, say
+            raise ToolError(f"{tool}: cannot run: {exc}") from None
         try:
             with trio.move_on_after(seconds) as timer:
                 await process.wait()
@@ -154,27 +162,31 @@ async def run_bounded(argv: list[str], cwd: str = ".", seconds: float = 2.0) -> 
             with trio.CancelScope(shield=True):
                 await process.wait()
         if timer.cancelled_caught:
-            raise ToolError(f"python: stopped after {seconds} s")
-        out.seek(0)
+            raise ToolError(f"{tool}: stopped after {seconds} s")
+        code, size = process.returncode, out.seek(0, os.SEEK_END)
+        if code < 0:  # a crash, or a limit's signal (SIGXCPU, SIGXFSZ)
+            raise ToolError(f"{tool}: killed by {signal_name(-code)}")
+        out.seek(max(0, size - 4 * OBSERVATION_CHARS) if code else 0)
         text = out.read(4 * OBSERVATION_CHARS).decode(errors="replace").strip()
-        if process.returncode:
-            code = process.returncode  # below 0: the signal that ended it (a crash, a limit)
-            status = (
-                f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-            )
-            last = text.splitlines()[-1] if text else status
-            raise ToolError(f"python: {last}")
+        if code:  # the error is the last line written (after the output, flushed)
+            raise ToolError(f"{tool}: {text.splitlines()[-1] if text else f'exit status {code}'}")
         return text or "(nothing printed)"
 
 
-async def run_python(
-    code: str, root: str = ".", seconds: float = 2.0, limits: dict[str, int] = LIMITS
-) -> str:
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal has no name
+        return f"signal {number}"
+
+
+async def run_python(code: str, seconds: float = 2.0, limits: dict[str, int] = LIMITS) -> str:
     """What Python `code` prints, run by the sandboxed evaluator in a bounded process.
     (No preexec_fn sets the limits: it may deadlock a child forked from a process with
     threads, and trio has worker threads. The evaluator sets them itself.)"""
-    argv = [sys.executable, "-I", python_sandbox.__file__, json.dumps(limits), code]
-    return await run_bounded(argv, root, seconds)
+    # -S: the evaluator needs the standard library only, not the site's .pth hooks
+    argv = [sys.executable, "-I", "-S", python_sandbox.__file__, json.dumps(limits), code]
+    return await run_bounded(argv, seconds)
 
 
 async def use_tool(tool: str, argument: str, root: str) -> str:
@@ -183,7 +195,7 @@ async def use_tool(tool: str, argument: str, root: str) -> str:
     if tool == "read":  # a thread: on the mount, a read is a round trip to the server
         return await trio.to_thread.run_sync(read_file, root, argument)
     if tool == "python":
-        return await run_python(argument, root)
+        return await run_python(argument)
     return argument.strip()  # finish
 
 
@@ -261,7 +273,7 @@ def text_view() -> str | None:
 async def demo_on_mount(lip: AsyncLip, view: str) -> dict[str, Any]:
     """The demo's question about a KV file of the prices, read[] through the mount."""
     await lip.mkdir("react_agent", parents=True)
-    path = f"react_agent/prices-{os.getpid()}.kv"  # one LIP, one pid
+    path = f"react_agent/prices-{os.getpid()}-{time.time_ns()}.kv"
     try:
         await (await lip.kv(path, create=True)).append(await lip.tokenize(DEMO_TEXT))
         return await run(lip, ASK.format(path), view)
@@ -274,6 +286,8 @@ def main() -> None:
     args, root = sys.argv[1:], None
     if "--root" in args:
         at = args.index("--root")
+        if at + 1 == len(args) or at == 0:
+            sys.exit("usage: react_agent.py [QUESTION [--root DIR]]")
         root, args = args[at + 1], args[:at] + args[at + 2 :]
     view = text_view()
 
@@ -288,12 +302,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as demo:
         if args:
             folder = root or view or "."
-        elif root is None and view is not None:
+        elif view is not None:
             folder = view
         else:  # the demo's file as text, in a folder of its own
             folder = demo
             Path(demo, DEMO_FILE).write_text(DEMO_TEXT)
-        result = trio.run(go, folder)
+        try:
+            result = trio.run(go, folder)
+        except* SymphonyError as group:  # one line, not the nursery's traceback
+            error: BaseException = group
+            while isinstance(error, BaseExceptionGroup):
+                error = error.exceptions[0]
+            sys.exit(f"react_agent.py: {error}")
     for step in result["steps"]:
         print(f"Thought: {step['thought']}\nAction: {step['action']}")
         print(f"Observation: {step['observation']}")
