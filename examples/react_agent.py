@@ -57,6 +57,7 @@ import trio
 
 from symphony.lipctl import SymphonyError, python_sandbox
 from symphony.lipctl.aio import AsyncLip, connect
+from symphony.lipctl.wire import first_error
 
 SYSTEM = (
     "You answer a question in steps. Each step is a line 'Thought: ...' and a line 'Action: "
@@ -136,7 +137,7 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-async def run_bounded(argv: list[str], seconds: float = 2.0, tool: str = "python") -> str:
+async def run_bounded(argv: list[str], seconds: float = 2.0) -> str:
     """What `argv` prints (stdout and stderr), run in a session of its own with an empty
     environment, from /; ToolError with its last line (or the signal that ended it)
     where it fails, or when out of time."""
@@ -153,7 +154,7 @@ async def run_bounded(argv: list[str], seconds: float = 2.0, tool: str = "python
                 start_new_session=True,  # its own process group, all of it to kill
             )
         except (OSError, ValueError) as exc:  # a NUL byte in the code, say
-            raise ToolError(f"{tool}: cannot run: {exc}") from None
+            raise ToolError(f"python: cannot run: {exc}") from None
         try:
             with trio.move_on_after(seconds) as timer:
                 await process.wait()
@@ -162,14 +163,14 @@ async def run_bounded(argv: list[str], seconds: float = 2.0, tool: str = "python
             with trio.CancelScope(shield=True):
                 await process.wait()
         if timer.cancelled_caught:
-            raise ToolError(f"{tool}: stopped after {seconds} s")
+            raise ToolError(f"python: stopped after {seconds} s")
         code, size = process.returncode, out.seek(0, os.SEEK_END)
         if code < 0:  # a crash, or a limit's signal (SIGXCPU, SIGXFSZ)
-            raise ToolError(f"{tool}: killed by {signal_name(-code)}")
+            raise ToolError(f"python: killed by {signal_name(-code)}")
         out.seek(max(0, size - 4 * OBSERVATION_CHARS) if code else 0)
         text = out.read(4 * OBSERVATION_CHARS).decode(errors="replace").strip()
         if code:  # the error is the last line written (after the output, flushed)
-            raise ToolError(f"{tool}: {text.splitlines()[-1] if text else f'exit status {code}'}")
+            raise ToolError(f"python: {text.splitlines()[-1] if text else f'exit status {code}'}")
         return text or "(nothing printed)"
 
 
@@ -290,19 +291,18 @@ def main() -> None:
             sys.exit("usage: react_agent.py [QUESTION [--root DIR]]")
         root, args = args[at + 1], args[:at] + args[at + 2 :]
     view = text_view()
+    demo_kv = not args and view is not None  # the demo's file a KV file on the mount
 
     async def go(folder: str) -> dict[str, Any]:
         async with connect() as lip:
-            if args:
-                return await run(lip, args[0], folder)
-            if folder == view:
+            if demo_kv:
                 return await demo_on_mount(lip, folder)
-            return await run(lip, QUESTION, folder)
+            return await run(lip, args[0] if args else QUESTION, folder)
 
     with tempfile.TemporaryDirectory() as demo:
         if args:
             folder = root or view or "."
-        elif view is not None:
+        elif demo_kv:
             folder = view
         else:  # the demo's file as text, in a folder of its own
             folder = demo
@@ -310,10 +310,7 @@ def main() -> None:
         try:
             result = trio.run(go, folder)
         except* SymphonyError as group:  # one line, not the nursery's traceback
-            error: BaseException = group
-            while isinstance(error, BaseExceptionGroup):
-                error = error.exceptions[0]
-            sys.exit(f"react_agent.py: {error}")
+            sys.exit(f"react_agent.py: {first_error(group)}")
     for step in result["steps"]:
         print(f"Thought: {step['thought']}\nAction: {step['action']}")
         print(f"Observation: {step['observation']}")

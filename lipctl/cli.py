@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from symphony.lipctl.client import SymphonyError, connect, socket_path
+from symphony.lipctl.wire import first_error
 
 log = logging.getLogger("symphony.lipctl")
 
@@ -167,13 +168,6 @@ def format_status(st: dict[str, Any]) -> str:
     )
 
 
-def _first(exc: BaseException) -> BaseException:
-    """The first error inside (nested) exception groups."""
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         with open(args.program) as f:
@@ -282,7 +276,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         trio.run(main)
     except (OSError, StoreError, ExceptionGroup) as exc:
-        error = _first(exc)  # trio wraps what a task raised in exception groups
+        error = first_error(exc)  # trio wraps what a task raised in exception groups
         if not isinstance(error, (OSError, StoreError)):
             raise
         print(f"lipctl serve: {error}{hint}", file=sys.stderr)

@@ -48,11 +48,12 @@ REFUSED: dict[type[ast.AST], str] = {
 MATH_IMPORTS = (("math", None), ("math", "math"))  # the one import allowed
 VALUES = (bool, int, float, complex, str, bytes, tuple, list, dict, set, frozenset, range, slice)
 # str.format and format_map look their fields up by attribute: "{0.__class__}"
+FORMATTERS = ("format", "format_map")
 ATTRIBUTES = frozenset(
     name
     for namespace in (*VALUES, math)
     for name in dir(namespace)
-    if not name.startswith("_") and name not in ("format", "format_map")
+    if not name.startswith("_") and name not in FORMATTERS
 )
 FUNCTIONS = (  # noqa: SIM905 (a list of 44 names, one a line, would read worse)
     "abs all any ascii bin bool bytearray bytes callable chr complex dict divmod enumerate "
@@ -100,7 +101,7 @@ def check(code: str) -> ast.Module:
             raise Refused(f"{REFUSED[type(node)]} is not allowed")
         if isinstance(node, ast.Attribute):
             if node.attr not in ATTRIBUTES:
-                hint = " (an f-string formats)" if node.attr in ("format", "format_map") else ""
+                hint = " (an f-string formats)" if node.attr in FORMATTERS else ""
                 raise Refused(f"the attribute .{node.attr} is not allowed{hint}")
             if not isinstance(node.ctx, ast.Load):  # math.pi = 3 would outlive the line
                 raise Refused(f"setting or deleting .{node.attr} is not allowed")

@@ -35,6 +35,14 @@ class SymphonyError(Exception):
         self.message = message
 
 
+def first_error(exc: BaseException) -> BaseException:
+    """The first error inside (nested) exception groups: what a task raised, where trio
+    (a nursery, `connect`'s among them) wrapped it."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 def socket_path(path: str | None = None) -> str:
     """`path`, else $SYMPHONY_SOCKET, else the default socket."""
     return path or os.environ.get("SYMPHONY_SOCKET") or DEFAULT_SOCKET
