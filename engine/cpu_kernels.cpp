@@ -49,7 +49,10 @@ torch::Tensor group_int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scal
                             torch::Tensor zeros, int64_t n);
 torch::Tensor group_int8_dequant(torch::Tensor q, torch::Tensor scales, torch::Tensor zeros,
                                  int64_t n, torch::Tensor w);
+// cpu_fp32.cpp
 torch::Tensor fp32_mm(torch::Tensor x, torch::Tensor w);
+torch::Tensor fp32_mm_avx2(torch::Tensor x, torch::Tensor w);
+bool fp32_avx512_supported();
 // cpu_vnni.cpp
 bool vnni_supported();
 torch::Tensor group_int8_vnni_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
@@ -620,7 +623,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, no_gil, "silu(gate) * up of [gate | up]");
   m.def("rms_norm", &rms_norm, no_gil, "x / rms(x) * weight, row by row");
   m.def("group_int8_mm", &group_int8_mm, no_gil, "x W^T with W in int8 groups of 32, packed by 3 channels");
-  m.def("fp32_mm", &fp32_mm, no_gil, "x W^T with W fp32, streamed");
+  m.def("fp32_mm", &fp32_mm, no_gil, "x W^T with W fp32, streamed (AVX-512 where the CPU has it)");
+  m.def("fp32_mm_avx2", &fp32_mm_avx2, no_gil, "fp32_mm by its AVX2 stream, whatever the CPU has (tests)");
+  m.def("fp32_avx512_supported", &fp32_avx512_supported, "whether fp32_mm streams in AVX-512 here");
   m.def("group_int8_dequant", &group_int8_dequant, no_gil, "W in fp32 from its packed int8 groups");
   m.def("vnni_supported", &vnni_supported, "whether this CPU has AVX-512 VNNI (group_int8_vnni_mm)");
   m.def("group_int8_vnni_mm", &group_int8_vnni_mm, no_gil,

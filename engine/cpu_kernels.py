@@ -1,5 +1,5 @@
-"""The C++ CPU kernels of engine/cpu_kernels.cpp, cpu_matmul.cpp, cpu_vnni.cpp and
-cpu_decoder.cpp, compiled once and cached by torch.
+"""The C++ CPU kernels of engine/cpu_kernels.cpp, cpu_matmul.cpp, cpu_fp32.cpp,
+cpu_vnni.cpp and cpu_decoder.cpp, compiled once and cached by torch.
 
 `load()` builds them once per machine and source version (torch's cpp_extension keeps
 the result under ~/.cache/torch_extensions, named by the source's hash) and returns the
@@ -20,9 +20,7 @@ import torch
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [
-    HERE / name for name in ("cpu_kernels.cpp", "cpu_matmul.cpp", "cpu_vnni.cpp", "cpu_decoder.cpp")
-]
+SOURCES = [HERE / f"cpu_{name}.cpp" for name in ("kernels", "matmul", "fp32", "vnni", "decoder")]
 HEADERS = [HERE / "cpu_simd.h"]
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 

@@ -1,4 +1,4 @@
-// The CPU engine's matmuls (AVX2 + FMA): y [M, N] = x [M, K] W^T, x fp32.
+// The CPU engine's int8 matmuls (AVX2 + FMA): y [M, N] = x [M, K] W^T, x fp32.
 //
 // int8 weights (group_int8_mm, group_int8_dequant) come in groups of 32 inputs, each
 // with its own scale and zero (w = q * scale + zero), packed by blocks of 3 channels:
@@ -16,7 +16,7 @@
 //   against them 4 at a time (converting again for every pass of rows cost more than
 //   the multiplies: 56 MB of int8 weights at 24 rows, 40 ms against 27).
 //
-// fp32 weights (fp32_mm) stream row by row, four rows of x a pass, two chains a row.
+// fp32 weights stream in cpu_fp32.cpp.
 
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -95,19 +95,6 @@ inline void tile_block(const float* x, int64_t K, const float* w, float* y, int6
   store(a, y, N, c);
 }
 
-// rows m..m + R (R = min(4, M - m)) of block(R, m)
-template <typename Block>
-inline void by_four_rows(int64_t M, Block block) {
-  for (int64_t m = 0; m < M; m += 4) {
-    switch (std::min<int64_t>(4, M - m)) {
-      case 4: block(std::integral_constant<int, 4>(), m); break;
-      case 3: block(std::integral_constant<int, 3>(), m); break;
-      case 2: block(std::integral_constant<int, 2>(), m); break;
-      default: block(std::integral_constant<int, 1>(), m);
-    }
-  }
-}
-
 // block b's weights [3, K] in fp32 (the same values every path multiplies by)
 inline void unpack_block(const int8_t* q, const float* s, const float* z, int64_t K, float* w) {
   for (int64_t g = 0; g < K / kGroup; ++g) {
@@ -143,27 +130,6 @@ Packed check_packed(const torch::Tensor& q, const torch::Tensor& scales, const t
   }
   TORCH_CHECK(n > (blocks - 1) * kBlock && n <= blocks * kBlock, "out does not fit the blocks");
   return {q.data_ptr<int8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), blocks, K, n};
-}
-
-// y[r, n] for R rows of x (K apart) and one fp32 weight row w: 2 R chains, each weight
-// vector loaded once for the R rows
-template <int R>
-inline void dot_fp32(const float* x, int64_t K, const float* w, float* y, int64_t N) {
-  __m256 a[R], b[R];
-  for (int r = 0; r < R; ++r) a[r] = b[r] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    prefetch(w + k);
-    const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
-    for (int r = 0; r < R; ++r) {
-      a[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * K + k), a[r]);
-      b[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * K + k + 8), b[r]);
-    }
-  }
-  for (; k < K; k += 8)
-    for (int r = 0; r < R; ++r)
-      a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + r * K + k), a[r]);
-  for (int r = 0; r < R; ++r) y[r * N] = hsum(_mm256_add_ps(a[r], b[r]));
 }
 
 torch::Tensor rows_of(torch::Tensor x, int64_t K) {
@@ -223,26 +189,4 @@ torch::Tensor group_int8_dequant(torch::Tensor q, torch::Tensor scales, torch::T
                    wp + b * kBlock * K);
   });
   return w.view(-1).narrow(0, 0, N * K).view({N, K});
-}
-
-// x [M, K] fp32 -> y [M, N] = x W^T for W [N, K] fp32, K % 8 == 0: the decode stream
-// (torch's GEMM reached 8.9 GB/s on one row here, this 15-17)
-torch::Tensor fp32_mm(torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.is_contiguous() &&
-                  w.size(1) % 8 == 0 && w.device().is_cpu(),
-              "w must be a contiguous fp32 matrix with an input size a multiple of 8");
-  const int64_t K = w.size(1), N = w.size(0);
-  x = rows_of(x, K);
-  const int64_t M = x.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      by_four_rows(M, [&](auto rows, int64_t m) {
-        dot_fp32<decltype(rows)::value>(xp + m * K, K, wp + n * K, yp + m * N + n, N);
-      });
-  });
-  return y;
 }

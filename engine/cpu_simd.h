@@ -1,7 +1,9 @@
-// AVX2 helpers shared by the CPU kernels (cpu_kernels.cpp, cpu_matmul.cpp).
+// AVX2 helpers shared by the CPU kernels (cpu_kernels.cpp, cpu_matmul.cpp, cpu_fp32.cpp, cpu_vnni.cpp).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <immintrin.h>
 
 namespace symphony {
@@ -27,6 +29,19 @@ inline float hsum(__m256 v) {
 inline __m256 dequant8(const int8_t* q, __m256 scale, __m256 zero) {
   __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), scale, zero);
+}
+
+// rows m..m + R (R = min(4, M - m), a compile-time constant) of pass(R, m), for m from 0
+template <typename Pass>
+__attribute__((always_inline)) inline void by_four_rows(int64_t M, Pass pass) {
+  for (int64_t m = 0; m < M; m += 4) {
+    switch (std::min<int64_t>(4, M - m)) {
+      case 4: pass(std::integral_constant<int, 4>(), m); break;
+      case 3: pass(std::integral_constant<int, 3>(), m); break;
+      case 2: pass(std::integral_constant<int, 2>(), m); break;
+      default: pass(std::integral_constant<int, 1>(), m);
+    }
+  }
 }
 
 }  // namespace symphony

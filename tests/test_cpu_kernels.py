@@ -86,13 +86,20 @@ def assert_attention_matches_sdpa(q, k_cache, v_cache, tables, lens, starts=None
             torch.testing.assert_close(got[t], want)
 
 
+# fp32_mm streams in AVX-512 where the CPU has it; fp32_mm_avx2 is its AVX2 stream anywhere
+FP32_PATHS = ["fp32_mm", "fp32_mm_avx2"]
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 17, 64])
-@pytest.mark.parametrize("inputs", [40, 576])  # 40: the loop's 8-wide tail
-def test_fp32_mm_matches_linear(rows, inputs):
+# tails past the 16- and 32-input passes: 40 (8), 56 (8 and 24), 1576 (8 past 1568)
+@pytest.mark.parametrize("inputs", [8, 40, 56, 576, 1576])
+@pytest.mark.parametrize("path", FP32_PATHS)
+def test_fp32_mm_matches_linear(path, rows, inputs):
+    mm = getattr(kernels, path)
     x, w = torch.randn(rows, inputs), torch.randn(130, inputs)
-    torch.testing.assert_close(kernels.fp32_mm(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mm(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
     with pytest.raises(RuntimeError, match="multiple of 8"):
-        kernels.fp32_mm(x[:, :-1], w[:, :-1])
+        mm(x[:, :-1], w[:, :-1])
 
 
 def test_paged_attention_matches_sdpa_over_gathered_pages():
@@ -289,6 +296,7 @@ def test_the_engine_without_kernels_gives_the_same_tokens(monkeypatch, quant):
     "weights",
     [
         "fp32",
+        "fp32-avx2",
         "int8",
         INT8_VNNI,
     ],
@@ -298,16 +306,20 @@ def test_a_row_gets_the_same_bits_whatever_rows_are_beside_it(weights, channels)
     decode alone or in a batch, a chunk whole or after a prefix-cache hit):
     bitwise the same, through the stream and the tiles with their row tails."""
     torch.manual_seed(3)
-    w = torch.randn(channels, 1568)  # 1568: a tail of 8 past the 16-input blocks
+    # int8 in whole groups of 32; fp32 with a tail of 8 past the 16- and 32-input passes
+    inputs = 1576 if weights.startswith("fp32") else 1568
+    w = torch.randn(channels, inputs)
     if weights == "fp32":
         mm = lambda x: kernels.fp32_mm(x, w)  # noqa: E731
+    elif weights == "fp32-avx2":
+        mm = lambda x: kernels.fp32_mm_avx2(x, w)  # noqa: E731
     elif weights == "int8-vnni":
         q, scales, zeros = pack_lanes(*quantize_groups(w))
         mm = lambda x: kernels.group_int8_vnni_mm(x, q, scales, zeros, channels)  # noqa: E731
     else:
         q, scales, zeros = pack_blocks(*quantize_groups(w))
         mm = lambda x: kernels.group_int8_mm(x, q, scales, zeros, channels)  # noqa: E731
-    x = torch.randn(130, 1568)
+    x = torch.randn(130, inputs)
     alone = torch.cat([mm(x[i : i + 1]) for i in range(130)])
     most = 130 if weights == "int8-vnni" else 64  # the VNNI kernel runs every step
     for rows in [r for r in (2, 3, 4, 5, 8, 11, 12, 13, 14, 15, 63, 64, 65, 130) if r <= most]:
