@@ -5,11 +5,12 @@
 // read), and every weight row is loaded once for up to 4 rows of x, in two chains a row.
 // It asks for the weights' cache lines ahead of their use: one row's stream alone left
 // the memory idle between rows. Where the CPU has AVX-512 the stream loads a cache line
-// an instruction and asks for two lines 1.5 KB ahead every two it reads: on the 2-core
-// Xeon of 2026-12-03 the fp32 model's 121 linears at one row went from 25.1 to 22.5 ms
-// (a 256 MB sum reads at 25 GB/s there: 86% of it to 96%), where the AVX2 stream with
-// its 1 KB distance had been measured best on the 2-core Zen 3 (torch's GEMM reached
-// 8.9 GB/s on one row there, the stream 15-17).
+// an instruction and asks for two lines 1.5 KB ahead every two it reads. On the 2-core
+// Xeon of 2026-12-04, the fp32 model's 121 linears at one row (538 MB, cold, in a
+// step's order; median of 55 passes, three runs alternating builds): 17.9-19.5 ms in
+// AVX-512, 19.1-20.9 in AVX2, 20.8-21.3 by the kernel before (the AVX2 stream choosing
+// its row count per weight row). The AVX2 stream's 1 KB distance had been measured best
+// on the 2-core Zen 3 (torch's GEMM reached 8.9 GB/s on one row there, the stream 15-17).
 //
 // Each path sums y[m, n] in one order whatever rows the call has, so a row's result
 // does not depend on the rows beside it; the two paths differ from each other in their
