@@ -16,7 +16,7 @@
 
 namespace py = pybind11;
 
-// cpu_kernels.cpp, cpu_matmul.cpp, cpu_vnni.cpp
+// cpu_kernels.cpp, cpu_matmul.cpp, cpu_fp32.cpp, cpu_vnni.cpp
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor silu_mul(torch::Tensor gate_up);
 torch::Tensor rope_store_kv(torch::Tensor qkv, int64_t num_heads, int64_t num_kv_heads,

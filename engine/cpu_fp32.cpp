@@ -4,9 +4,9 @@
 // the kernel is a read stream: each thread takes one run of W's rows (one sequential
 // read), and every weight row is loaded once for up to 4 rows of x, in two chains a row.
 // It asks for the weights' cache lines ahead of their use: one row's stream alone left
-// the memory idle between rows. Where the CPU has AVX-512 the stream loads a cache line
-// an instruction and asks for two lines 1.5 KB ahead every two it reads. On the 2-core
-// Xeon of 2026-12-04, the fp32 model's 121 linears at one row (538 MB, cold, in a
+// the memory idle between rows. Where the CPU has AVX-512 (and GCC built it) the stream
+// loads 64 bytes an instruction and asks for two lines 1.5 KB ahead every two it reads.
+// On the 2-core Xeon of 2026-12-04, the fp32 model's 121 linears at one row (538 MB, cold, in a
 // step's order; median of 55 passes, three runs alternating builds): 17.9-19.5 ms in
 // AVX-512, 19.1-20.9 in AVX2, 20.8-21.3 by the kernel before (the AVX2 stream choosing
 // its row count per weight row). The AVX2 stream's 1 KB distance had been measured best

@@ -1,8 +1,9 @@
 // The CPU engine's small compiled kernels (AVX2 + FMA), built by
-// symphony.engine.cpu_kernels with torch's cpp_extension together with cpu_matmul.cpp
-// (the matmuls): rms_norm, silu_mul, rope_store_kv, paged_attention, the per-layer
-// steps of a decode (or of a short chunk), each one call where torch's ops took several
-// (their launches, not their arithmetic, were the cost at batch 1).
+// symphony.engine.cpu_kernels with torch's cpp_extension together with the matmuls
+// (cpu_matmul.cpp, cpu_fp32.cpp, cpu_vnni.cpp) and cpu_decoder.cpp: rms_norm, silu_mul,
+// rope_store_kv, paged_attention, the per-layer steps of a decode (or of a short chunk),
+// each one call where torch's ops took several (their launches, not their arithmetic,
+// were the cost at batch 1).
 
 #include <ATen/Parallel.h>
 #include <algorithm>

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,8 +93,8 @@ FP32_PATHS = ["fp32_mm", "fp32_mm_avx2"]
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 17, 64])
-# tails past the 16- and 32-input passes: 40 (8), 56 (8 and 24), 1576 (8 past 1568)
-@pytest.mark.parametrize("inputs", [8, 40, 56, 576, 1576])
+# tails past the 16- and 32-input passes: 8 (no pass), 40, 48, 56 (8, 16, 24 past 32), 1576
+@pytest.mark.parametrize("inputs", [8, 40, 48, 56, 576, 1576])
 @pytest.mark.parametrize("path", FP32_PATHS)
 def test_fp32_mm_matches_linear(path, rows, inputs):
     mm = getattr(kernels, path)
@@ -100,6 +102,24 @@ def test_fp32_mm_matches_linear(path, rows, inputs):
     torch.testing.assert_close(mm(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
     with pytest.raises(RuntimeError, match="multiple of 8"):
         mm(x[:, :-1], w[:, :-1])
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split()}
+
+
+@pytest.mark.skipif("avx512f" not in cpu_flags(), reason="this CPU lacks AVX-512")
+def test_fp32_mm_takes_the_avx512_stream_where_the_cpu_has_it():
+    """The engine's fp32 decodes run the AVX-512 stream here, not the AVX2 one: its sums
+    of 16 lanes round apart from the AVX2 stream's 8 in some last bits."""
+    assert kernels.fp32_avx512_supported()
+    torch.manual_seed(5)
+    x, w = torch.randn(1, 1576), torch.randn(130, 1576)
+    assert not torch.equal(kernels.fp32_mm(x, w), kernels.fp32_mm_avx2(x, w))
 
 
 def test_paged_attention_matches_sdpa_over_gathered_pages():
