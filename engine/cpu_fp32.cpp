@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <torch/extension.h>
 
+#include "cpu_rows.h"
 #include "cpu_simd.h"
 
 using namespace symphony;
@@ -47,15 +48,9 @@ inline void row_avx2(const float* x, int64_t K, const float* w, float* y, int64_
   for (int r = 0; r < R; ++r) y[r * N] = hsum(_mm256_add_ps(a[r], b[r]));
 }
 
-// y[r, n] for R rows of x and the weight rows n0..n1
-template <int R>
-void run_avx2(const float* x, int64_t K, const float* w, float* y, int64_t N, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) row_avx2<R>(x, K, w + n * K, y + n, N);
-}
-
-// The weight rows n0..n1 against all M rows of x by run(R, m, n0, n1) (R rows from m, a
-// constant): up to 4 rows in one run over the whole range; more, each weight row against
-// every 4 rows in turn while it is in cache.
+// The weight rows n0..n1 against all M rows of x by run(R, m, a, b) (R rows from m, a
+// constant, against the weight rows a..b): up to 4 rows in one run over the whole range;
+// more, each weight row against every 4 rows in turn while it is in cache.
 template <typename Run>
 __attribute__((always_inline)) inline void weight_rows(int64_t M, int64_t n0, int64_t n1, Run run) {
   if (M <= 4)
@@ -67,7 +62,8 @@ __attribute__((always_inline)) inline void weight_rows(int64_t M, int64_t n0, in
 void rows_avx2(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N,
                int64_t n0, int64_t n1) {
   weight_rows(M, n0, n1, [&](auto rows, int64_t m, int64_t a, int64_t b) {
-    run_avx2<decltype(rows)::value>(x + m * K, K, w, y + m * N, N, a, b);
+    for (int64_t n = a; n < b; ++n)
+      row_avx2<decltype(rows)::value>(x + m * K, K, w + n * K, y + m * N + n, N);
   });
 }
 
@@ -106,16 +102,11 @@ inline void row_avx512(const float* x, int64_t K, const float* w, float* y, int6
   for (int r = 0; r < R; ++r) y[r * N] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
 }
 
-template <int R>
-void run_avx512(const float* x, int64_t K, const float* w, float* y, int64_t N, int64_t n0,
-                int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) row_avx512<R>(x, K, w + n * K, y + n, N);
-}
-
 void rows_avx512(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N,
                  int64_t n0, int64_t n1) {
   weight_rows(M, n0, n1, [&](auto rows, int64_t m, int64_t a, int64_t b) {
-    run_avx512<decltype(rows)::value>(x + m * K, K, w, y + m * N, N, a, b);
+    for (int64_t n = a; n < b; ++n)
+      row_avx512<decltype(rows)::value>(x + m * K, K, w + n * K, y + m * N + n, N);
   });
 }
 
@@ -134,10 +125,7 @@ torch::Tensor stream(torch::Tensor x, const torch::Tensor& w, bool avx512) {
                   w.size(1) % 8 == 0 && w.device().is_cpu(),
               "w must be a contiguous fp32 matrix with an input size a multiple of 8");
   const int64_t K = w.size(1), N = w.size(0);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) == K &&
-                  x.device().is_cpu(),
-              "x must be fp32 [M, in] on the CPU");
-  x = x.contiguous();
+  x = rows_of(x, K);
   const int64_t M = x.size(0);
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / f"cpu_{name}.cpp" for name in ("kernels", "matmul", "fp32", "vnni", "decoder")]
-HEADERS = [HERE / "cpu_simd.h"]
+HEADERS = [HERE / "cpu_simd.h", HERE / "cpu_rows.h"]
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 
 

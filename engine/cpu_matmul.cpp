@@ -23,6 +23,7 @@
 #include <torch/extension.h>
 #include <vector>
 
+#include "cpu_rows.h"
 #include "cpu_simd.h"
 
 using namespace symphony;
@@ -130,13 +131,6 @@ Packed check_packed(const torch::Tensor& q, const torch::Tensor& scales, const t
   }
   TORCH_CHECK(n > (blocks - 1) * kBlock && n <= blocks * kBlock, "out does not fit the blocks");
   return {q.data_ptr<int8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), blocks, K, n};
-}
-
-torch::Tensor rows_of(torch::Tensor x, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) == K &&
-                  x.device().is_cpu(),
-              "x must be fp32 [M, in] on the CPU");
-  return x.contiguous();
 }
 
 }  // namespace

@@ -1,4 +1,5 @@
-// AVX2 helpers shared by the CPU kernels (cpu_kernels.cpp, cpu_matmul.cpp, cpu_fp32.cpp, cpu_vnni.cpp).
+// AVX2 helpers shared by the CPU kernels (cpu_kernels.cpp, cpu_matmul.cpp, cpu_fp32.cpp,
+// cpu_vnni.cpp).
 #pragma once
 
 #include <algorithm>

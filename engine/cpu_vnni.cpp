@@ -27,6 +27,7 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "cpu_rows.h"
 #include "cpu_simd.h"
 
 using namespace symphony;
@@ -212,9 +213,7 @@ torch::Tensor group_int8_vnni_mm(torch::Tensor x, torch::Tensor q, torch::Tensor
                     t->size(2) == kLanes,
                 "scales and zeros must be contiguous fp32 [out / 16, in / 32, 16]");
   TORCH_CHECK(n > (num_blocks - 1) * kLanes && n <= num_blocks * kLanes, "out does not fit the blocks");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) == K && x.device().is_cpu(),
-              "x must be fp32 [M, in] on the CPU");
-  x = x.contiguous();
+  x = rows_of(x, K);
   const int64_t M = x.size(0);
   auto y = torch::empty({M, n}, x.options());
   if (M == 0) return y;
